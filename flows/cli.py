@@ -1,0 +1,156 @@
+"""The `llmpress` command line: the front door to the flows.
+
+    llmpress run [--recipe recipes/wanda-50.yaml] [--model SOURCE] [--data CORPUS] [--set KEY=VALUE ...]
+    llmpress data                     reproduce and push the DVC data sets, print their versions
+    llmpress resolve SOURCE           resolve a model source to a local folder, print its content hash
+    llmpress check FILE ...           validate recipes (and params.yaml) without running anything
+
+A problem with the input prints one line starting with 'error:' and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Forward the library's log lines to Prefect (UI and console); give the ephemeral server's SQLite more patience
+# than its 10 s default while compute saturates both cores.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llmpress")
+os.environ.setdefault("PREFECT_API_DATABASE_TIMEOUT", "60")
+
+from llmpress.errors import ConfigError, LlmpressError
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set gate.max_perplexity_ratio=2.0")
+        if key.startswith("data."):
+            raise ConfigError(
+                f"--set {key}: data settings are DVC parameters read from params.yaml by `dvc repro`; edit "
+                "params.yaml (or use --data for the corpus) so the data version follows them"
+            )
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _set_corpus(params_file: Path, corpus: str) -> None:
+    """--data edits params.yaml (keeping its comments) so DVC sees the corpus, like `dvc exp run -S`."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    data = yaml.load(params_file.read_text()) if params_file.exists() else {}
+    data = data or {}
+    data.setdefault("data", {})
+    if data["data"].get("corpus") != corpus:
+        data["data"]["corpus"] = corpus
+        with open(params_file, "w") as handle:
+            yaml.dump(data, handle)
+        print(f"params.yaml: data.corpus set to {corpus!r}")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    base, comp, gate = s["base"], s["compressed"], s["gate"]
+    rows = [
+        ("perplexity", f"{base['perplexity']:.3f}", f"{comp['perplexity']:.3f}"),
+        ("sparsity (targeted layers)", "-", f"{comp.get('sparsity', 0):.4f}"),
+        ("size on disk", _fmt_bytes(base["bytes_on_disk"]), _fmt_bytes(comp["bytes_on_disk"])),
+    ]
+    if "onnx_max_abs_diff" in comp:
+        rows.append(("ONNX max |logit diff|", "-", f"{comp['onnx_max_abs_diff']:.2e}"))
+    width = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'':{width}}  {'base':>14}  {'compressed':>14}")
+    for name, b, c in rows:
+        print(f"{name:{width}}  {b:>14}  {c:>14}")
+    print()
+    verdict = "PASS" if gate["passed"] else "FAIL"
+    print(f"gate: {verdict}" + ("" if gate["passed"] else " - " + "; ".join(gate["failures"])))
+    print(f"registered: {s['registered_model']} version {gate['version']} (alias candidate"
+          + (", champion)" if gate["passed"] else f"); champion stays at {gate['champion'] or 'none'}"))  # fmt: skip
+    print(f"MLflow run: {s['mlflow_run_id']} ({s['run_name']})")
+    print("step times: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
+    uri = s["tracking_uri"]
+    print(f"open the MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000  (then http://127.0.0.1:5000)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmpress", description="Compress LLMs for edge devices.")
+    parser.add_argument("--project", default=".", help="project folder holding params.yaml and dvc.yaml")
+    parser.add_argument("--params", default="params.yaml", help="params file, relative to the project folder")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the compress flow")
+    run.add_argument("--recipe", help="recipe YAML (default: params.yaml 'recipe')")
+    run.add_argument("--model", help="model source: default, HF folder, .gguf, s3://bucket/prefix, hub id")
+    run.add_argument("--data", help="corpus: gensim-lee or a .txt/.jsonl path (written to params.yaml)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params.yaml key")
+    run.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    sub.add_parser("data", help="dvc repro + dvc push; print the data versions")
+    resolve = sub.add_parser("resolve", help="resolve a model source")
+    resolve.add_argument("source")
+    check = sub.add_parser("check", help="validate recipe files and params.yaml")
+    check.add_argument("files", nargs="*")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("llmpress").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+
+    project = Path(args.project).resolve()
+    try:
+        if args.command == "run":
+            overrides = _parse_set(args.set)
+            if args.no_export:
+                overrides["export.onnx"] = False
+            if args.data:
+                _set_corpus(project / args.params, args.data)
+            from flows.compress import compress
+
+            summary = compress(recipe=args.recipe, model=args.model, params_file=args.params,
+                               project_dir=str(project), overrides=overrides)  # fmt: skip
+            print_summary(summary)
+        elif args.command == "data":
+            from llmpress.versioning import reproduce
+
+            for path, md5 in reproduce(project).items():
+                print(f"{path}: {md5}")
+        elif args.command == "resolve":
+            from llmpress.sources import resolve as resolve_source
+
+            resolved = resolve_source(args.source, project / "models")
+            print(f"{resolved.path}\nsha256 {resolved.sha256}")
+        elif args.command == "check":
+            from llmpress.config import load_params, load_recipe
+
+            load_params(project / args.params)
+            print(f"{args.params}: ok")
+            for file in args.files:
+                recipe = load_recipe(file)
+                print(f"{file}: ok ({recipe.name}, {len(recipe.stages)} stage(s))")
+    except LlmpressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

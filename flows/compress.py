@@ -1,0 +1,122 @@
+"""The `compress` flow: versioned data -> base model -> compress -> evaluate -> export -> track, gate, register.
+
+Run it with `llmpress run` (flows/cli.py), `python -m flows.compress`, or as a Prefect deployment
+(entrypoint `flows/compress.py:compress`). Without PREFECT_API_URL, Prefect runs it in ephemeral mode.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from llmpress import tracking
+from llmpress.config import load_params, load_recipe
+from llmpress.steps import recipe_info
+from llmpress.versioning import git_commit
+from tasks.compress import compress_model
+from tasks.data import version_data
+from tasks.evaluate import evaluate_model, export_model
+from tasks.model import resolve_model
+from tasks.track import close_run, log_stage, open_run, register_and_gate
+
+
+@flow(name="compress")
+def compress(
+    recipe: str | None = None,
+    model: str | None = None,
+    params_file: str = "params.yaml",
+    project_dir: str = ".",
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compress `model` with `recipe` (defaults from params.yaml), evaluate, export, register and gate it."""
+    logger = get_run_logger()
+    project = Path(project_dir).resolve()
+    overrides = dict(overrides or {})
+    if recipe:
+        overrides["recipe"] = recipe
+    if model:
+        overrides["model"] = model
+    params = load_params(project / params_file, overrides)
+    recipe_path = str((project / params.recipe).resolve())
+    recipe_obj = load_recipe(recipe_path)  # validate before any work
+    info = recipe_info(recipe_path)
+    tracking_uri = tracking.resolve_tracking_uri(params.tracking.tracking_uri, project)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    run_name = f"{info['name']}-{stamp}"
+    out_root = project / "models" / "compressed" / run_name
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        seconds[name] = time.perf_counter() - start
+        logger.info("step %s done in %.1fs", name, seconds[name])
+        return result
+
+    data = timed("data", version_data, str(project))
+    base = timed("resolve_model", resolve_model, params.model, str(project / "models"))
+    lineage = {
+        "git_commit": git_commit(project),
+        "data_version": f"calibration:{data['calibration_version']},eval:{data['eval_version']}",
+        "recipe": info["name"],
+        "recipe_hash": info["hash"],
+        "base_model": base["source"],
+        "base_model_hash": base["sha256"],
+    }
+    run_id = open_run(
+        tracking_uri, params.tracking.experiment, str(project), run_name, tags=lineage,
+        params={"params": params.model_dump(mode="json"), "recipe": info["recipe"]},
+    )  # fmt: skip
+    ok = False
+    summary: dict[str, Any] = {"run_name": run_name, "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                               "registered_model": params.tracking.registered_model, "lineage": lineage}  # fmt: skip
+    try:
+        log_stage(tracking_uri, run_id, "data", data, seconds["data"])
+        base_metrics = timed("evaluate_base", evaluate_model, base["path"], data["eval"], params.eval, label="base")
+        log_stage(tracking_uri, run_id, "evaluate-base", base_metrics, seconds["evaluate_base"])
+
+        compressed = timed(
+            "compress", compress_model, base["path"], recipe_path, data["calibration"], str(out_root / "hf"),
+            params.data, params.eval, params.compress, lineage,
+        )  # fmt: skip
+        hf = out_root / "hf"
+        files = {"recipe": str(hf / "recipe.yaml"), "report": str(hf / "llmpress.json")}
+        log_stage(tracking_uri, run_id, "compress", compressed, seconds["compress"], artifacts=files)
+
+        metrics = timed("evaluate", evaluate_model, compressed["path"], data["eval"], params.eval,
+                        compressed["targeted_layers"], label="compressed")  # fmt: skip
+        log_stage(tracking_uri, run_id, "evaluate", metrics, seconds["evaluate"])
+
+        if params.export.onnx:
+            exported = timed(
+                "export", export_model, compressed["path"], str(out_root / "onnx"), data["eval"], params.export
+            )
+            log_stage(tracking_uri, run_id, "export", exported, seconds["export"])
+            metrics |= {k: v for k, v in exported.items() if k.startswith("onnx_")}
+            summary["onnx_path"] = exported["onnx_path"]
+
+        targets = {s.target_sparsity for s in recipe_obj.stages}
+        verdict = timed(
+            "register_and_gate", register_and_gate, tracking_uri, run_id, params.tracking.registered_model,
+            compressed["path"], metrics, base_metrics, params.gate, lineage,
+            next(iter(targets)) if len(targets) == 1 else None,
+        )  # fmt: skip
+        summary |= {
+            "base": {k: base_metrics[k] for k in ("perplexity", "bytes_on_disk", "parameters")},
+            "compressed": {k: v for k, v in metrics.items() if k != "sparsity_per_layer"},
+            "compressed_path": compressed["path"],
+            "gate": verdict,
+            "seconds": seconds,
+        }
+        ok = True
+    finally:
+        close_run(tracking_uri, run_id, ok, summary)
+    return summary
+
+
+if __name__ == "__main__":
+    compress()

@@ -1,0 +1,240 @@
+"""Configuration as data: `params.yaml` and recipe files, validated with pydantic.
+
+Every model here forbids unknown keys, so a typo is an error that names the field instead of a silently
+ignored setting. `load_params` and `load_recipe` turn pydantic's errors into one `ConfigError` whose message
+lists every bad field with the value it got and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llmpress.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# params.yaml
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DataParams(Strict):
+    """How the corpus becomes a calibration set and a held-out evaluation text (the `prepare` DVC stage)."""
+
+    corpus: str = Field(
+        "gensim-lee",
+        description="'gensim-lee' (news corpus shipped in the gensim wheel on PyPI) or a path to a .txt "
+        "(one document per line) or .jsonl ({'text': ...} per line) file",
+    )
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of documents held out for evaluation")
+    calibration_samples: int = Field(32, ge=1, le=100_000)
+    seq_len: int = Field(256, ge=8, le=1_000_000, description="tokens per calibration window")
+    seed: int = Field(0, ge=0)
+
+
+class EvalParams(Strict):
+    """The pinned perplexity protocol; see README 'Evaluation protocol'."""
+
+    window: int = Field(512, ge=8, description="tokens per evaluation window, BOS included")
+    stride: int = Field(512, ge=1, description="tokens between window starts; < window scores with overlap")
+    add_bos: bool = Field(True, description="prepend the tokenizer's BOS token to every window")
+    max_tokens: int = Field(16384, ge=16, description="evaluate the first max_tokens tokens of the held-out text")
+    batch_size: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _stride_within_window(self) -> EvalParams:
+        if self.stride > self.window:
+            raise ValueError(f"stride ({self.stride}) must be <= window ({self.window}); tokens would be skipped")
+        return self
+
+
+class CompressParams(Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(8, ge=1, description="calibration windows per forward pass")
+
+
+class ExportParams(Strict):
+    onnx: bool = True
+    opset: int = Field(18, ge=14, le=23)
+    parity_tokens: int = Field(128, ge=2, description="tokens of held-out text used to compare ONNX and PyTorch")
+
+
+class GateParams(Strict):
+    """Thresholds a candidate must meet to become `champion`. A null threshold is not checked."""
+
+    max_perplexity: float | None = Field(None, gt=0)
+    max_perplexity_ratio: float | None = Field(1.6, gt=0, description="compressed / base perplexity")
+    min_sparsity: float | None = Field(None, ge=0, lt=1, description="measured sparsity of the targeted layers")
+    max_onnx_logit_diff: float | None = Field(1e-3, gt=0, description="max |logit| difference, ONNX vs PyTorch")
+
+
+class TrackingParams(Strict):
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="relative sqlite paths resolve in the project dir")
+    experiment: str = Field("llmpress", min_length=1)
+    registered_model: str = Field("smollm2-135m-edge", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class Params(Strict):
+    model: str = Field("default", description="model source: default, HF folder, .gguf file, s3:// URI, hub id")
+    recipe: str = "recipes/wanda-50.yaml"
+    data: DataParams = DataParams()
+    eval: EvalParams = EvalParams()
+    compress: CompressParams = CompressParams()
+    export: ExportParams = ExportParams()
+    gate: GateParams = GateParams()
+    tracking: TrackingParams = TrackingParams()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recipes
+# ---------------------------------------------------------------------------------------------------------------
+
+# Linear layers inside decoder blocks; names are matched with re.fullmatch against full module names such as
+# "model.layers.3.self_attn.q_proj". lm_head and embeddings live outside the blocks and are never touched here.
+DEFAULT_TARGETS = [r".*"]
+
+
+class SparsityStage(Strict):
+    """Fields shared by pruning stages: how much to prune, in what pattern, and where."""
+
+    sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of weights set to zero")
+    pattern: str | None = Field(None, description="'N:M': keep N weights in every M consecutive inputs of a row")
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
+    ignore: list[str] = Field(default_factory=list)
+
+    @field_validator("pattern")
+    @classmethod
+    def _check_pattern(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
+        if not match:
+            raise ValueError(f"pattern must look like 'N:M' (e.g. '2:4'), got {value!r}")
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise ValueError(f"pattern '{value}' needs 0 < N < M: N weights are kept in every group of M")
+        if m > 256:
+            raise ValueError(f"pattern '{value}': M must be <= 256")
+        return f"{n}:{m}"
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _check_regexes(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from None
+        return values
+
+    @model_validator(mode="after")
+    def _one_of_sparsity_or_pattern(self) -> SparsityStage:
+        if (self.sparsity is None) == (self.pattern is None):
+            raise ValueError("give exactly one of 'sparsity' (unstructured, e.g. 0.5) or 'pattern' (N:M, e.g. '2:4')")
+        return self
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        if self.pattern is None:
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+    @property
+    def target_sparsity(self) -> float:
+        if self.n_m is not None:
+            n, m = self.n_m
+            return 1.0 - n / m
+        assert self.sparsity is not None
+        return self.sparsity
+
+
+class MagnitudeStage(SparsityStage):
+    method: Literal["magnitude"]
+
+
+class WandaStage(SparsityStage):
+    method: Literal["wanda"]
+
+
+Stage = Annotated[MagnitudeStage | WandaStage, Field(discriminator="method")]
+METHODS = ("magnitude", "wanda")
+
+
+class Recipe(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    description: str = ""
+    stages: list[Stage] = Field(min_length=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading with readable errors
+# ---------------------------------------------------------------------------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: {exc.error_count()} invalid value(s)"]
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; allowed keys are listed in the README)"
+        elif err["type"] == "union_tag_invalid":
+            msg = f"unknown method {err['input']!r}; allowed: {', '.join(METHODS)}"
+        elif err["type"] == "union_tag_not_found":
+            msg = f"missing 'method'; allowed: {', '.join(METHODS)}"
+        got = "" if err["type"] in ("missing", "union_tag_not_found") else f" (got {err['input']!r})"
+        if isinstance(err.get("input"), dict):
+            got = ""
+        lines.append(f"  {loc}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def validate(model: type[M], data: Any, source: str) -> M:
+    try:
+        return model.model_validate(data if data is not None else {})
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate `params.yaml`; `overrides` maps dotted keys ('data.seed') to values, applied first."""
+    path = Path(path)
+    data = _read_yaml(path) if path.exists() else {}
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = dict(data or {})
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return validate(Params, data, str(path))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    data = _read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping with 'name' and 'stages'")
+    return validate(Recipe, data, str(path))

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity under a pinned protocol, measured sparsity, bytes on disk."""

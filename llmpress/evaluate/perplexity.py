@@ -1,0 +1,98 @@
+"""Perplexity on held-out text, with a pinned protocol (README, "Evaluation protocol").
+
+1. The whole held-out text is tokenized once, without special tokens, and cut to `max_tokens`.
+2. Windows start every `stride` tokens and hold up to `window` tokens, BOS included when `add_bos` is set
+   (so `window - 1` text tokens). A token is scored once, in the first window whose context reaches it; with
+   stride < window the earlier tokens of a window are context only (the sliding-window protocol of the HF docs).
+3. Without BOS the first token of each window has nothing to be predicted from: it is context only, never scored.
+4. Perplexity = exp(total negative log-likelihood / scored tokens), accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llmpress.config import EvalParams
+
+
+@dataclass(frozen=True)
+class Window:
+    tokens: list[int]  # model input
+    first_scored: int  # index in `tokens` of the first position whose token is scored
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll: float
+    tokens: int
+    windows: int
+
+
+def make_windows(ids: list[int], params: EvalParams, bos_id: int | None) -> list[Window]:
+    """Cut token ids into scored windows following the protocol above."""
+    ids = ids[: params.max_tokens]
+    bos = [bos_id] if params.add_bos and bos_id is not None else []
+    context = params.window - len(bos)
+    if context < 1:
+        raise ValueError("eval.window is too small to hold a token after BOS")
+    windows = []
+    scored_until = 0 if bos else 1  # tokens before this index are already scored (or unscorable)
+    begin = 0
+    while scored_until < len(ids):
+        end = min(begin + context, len(ids))
+        if end > scored_until:
+            # position p of ids sits at index len(bos) + p - begin of the window
+            # a window's first token has no context without BOS: it is context only
+            first = max(len(bos) + scored_until - begin, 1)
+            windows.append(Window(tokens=bos + ids[begin:end], first_scored=first))
+            scored_until = end
+        begin += params.stride
+    return windows
+
+
+@torch.no_grad()
+def window_nll(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: list[Window], batch_size: int,
+               progress: Callable[[int, int], None] | None = None) -> tuple[float, int]:  # fmt: skip
+    """Sum of NLL over scored tokens and their count; `logits_fn` maps [B, T] ids to [B, T, V] logits."""
+    total, count = 0.0, 0
+    # Batch windows of equal length (all but the last usually are); no padding, so no mask subtleties.
+    by_length: dict[int, list[Window]] = {}
+    for w in windows:
+        by_length.setdefault(len(w.tokens), []).append(w)
+    done = 0
+    for group in by_length.values():
+        for start in range(0, len(group), batch_size):
+            batch = group[start : start + batch_size]
+            ids = torch.tensor([w.tokens for w in batch], dtype=torch.long)
+            logits = logits_fn(ids).float()
+            logprobs = F.log_softmax(logits[:, :-1], dim=-1)
+            target_logprobs = logprobs.gather(-1, ids[:, 1:, None].to(logprobs.device)).squeeze(-1)
+            for row, w in enumerate(batch):
+                # logits at index i predict token i + 1: scored tokens first_scored.. use logits first_scored-1..
+                scored = target_logprobs[row, w.first_scored - 1 :]
+                total -= scored.double().sum().item()
+                count += scored.numel()
+            done += len(batch)
+            if progress:
+                progress(done, len(windows))
+    return total, count
+
+
+def perplexity(model: torch.nn.Module, tokenizer, text: str, params: EvalParams,
+               progress: Callable[[int, int], None] | None = None) -> PerplexityResult:  # fmt: skip
+    """Perplexity of a PyTorch causal LM on `text` under the pinned protocol."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = make_windows(ids, params, tokenizer.bos_token_id)
+    device = next(model.parameters()).device
+
+    def logits_fn(batch: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=batch.to(device), use_cache=False).logits
+
+    nll, count = window_nll(logits_fn, windows, params.batch_size, progress)
+    return PerplexityResult(perplexity=math.exp(nll / count), nll=nll, tokens=count, windows=len(windows))

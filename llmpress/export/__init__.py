@@ -1,0 +1,1 @@
+"""Export for the edge: ONNX graphs checked against PyTorch in onnxruntime."""

@@ -1,0 +1,65 @@
+"""The promotion gate: thresholds from `params.yaml` checked against measured metrics, computed once.
+
+A check is `value OP threshold`. The verdict passes only if every configured check passes; a missing or
+non-finite value fails its check (a NaN perplexity must never pass a `<=`). The report is written as JSON, logged
+to MLflow, and the registry tags and aliases are derived from it, never recomputed elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from llmpress.config import GateParams
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    value: float | None
+    op: str  # "<=" or ">="
+    threshold: float
+    passed: bool
+
+    @property
+    def reason(self) -> str:
+        shown = "missing" if self.value is None else f"{self.value:.6g}"
+        return f"{self.name} = {shown}, required {self.op} {self.threshold:.6g}"
+
+
+@dataclass(frozen=True)
+class GateReport:
+    passed: bool
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[str]:
+        return [c.reason for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "checks": [asdict(c) | {"reason": c.reason} for c in self.checks]}
+
+
+def _check(name: str, value: float | None, op: str, threshold: float) -> Check:
+    ok = value is not None and math.isfinite(value)
+    if ok:
+        ok = value <= threshold if op == "<=" else value >= threshold
+    return Check(name=name, value=value, op=op, threshold=threshold, passed=bool(ok))
+
+
+def run_gate(metrics: dict[str, float], base: dict[str, float], params: GateParams) -> GateReport:
+    """Check `metrics` of the candidate (and `base`, the uncompressed model's) against `params`."""
+    checks = []
+    ppl = metrics.get("perplexity")
+    if params.max_perplexity is not None:
+        checks.append(_check("perplexity", ppl, "<=", params.max_perplexity))
+    if params.max_perplexity_ratio is not None:
+        base_ppl = base.get("perplexity")
+        ratio = ppl / base_ppl if ppl is not None and base_ppl else None
+        checks.append(_check("perplexity_ratio", ratio, "<=", params.max_perplexity_ratio))
+    if params.min_sparsity is not None:
+        checks.append(_check("sparsity", metrics.get("sparsity"), ">=", params.min_sparsity))
+    if params.max_onnx_logit_diff is not None and "onnx_max_abs_diff" in metrics:
+        checks.append(_check("onnx_max_abs_diff", metrics["onnx_max_abs_diff"], "<=", params.max_onnx_logit_diff))
+    return GateReport(passed=all(c.passed for c in checks), checks=checks)

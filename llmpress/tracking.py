@@ -1,0 +1,136 @@
+"""MLflow helpers: one run per pipeline run with a nested run per stage, model registration and aliases.
+
+Everything goes through an explicit `MlflowClient` and run ids (no fluent "active run"), so tasks running in
+worker threads never log into each other's runs. The tracking URI is any MLflow URI; a relative SQLite path
+(`sqlite:///mlflow.db`, the embedded default) resolves inside the project folder, and artifacts of experiments
+created here then go to `<project>/mlartifacts`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+
+from llmpress.gate import GateReport
+
+log = logging.getLogger(__name__)
+
+PYFUNC_FILE = Path(__file__).with_name("mlflow_pyfunc.py")
+ALIAS_CANDIDATE = "candidate"
+ALIAS_CHAMPION = "champion"
+
+
+def resolve_tracking_uri(uri: str, project_dir: str | Path) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(Path(project_dir) / uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    mlflow.set_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def experiment_id(c: MlflowClient, name: str, project_dir: str | Path) -> str:
+    found = c.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if c.tracking_uri.startswith("sqlite:"):
+        location = (Path(project_dir) / "mlartifacts").resolve().as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def start_run(c: MlflowClient, experiment: str, name: str, parent_id: str | None = None,
+              tags: dict[str, str] | None = None) -> str:  # fmt: skip
+    tags = dict(tags or {})
+    if parent_id:
+        tags["mlflow.parentRunId"] = parent_id
+    exp_id = c.get_run(parent_id).info.experiment_id if parent_id else experiment
+    return c.create_run(exp_id, run_name=name, tags=tags).info.run_id
+
+
+def end_run(c: MlflowClient, run_id: str, ok: bool = True) -> None:
+    c.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+
+
+def log_params(c: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    for key, value in flatten(params).items():
+        c.log_param(run_id, key, str(value)[:6000])
+
+
+def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+    for key, value in flatten(metrics).items():
+        if isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, int | float) and math.isfinite(float(value)):
+            c.log_metric(run_id, key, float(value), step=step)
+        elif isinstance(value, int | float):
+            # MLflow stores NaN but a reviewer should see it called out; keep the raw value as a tag too.
+            c.log_metric(run_id, key, float(value), step=step)
+            c.set_tag(run_id, f"nonfinite.{key}", str(value))
+
+
+def log_json(c: MlflowClient, run_id: str, obj: Any, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(obj, indent=2, default=str))
+        c.log_artifact(run_id, str(path))
+
+
+def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def register_model(c: MlflowClient, run_id: str, model_dir: str | Path, name: str, tags: dict[str, str]) -> str:
+    """Log `model_dir` as an MLflow pyfunc model in `run_id`, register it as a new version of `name`, tag it and
+    point alias `candidate` at it; returns the version number."""
+    mlflow.set_tracking_uri(c.tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_FILE),
+            artifacts={"hf_model": str(model_dir)},
+            pip_requirements=["mlflow>=3.17,<3.18", "torch==2.13.0", "transformers==5.23.0", "safetensors"],
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        c.set_model_version_tag(name, version, key, value)
+    c.set_registered_model_alias(name, ALIAS_CANDIDATE, version)
+    return version
+
+
+def apply_gate(c: MlflowClient, name: str, version: str, report: GateReport) -> None:
+    """Tag the version with the verdict and every failure; only a pass moves alias `champion`."""
+    c.set_model_version_tag(name, version, "gate.passed", str(report.passed).lower())
+    for check in report.checks:
+        c.set_model_version_tag(
+            name, version, f"gate.{check.name}", ("pass: " if check.passed else "FAIL: ") + check.reason
+        )
+    if report.passed:
+        c.set_registered_model_alias(name, ALIAS_CHAMPION, version)
+    else:
+        c.set_model_version_tag(name, version, "gate.failures", "; ".join(report.failures))
+
+
+def alias_version(c: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return c.get_model_version_by_alias(name, alias).version
+    except mlflow.exceptions.MlflowException:
+        return None

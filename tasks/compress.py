@@ -1,0 +1,14 @@
+"""Compression task: runs on a GPU worker when one is there (tag `gpu`); never retried blindly."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from llmpress import steps
+from llmpress.config import CompressParams, DataParams, EvalParams
+
+
+@task(name="compress", tags=["gpu"])
+def compress_model(model_path: str, recipe_path: str, calibration_path: str, out_dir: str, data: DataParams,
+                   eval_params: EvalParams, params: CompressParams, lineage: dict) -> dict:  # fmt: skip
+    return steps.compress(model_path, recipe_path, calibration_path, out_dir, data, eval_params, params, lineage)

@@ -1,0 +1,21 @@
+"""Data versioning task: `dvc repro` + `dvc push`; returns the data sets' paths and DVC hashes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from llmpress import versioning
+
+
+@task(name="version-data", tags=["cpu", "io"], retries=1, retry_delay_seconds=5)
+def version_data(project_dir: str, push: bool = True) -> dict:
+    versions = versioning.reproduce(project_dir, push=push)
+    root = Path(project_dir)
+    return {
+        "calibration": str(root / versioning.CALIBRATION),
+        "eval": str(root / versioning.EVALUATION),
+        "calibration_version": versions[versioning.CALIBRATION],
+        "eval_version": versions[versioning.EVALUATION],
+    }

@@ -1,0 +1,19 @@
+"""Evaluation tasks: perplexity, sparsity and size of a model folder; ONNX export with a parity check."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from llmpress import steps
+from llmpress.config import EvalParams, ExportParams
+
+
+@task(name="evaluate", tags=["cpu"])
+def evaluate_model(model_path: str, eval_path: str, params: EvalParams, layer_names: list[str] | None = None,
+                   label: str = "model") -> dict:  # fmt: skip
+    return steps.evaluate(model_path, eval_path, params, layer_names, label)
+
+
+@task(name="export-onnx", tags=["cpu"])
+def export_model(model_path: str, out_dir: str, eval_path: str, params: ExportParams) -> dict:
+    return steps.export(model_path, out_dir, eval_path, params)

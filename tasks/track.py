@@ -1,0 +1,86 @@
+"""MLflow tasks: open the pipeline run, log each stage as a nested run, register, gate and alias, close.
+
+These talk to a server (or a SQLite file) over I/O, so they retry with backoff; none of them recomputes a metric.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from llmpress import steps, tracking
+from llmpress.config import GateParams
+from llmpress.gate import run_gate
+
+RETRY = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
+
+
+@task(name="open-run", tags=["io"], **RETRY)
+def open_run(tracking_uri: str, experiment: str, project_dir: str, run_name: str, tags: dict[str, str],
+             params: dict[str, Any]) -> str:  # fmt: skip
+    c = tracking.client(tracking_uri)
+    exp_id = tracking.experiment_id(c, experiment, project_dir)
+    run_id = tracking.start_run(c, exp_id, run_name, tags=tags)
+    tracking.log_params(c, run_id, params)
+    return run_id
+
+
+@task(name="log-stage", tags=["io"], **RETRY)
+def log_stage(tracking_uri: str, parent_id: str, stage: str, metrics: dict[str, Any], seconds: float,
+              artifacts: dict[str, str] | None = None) -> str:  # fmt: skip
+    """A nested run for one stage: its scalar metrics, its wall time, the files it made worth keeping."""
+    c = tracking.client(tracking_uri)
+    run_id = tracking.start_run(c, "", stage, parent_id=parent_id)
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    tracking.log_metrics(c, run_id, scalars | {"seconds": seconds})
+    tracking.log_json(c, run_id, metrics, f"{stage}.json")
+    for path in (artifacts or {}).values():
+        c.log_artifact(run_id, path)
+    tracking.end_run(c, run_id)
+    return run_id
+
+
+@task(name="register-and-gate", tags=["io"], **RETRY)
+def register_and_gate(tracking_uri: str, run_id: str, model_name: str, model_dir: str, metrics: dict[str, Any],
+                      base_metrics: dict[str, Any], gate: GateParams, version_tags: dict[str, str],
+                      sparsity_target: float | None) -> dict[str, Any]:  # fmt: skip
+    """Gate verdict (computed once, here), plots and reports to the run, a registered version with lineage tags
+    and alias `candidate`; `champion` moves only on a pass."""
+    c = tracking.client(tracking_uri)
+    report = run_gate(metrics, base_metrics, gate)
+    with tempfile.TemporaryDirectory() as tmp:
+        report_path = Path(tmp) / "gate_report.json"
+        report_path.write_text(json.dumps(report.to_dict(), indent=2))
+        c.log_artifact(run_id, str(report_path))
+        if metrics.get("sparsity_per_layer"):
+            plot = steps.plot_sparsity(
+                metrics["sparsity_per_layer"], sparsity_target, Path(tmp) / "sparsity_per_layer.png"
+            )
+            c.log_artifact(run_id, str(plot), "plots")
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    tracking.log_metrics(c, run_id, scalars | {"base_perplexity": base_metrics["perplexity"],
+                                               "perplexity_ratio": metrics["perplexity"] / base_metrics["perplexity"],
+                                               "gate_passed": report.passed})  # fmt: skip
+    champion_before = tracking.alias_version(c, model_name, tracking.ALIAS_CHAMPION)
+    version = tracking.register_model(c, run_id, model_dir, model_name, version_tags)
+    tracking.apply_gate(c, model_name, version, report)
+    c.set_tag(run_id, "gate.passed", str(report.passed).lower())
+    c.set_tag(run_id, "registered_version", version)
+    return {
+        "version": version,
+        "passed": report.passed,
+        "failures": report.failures,
+        "champion_before": champion_before,
+        "champion": tracking.alias_version(c, model_name, tracking.ALIAS_CHAMPION),
+    }
+
+
+@task(name="close-run", tags=["io"], **RETRY)
+def close_run(tracking_uri: str, run_id: str, ok: bool, summary: dict[str, Any]) -> None:
+    c = tracking.client(tracking_uri)
+    tracking.log_json(c, run_id, summary, "summary.json")
+    tracking.end_run(c, run_id, ok)
