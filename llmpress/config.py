@@ -117,12 +117,12 @@ class SparsityStage(Strict):
             return value
         match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", value)
         if not match:
-            raise ValueError(f"pattern must look like 'N:M' (e.g. '2:4'), got {value!r}")
+            raise ValueError("pattern must look like 'N:M' (e.g. '2:4')")
         n, m = int(match.group(1)), int(match.group(2))
         if not 0 < n < m:
-            raise ValueError(f"pattern '{value}' needs 0 < N < M: N weights are kept in every group of M")
+            raise ValueError("pattern 'N:M' needs 0 < N < M: N weights are kept in every group of M")
         if m > 256:
-            raise ValueError(f"pattern '{value}': M must be <= 256")
+            raise ValueError("pattern 'N:M': M must be <= 256")
         return f"{n}:{m}"
 
     @field_validator("targets", "ignore")
@@ -190,7 +190,7 @@ def _format_errors(source: str, exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; allowed keys are listed in the README)"
         elif err["type"] == "union_tag_invalid":
-            msg = f"unknown method {err['input']!r}; allowed: {', '.join(METHODS)}"
+            msg = f"unknown method {err['ctx']['tag']!r}; allowed: {', '.join(METHODS)}"
         elif err["type"] == "union_tag_not_found":
             msg = f"missing 'method'; allowed: {', '.join(METHODS)}"
         got = "" if err["type"] in ("missing", "union_tag_not_found") else f" (got {err['input']!r})"
@@ -227,7 +227,11 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
         node = data
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {key!r} is not a section in {path}")
         node[leaf] = value
     return validate(Params, data, str(path))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,25 +24,31 @@ EVALUATION = "data/eval.txt"
 
 
 def reproduce(project_dir: str | Path, push: bool = True) -> dict[str, str]:
-    """`dvc repro` then `dvc push` in `project_dir`; returns {output path: md5} from dvc.lock."""
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
+    """`dvc repro` then `dvc push` in `project_dir`; returns {output path: md5} from dvc.lock.
 
+    DVC runs as a subprocess in the project folder: its repo state is tied to the working directory, and a
+    subprocess keeps that (and DVC's logging) away from the flow's threads.
+    """
     project_dir = Path(project_dir).resolve()
     if not (project_dir / "dvc.yaml").is_file():
         raise LlmpressError(f"{project_dir} has no dvc.yaml: run from the project folder or pass --project")
-    # dvc.yaml stages call `python -m llmpress.data`: make that the interpreter running us.
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    try:
-        with Repo(str(project_dir)) as repo:
-            stages = repo.reproduce()
-            log.info("dvc repro: %s", ", ".join(s.addressing for s in stages) or "up to date, nothing ran")
-            if push:
-                pushed = repo.push()
-                log.info("dvc push: %s file(s) sent to the remote", pushed)
-    except DvcException as exc:
-        raise LlmpressError(f"DVC failed in {project_dir}: {exc}") from None
+    _dvc(project_dir, "repro")
+    if push:
+        _dvc(project_dir, "push")
     return data_versions(project_dir)
+
+
+def _dvc(project_dir: Path, *args: str) -> str:
+    # dvc.yaml stages call `python -m llmpress.data`: make that the interpreter running us.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project_dir, env=env, capture_output=True,
+                            text=True)  # fmt: skip
+    output = (result.stdout + result.stderr).strip()
+    for line in output.splitlines():
+        log.info("dvc %s: %s", args[0], line)
+    if result.returncode != 0:
+        raise LlmpressError(f"`dvc {' '.join(args)}` failed in {project_dir}:\n{output[-2000:]}")
+    return output
 
 
 def data_versions(project_dir: str | Path) -> dict[str, str]:
@@ -61,7 +68,6 @@ def data_versions(project_dir: str | Path) -> dict[str, str]:
 
 def git_commit(project_dir: str | Path) -> str:
     """HEAD's sha of the project checkout, with '-dirty' if tracked files changed; 'unknown' outside git."""
-    import subprocess
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=project_dir, capture_output=True, text=True, check=True).stdout

@@ -1,9 +1,10 @@
 """Perplexity on held-out text, with a pinned protocol (README, "Evaluation protocol").
 
 1. The whole held-out text is tokenized once, without special tokens, and cut to `max_tokens`.
-2. Windows start every `stride` tokens and hold up to `window` tokens, BOS included when `add_bos` is set
-   (so `window - 1` text tokens). A token is scored once, in the first window whose context reaches it; with
-   stride < window the earlier tokens of a window are context only (the sliding-window protocol of the HF docs).
+2. Windows hold up to `window` tokens, BOS included when `add_bos` is set (so `window - 1` text tokens), and
+   start every `stride` text tokens, capped at the text tokens a window holds so that no token is skipped.
+   A token is scored once, in the first window whose context reaches it; with stride < window the earlier
+   tokens of a window are context only (the sliding-window protocol of the HF docs).
 3. Without BOS the first token of each window has nothing to be predicted from: it is context only, never scored.
 4. Perplexity = exp(total negative log-likelihood / scored tokens), accumulated in float64.
 """
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from llmpress.config import EvalParams
+from llmpress.errors import LlmpressError
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def make_windows(ids: list[int], params: EvalParams, bos_id: int | None) -> list
             first = max(len(bos) + scored_until - begin, 1)
             windows.append(Window(tokens=bos + ids[begin:end], first_scored=first))
             scored_until = end
-        begin += params.stride
+        begin += min(params.stride, context)
     return windows
 
 
@@ -95,4 +97,6 @@ def perplexity(model: torch.nn.Module, tokenizer, text: str, params: EvalParams,
         return model(input_ids=batch.to(device), use_cache=False).logits
 
     nll, count = window_nll(logits_fn, windows, params.batch_size, progress)
+    if count == 0:
+        raise LlmpressError("the evaluation text is too short: no token could be scored")
     return PerplexityResult(perplexity=math.exp(nll / count), nll=nll, tokens=count, windows=len(windows))

