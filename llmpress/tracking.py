@@ -131,6 +131,6 @@ def apply_gate(c: MlflowClient, name: str, version: str, report: GateReport) -> 
 
 def alias_version(c: MlflowClient, name: str, alias: str) -> str | None:
     try:
-        return c.get_model_version_by_alias(name, alias).version
+        return str(c.get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException:
         return None

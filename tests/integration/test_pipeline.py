@@ -131,12 +131,12 @@ def test_registry_versions_tags_and_aliases(runs: dict) -> None:
     assert len(v1.tags["recipe_hash"]) == 64 and len(v1.tags["base_model_hash"]) == 64
     assert v1.tags["git_commit"]
     assert v1.tags["gate.passed"] == "true"
-    assert c.get_model_version_by_alias(MODEL_NAME, "champion").version == wanda_v
+    assert str(c.get_model_version_by_alias(MODEL_NAME, "champion").version) == wanda_v
     # The failing magnitude candidate: registered, aliased candidate, tagged with why, champion untouched.
     v2 = c.get_model_version(MODEL_NAME, mag_v)
     assert v2.tags["gate.passed"] == "false"
     assert "perplexity_ratio" in v2.tags["gate.failures"]
-    assert c.get_model_version_by_alias(MODEL_NAME, "candidate").version == mag_v
+    assert str(c.get_model_version_by_alias(MODEL_NAME, "candidate").version) == mag_v
     assert runs["magnitude"]["gate"]["champion"] == wanda_v
 
 
