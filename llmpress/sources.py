@@ -179,7 +179,9 @@ def _download_s3(uri: str, root: Path) -> Path:
 
     bucket, prefix = parse_s3_uri(uri)
     out = root / bucket / prefix if prefix else root / bucket
-    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    # A new session each time: the default session caches the first credentials it found, and a long-lived
+    # worker must see rotated ones.
+    client = boto3.session.Session().client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
     try:
         keys = []
         for page in client.get_paginator("list_objects_v2").paginate(

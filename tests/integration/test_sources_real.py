@@ -1,0 +1,85 @@
+"""Model sources against real things: a SeaweedFS S3 server on 127.0.0.1, the shipped GGUF file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llmpress.errors import LlmpressError
+from llmpress.hashing import folder_hash
+from llmpress.sources import SHIPPED_NAME, load_model, resolve, shipped_gguf_path
+from tests.s3server import seaweedfs
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch: pytest.MonkeyPatch):
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    return s3
+
+
+def _tiny_folder(path: Path) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_s3_source_downloads_an_identical_folder(s3_env, tmp_path: Path) -> None:
+    local = _tiny_folder(tmp_path / "tiny")
+    client = s3_env.client()
+    client.create_bucket(Bucket="models")
+    for file in local.iterdir():
+        client.upload_file(str(file), "models", f"team/tiny-llama/{file.name}")
+    client.put_object(Bucket="models", Key="team/tiny-llama-other/config.json", Body=b"{}")  # a sibling prefix
+
+    resolved = resolve("s3://models/team/tiny-llama", tmp_path / "models")
+    assert resolved.sha256 == folder_hash(local)
+    assert sorted(p.name for p in Path(resolved.path).iterdir()) == sorted(p.name for p in local.iterdir())
+    a, b = load_model(resolved.path), load_model(local)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_s3_source_errors_are_clear(s3_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(LlmpressError, match="no objects under this prefix"):
+        resolve("s3://models/does/not/exist", tmp_path / "models")
+    with pytest.raises(LlmpressError, match="S3 download failed"):
+        resolve("s3://no-such-bucket-here/x", tmp_path / "models")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(LlmpressError, match="S3 download failed"):
+        resolve("s3://models/team/tiny-llama", tmp_path / "models")
+    assert not (tmp_path / "models" / "s3" / "models" / "team" / "tiny-llama").exists()
+
+
+def test_s3_source_without_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s3) -> None:
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(LlmpressError, match="credentials"):
+        resolve("s3://models/team/tiny-llama", tmp_path / "models")
+
+
+def test_gguf_file_source_matches_the_default(tmp_path: Path) -> None:
+    gguf = shipped_gguf_path()
+    resolved = resolve(str(gguf), tmp_path / "models")
+    assert Path(resolved.path).parent == (tmp_path / "models").resolve()
+    assert resolved.sha256 == folder_hash(REPO / "models" / SHIPPED_NAME)  # same conversion, same bytes
+    again = resolve(str(gguf), tmp_path / "models")  # converted once: the second call reuses the folder
+    assert again.sha256 == resolved.sha256 and os.path.samefile(again.path, resolved.path)
