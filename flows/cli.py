@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                 overrides["export.onnx"] = False
             if args.data:
                 _set_corpus(project / args.params, args.data)
+            # Validate everything before Prefect starts: a typo costs a second, not a server start-up.
+            from llmpress.config import load_params, load_recipe
+
+            params = load_params(project / args.params, overrides | ({"model": args.model} if args.model else {}))
+            load_recipe(project / (args.recipe or params.recipe))
             from flows.compress import compress
 
             summary = compress(recipe=args.recipe, model=args.model, params_file=args.params,
