@@ -71,9 +71,13 @@ def print_summary(s: dict[str, Any]) -> None:
     base, comp, gate = s["base"], s["compressed"], s["gate"]
     rows = [
         ("perplexity", f"{base['perplexity']:.3f}", f"{comp['perplexity']:.3f}"),
+        ("KL to base (nats/token)", "0", f"{comp['kl_to_base']:.4f}"),
+        ("top-1 agreement with base", "1", f"{comp['top1_agreement']:.4f}"),
+        (f"cloze accuracy ({comp['cloze_examples']} examples)", f"{base['cloze_accuracy']:.3f}",
+         f"{comp['cloze_accuracy']:.3f}"),
         ("sparsity (targeted layers)", "-", f"{comp.get('sparsity', 0):.4f}"),
         ("size on disk", _fmt_bytes(base["bytes_on_disk"]), _fmt_bytes(comp["bytes_on_disk"])),
-    ]
+    ]  # fmt: skip
     if "onnx_max_abs_diff" in comp:
         rows.append(("ONNX max |logit diff|", "-", f"{comp['onnx_max_abs_diff']:.2e}"))
     width = max(len(r[0]) for r in rows)

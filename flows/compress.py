@@ -19,7 +19,7 @@ from llmpress.steps import recipe_info
 from llmpress.versioning import git_commit
 from tasks.compress import compress_model
 from tasks.data import version_data
-from tasks.evaluate import evaluate_model, export_model
+from tasks.evaluate import evaluate_model, export_model, measure_speed
 from tasks.model import resolve_model
 from tasks.track import close_run, log_stage, open_run, register_and_gate
 
@@ -76,8 +76,6 @@ def compress(
                                "registered_model": params.tracking.registered_model, "lineage": lineage}  # fmt: skip
     try:
         log_stage(tracking_uri, run_id, "data", data, seconds["data"])
-        base_metrics = timed("evaluate_base", evaluate_model, base["path"], data["eval"], params.eval, label="base")
-        log_stage(tracking_uri, run_id, "evaluate-base", base_metrics, seconds["evaluate_base"])
 
         compressed = timed(
             "compress", compress_model, base["path"], recipe_path, data["calibration"], str(out_root / "hf"),
@@ -87,9 +85,10 @@ def compress(
         files = {"recipe": str(hf / "recipe.yaml"), "report": str(hf / "llmpress.json")}
         log_stage(tracking_uri, run_id, "compress", compressed, seconds["compress"], artifacts=files)
 
-        metrics = timed("evaluate", evaluate_model, compressed["path"], data["eval"], params.eval,
-                        compressed["targeted_layers"], label="compressed")  # fmt: skip
-        log_stage(tracking_uri, run_id, "evaluate", metrics, seconds["evaluate"])
+        evaluation = timed("evaluate", evaluate_model, compressed["path"], base["path"], data["eval"], params.eval,
+                           compressed["targeted_layers"])  # fmt: skip
+        metrics, base_metrics = evaluation["metrics"], evaluation["base"]
+        log_stage(tracking_uri, run_id, "evaluate", evaluation, seconds["evaluate"])
 
         if params.export.onnx:
             exported = timed(
@@ -99,14 +98,22 @@ def compress(
             metrics |= {k: v for k, v in exported.items() if k.startswith("onnx_")}
             summary["onnx_path"] = exported["onnx_path"]
 
+        if params.eval.speed.enabled:
+            cost = timed("speed", measure_speed, compressed["path"], base["path"], data["eval"], params.eval.speed,
+                         summary.get("onnx_path"))  # fmt: skip
+            log_stage(tracking_uri, run_id, "speed", cost, seconds["speed"])
+            metrics |= cost["compressed"]
+            base_metrics |= cost["base"]
+
         targets = {s.target_sparsity for s in recipe_obj.stages}
         verdict = timed(
             "register_and_gate", register_and_gate, tracking_uri, run_id, params.tracking.registered_model,
             compressed["path"], metrics, base_metrics, params.gate, lineage,
-            next(iter(targets)) if len(targets) == 1 else None,
+            next(iter(targets)) if len(targets) == 1 else None, evaluation["generations"], summary.get("onnx_path"),
         )  # fmt: skip
         summary |= {
-            "base": {k: base_metrics[k] for k in ("perplexity", "bytes_on_disk", "parameters")},
+            "base": base_metrics,
+            "generations": evaluation["generations"],
             "compressed": {k: v for k, v in metrics.items() if k != "sparsity_per_layer"},
             "compressed_path": compressed["path"],
             "gate": verdict,

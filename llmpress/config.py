@@ -40,6 +40,46 @@ class DataParams(Strict):
     seed: int = Field(0, ge=0)
 
 
+class ClozeParams(Strict):
+    """LAMBADA-style last-word prediction built from the held-out text (llmpress/evaluate/cloze.py)."""
+
+    min_context_words: int = Field(40, ge=1, description="words of the document before the target word")
+    min_word_chars: int = Field(3, ge=1, description="letters in a target word")
+    per_document: int = Field(2, ge=1)
+    max_examples: int = Field(100, ge=1)
+    max_context_tokens: int = Field(128, ge=8, description="context kept before the target, in tokens")
+    batch_size: int = Field(8, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+DEFAULT_PROMPTS = [
+    "The bushfire near the town",
+    "The Prime Minister said today that",
+    "Scientists have discovered",
+    "In the final match of the series,",
+    "The best way to learn a new language is",
+]
+
+
+class GenerationParams(Strict):
+    """Greedy generations shown side by side, base and compressed, in the run and the model card."""
+
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), max_length=50)
+    max_new_tokens: int = Field(32, ge=1, le=512)
+
+
+class SpeedParams(Strict):
+    """Latency and throughput protocol (llmpress/evaluate/speed.py)."""
+
+    enabled: bool = True
+    prompt_tokens: int = Field(128, ge=1)
+    decode_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(4, ge=1, description="the batch > 1 measured besides batch 1")
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(3, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch and ORT threads; null: torch's default")
+
+
 class EvalParams(Strict):
     """The pinned perplexity protocol; see README 'Evaluation protocol'."""
 
@@ -48,6 +88,9 @@ class EvalParams(Strict):
     add_bos: bool = Field(True, description="prepend the tokenizer's BOS token to every window")
     max_tokens: int = Field(16384, ge=16, description="evaluate the first max_tokens tokens of the held-out text")
     batch_size: int = Field(4, ge=1)
+    cloze: ClozeParams = ClozeParams()
+    generation: GenerationParams = GenerationParams()
+    speed: SpeedParams = SpeedParams()
 
     @model_validator(mode="after")
     def _stride_within_window(self) -> EvalParams:
@@ -74,6 +117,12 @@ class GateParams(Strict):
     max_perplexity_ratio: float | None = Field(1.6, gt=0, description="compressed / base perplexity")
     min_sparsity: float | None = Field(None, ge=0, lt=1, description="measured sparsity of the targeted layers")
     max_onnx_logit_diff: float | None = Field(1e-3, gt=0, description="max |logit| difference, ONNX vs PyTorch")
+    max_kl_to_base: float | None = Field(None, gt=0, description="mean KL(base || compressed) per token, nats")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="share of same top-1 next token")
+    min_cloze_ratio: float | None = Field(None, ge=0, description="cloze accuracy, compressed / base")
+    champion_max_perplexity_increase: float | None = Field(
+        0.05, ge=0, description="candidate perplexity may exceed the current champion's by at most this fraction"
+    )
 
 
 class TrackingParams(Strict):

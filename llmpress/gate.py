@@ -21,6 +21,7 @@ class Check:
     op: str  # "<=" or ">="
     threshold: float
     passed: bool
+    note: str = ""
 
     @property
     def reason(self) -> str:
@@ -48,8 +49,10 @@ def _check(name: str, value: float | None, op: str, threshold: float) -> Check:
     return Check(name=name, value=value, op=op, threshold=threshold, passed=bool(ok))
 
 
-def run_gate(metrics: dict[str, float], base: dict[str, float], params: GateParams) -> GateReport:
-    """Check `metrics` of the candidate (and `base`, the uncompressed model's) against `params`."""
+def run_gate(metrics: dict[str, float], base: dict[str, float], params: GateParams,
+             champion: dict[str, float] | None = None) -> GateReport:  # fmt: skip
+    """Check `metrics` of the candidate against `params`, relative to `base` (the uncompressed model's metrics)
+    and to `champion` (the current champion's, None when there is none yet)."""
     checks = []
     ppl = metrics.get("perplexity")
     if params.max_perplexity is not None:
@@ -60,6 +63,23 @@ def run_gate(metrics: dict[str, float], base: dict[str, float], params: GatePara
         checks.append(_check("perplexity_ratio", ratio, "<=", params.max_perplexity_ratio))
     if params.min_sparsity is not None:
         checks.append(_check("sparsity", metrics.get("sparsity"), ">=", params.min_sparsity))
+    if params.max_kl_to_base is not None:
+        checks.append(_check("kl_to_base", metrics.get("kl_to_base"), "<=", params.max_kl_to_base))
+    if params.min_top1_agreement is not None:
+        checks.append(_check("top1_agreement", metrics.get("top1_agreement"), ">=", params.min_top1_agreement))
+    if params.min_cloze_ratio is not None:
+        cloze, base_cloze = metrics.get("cloze_accuracy"), base.get("cloze_accuracy")
+        ratio = cloze / base_cloze if cloze is not None and base_cloze else None
+        checks.append(_check("cloze_ratio", ratio, ">=", params.min_cloze_ratio))
     if params.max_onnx_logit_diff is not None and "onnx_max_abs_diff" in metrics:
         checks.append(_check("onnx_max_abs_diff", metrics["onnx_max_abs_diff"], "<=", params.max_onnx_logit_diff))
+    if params.champion_max_perplexity_increase is not None:
+        limit = 1.0 + params.champion_max_perplexity_increase
+        if champion is None:
+            # Explicit: the first candidate to pass the other checks becomes champion.
+            checks.append(Check("perplexity_vs_champion", None, "<=", limit, True, "no champion yet"))
+        else:
+            champ = champion.get("perplexity")
+            ratio = ppl / champ if ppl is not None and champ else None
+            checks.append(_check("perplexity_vs_champion", ratio, "<=", limit))
     return GateReport(passed=all(c.passed for c in checks), checks=checks)

@@ -11,6 +11,8 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmpress.compress import compress_
-from llmpress.config import CompressParams, DataParams, EvalParams, ExportParams, load_recipe
+from llmpress.config import CompressParams, DataParams, EvalParams, ExportParams, SpeedParams, load_recipe
 from llmpress.data import calibration_windows
 from llmpress.errors import LlmpressError
-from llmpress.evaluate.perplexity import perplexity
+from llmpress.evaluate.agreement import compare_to_base
+from llmpress.evaluate.cloze import build_examples, cloze_accuracy
+from llmpress.evaluate.generate import greedy_generations
+from llmpress.evaluate.speed import measure_in_subprocess
 from llmpress.export.onnx import check_parity, export_onnx
 from llmpress.hashing import data_hash
 from llmpress.sources import load_model, load_tokenizer
@@ -124,25 +129,36 @@ def folder_bytes(folder: str | Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob(pattern) if p.is_file())
 
 
-def evaluate(model_path: str, eval_path: str, params: EvalParams, layer_names: list[str] | None = None,
-             label: str = "model") -> dict[str, Any]:  # fmt: skip
-    """Perplexity under the pinned protocol, sparsity of `layer_names` (as saved), bytes on disk."""
+def evaluate(model_path: str, base_path: str, eval_path: str, params: EvalParams,
+             layer_names: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Everything measured on the held-out text, base and compressed side by side (README, "Evaluation").
+
+    Returns {"metrics": compressed model's, "base": base model's, "generations": [{prompt, base, compressed}]}.
+    """
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path)
+    model, base = load_model(model_path), load_model(base_path)
     text = Path(eval_path).read_text(encoding="utf-8")
     start = time.perf_counter()
-    bar = tqdm(desc=f"perplexity {label}", unit="window")
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    result = perplexity(model, tokenizer, text, params, progress=progress)
-    bar.close()
-    out: dict[str, Any] = {
-        "perplexity": result.perplexity,
-        "eval_tokens": result.tokens,
+    with _bar("perplexity, KL, top-1 (base and compressed)", "window") as progress:
+        agreement = compare_to_base(model, base, tokenizer, text, params, progress=progress)
+    examples = build_examples(text, params.cloze)
+    with _bar("cloze (compressed)", "example") as progress:
+        cloze = cloze_accuracy(model, tokenizer, examples, params.cloze, params.add_bos, progress)
+    with _bar("cloze (base)", "example") as progress:
+        base_cloze = cloze_accuracy(base, tokenizer, examples, params.cloze, params.add_bos, progress)
+    prompts, new = params.generation.prompts, params.generation.max_new_tokens
+    base_texts = greedy_generations(base, tokenizer, prompts, new)
+    texts = greedy_generations(model, tokenizer, prompts, new)
+    generations = [
+        {"prompt": p, "base": b, "compressed": c} for p, b, c in zip(prompts, base_texts, texts, strict=True)
+    ]
+    metrics: dict[str, Any] = {
+        "perplexity": agreement.perplexity,
+        "kl_to_base": agreement.kl_to_base,
+        "top1_agreement": agreement.top1_agreement,
+        "cloze_accuracy": cloze,
+        "cloze_examples": len(examples),
+        "eval_tokens": agreement.tokens,
         "eval_seconds": time.perf_counter() - start,
         "bytes_on_disk": folder_bytes(model_path),
         "weights_bytes": folder_bytes(model_path, "*.safetensors"),
@@ -152,11 +168,70 @@ def evaluate(model_path: str, eval_path: str, params: EvalParams, layer_names: l
         per_layer = measure_sparsity(model, layer_names)
         modules = dict(model.named_modules())
         sizes = {n: modules[n].weight.numel() for n in layer_names}
-        out["sparsity"] = sum(per_layer[n] * sizes[n] for n in layer_names) / sum(sizes.values())
-        out["sparsity_min_layer"] = min(per_layer.values())
-        out["sparsity_max_layer"] = max(per_layer.values())
-        out["sparsity_per_layer"] = per_layer
-    return out
+        metrics["sparsity"] = sum(per_layer[n] * sizes[n] for n in layer_names) / sum(sizes.values())
+        metrics["sparsity_min_layer"] = min(per_layer.values())
+        metrics["sparsity_max_layer"] = max(per_layer.values())
+        metrics["sparsity_per_layer"] = per_layer
+    base_metrics = {
+        "perplexity": agreement.base_perplexity,
+        "cloze_accuracy": base_cloze,
+        "bytes_on_disk": folder_bytes(base_path),
+        "weights_bytes": folder_bytes(base_path, "*.safetensors"),
+        "parameters": sum(p.numel() for p in base.parameters()),
+    }
+    return {"metrics": metrics, "base": base_metrics, "generations": generations}
+
+
+@contextmanager
+def _bar(desc: str, unit: str) -> Iterator[Callable[[int, int], None]]:
+    bar = tqdm(desc=desc, unit=unit)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
+def speed(model_path: str, base_path: str, eval_path: str, params: SpeedParams,
+          onnx_path: str | None) -> dict[str, Any]:  # fmt: skip
+    """Latency, throughput and peak memory of base (PyTorch) and compressed (PyTorch, ONNX Runtime)."""
+    log.info("measuring speed of the base model (PyTorch) in a child process")
+    base = measure_in_subprocess(base_path, eval_path, params)
+    log.info("measuring speed of the compressed model (PyTorch%s) in a child process", ", ORT" if onnx_path else "")
+    return {"base": base, "compressed": measure_in_subprocess(model_path, eval_path, params, onnx_path)}
+
+
+def plot_cost(base: dict[str, Any], compressed: dict[str, Any], out_path: str | Path) -> Path:
+    """Bars of latency, throughput, memory and size, base against compressed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("torch_b1_prefill_ms", "prefill latency, batch 1 (ms)"),
+        ("torch_b1_decode_tokens_per_s", "decode tokens/s, batch 1"),
+        ("torch_peak_rss_mb", "peak memory, PyTorch generating (MB)"),
+        ("weights_bytes", "weights on disk (MB)"),
+    ]
+    panels = [(k, t) for k, t in panels if k in base and k in compressed]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    for ax, (key, title) in zip(list(axes) if len(panels) > 1 else [axes], panels, strict=True):
+        scale = 2**20 if key == "weights_bytes" else 1
+        values = [base[key] / scale, compressed[key] / scale]
+        ax.bar(["base", "compressed"], values, color=["#8c8c8c", "#4878d0"])
+        ax.set_title(title, fontsize=9)
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.1f}", (i, v), ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return Path(out_path)
 
 
 def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams) -> dict[str, Any]:

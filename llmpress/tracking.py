@@ -100,6 +100,11 @@ def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def register_model(c: MlflowClient, run_id: str, model_dir: str | Path, name: str, tags: dict[str, str]) -> str:
     """Log `model_dir` as an MLflow pyfunc model in `run_id`, register it as a new version of `name`, tag it and
     point alias `candidate` at it; returns the version number."""
+    existing = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:  # a retried task: this run already registered its version
+        version = str(existing[0].version)
+        c.set_registered_model_alias(name, ALIAS_CANDIDATE, version)
+        return version
     mlflow.set_tracking_uri(c.tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
@@ -134,3 +139,9 @@ def alias_version(c: MlflowClient, name: str, alias: str) -> str | None:
         return str(c.get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException:
         return None
+
+
+def version_metrics(c: MlflowClient, name: str, version: str) -> dict[str, float]:
+    """The metrics of the run that produced a model version (what the gate compares a candidate against)."""
+    run_id = c.get_model_version(name, version).run_id
+    return dict(c.get_run(run_id).data.metrics) if run_id else {}

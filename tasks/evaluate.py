@@ -5,15 +5,21 @@ from __future__ import annotations
 from prefect import task
 
 from llmpress import steps
-from llmpress.config import EvalParams, ExportParams
+from llmpress.config import EvalParams, ExportParams, SpeedParams
 
 
 @task(name="evaluate", tags=["cpu"])
-def evaluate_model(model_path: str, eval_path: str, params: EvalParams, layer_names: list[str] | None = None,
-                   label: str = "model") -> dict:  # fmt: skip
-    return steps.evaluate(model_path, eval_path, params, layer_names, label)
+def evaluate_model(model_path: str, base_path: str, eval_path: str, params: EvalParams,
+                   layer_names: list[str] | None = None) -> dict:  # fmt: skip
+    return steps.evaluate(model_path, base_path, eval_path, params, layer_names)
 
 
 @task(name="export-onnx", tags=["cpu"])
 def export_model(model_path: str, out_dir: str, eval_path: str, params: ExportParams) -> dict:
     return steps.export(model_path, out_dir, eval_path, params)
+
+
+@task(name="measure-speed", tags=["cpu"])
+def measure_speed(model_path: str, base_path: str, eval_path: str, params: SpeedParams,
+                  onnx_path: str | None = None) -> dict:  # fmt: skip
+    return steps.speed(model_path, base_path, eval_path, params, onnx_path)

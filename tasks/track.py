@@ -13,6 +13,7 @@ from typing import Any
 from prefect import task
 
 from llmpress import steps, tracking
+from llmpress.card import model_card
 from llmpress.config import GateParams
 from llmpress.gate import run_gate
 
@@ -35,7 +36,8 @@ def log_stage(tracking_uri: str, parent_id: str, stage: str, metrics: dict[str, 
     """A nested run for one stage: its scalar metrics, its wall time, the files it made worth keeping."""
     c = tracking.client(tracking_uri)
     run_id = tracking.start_run(c, "", stage, parent_id=parent_id)
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    flat = tracking.flatten(metrics)
+    scalars = {k: v for k, v in flat.items() if isinstance(v, int | float) and "per_layer" not in k}
     tracking.log_metrics(c, run_id, scalars | {"seconds": seconds})
     tracking.log_json(c, run_id, metrics, f"{stage}.json")
     for path in (artifacts or {}).values():
@@ -47,26 +49,41 @@ def log_stage(tracking_uri: str, parent_id: str, stage: str, metrics: dict[str, 
 @task(name="register-and-gate", tags=["io"], **RETRY)
 def register_and_gate(tracking_uri: str, run_id: str, model_name: str, model_dir: str, metrics: dict[str, Any],
                       base_metrics: dict[str, Any], gate: GateParams, version_tags: dict[str, str],
-                      sparsity_target: float | None) -> dict[str, Any]:  # fmt: skip
-    """Gate verdict (computed once, here), plots and reports to the run, a registered version with lineage tags
-    and alias `candidate`; `champion` moves only on a pass."""
+                      sparsity_target: float | None, generations: list[dict[str, str]],
+                      onnx_path: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Gate verdict (computed once, here, against base and the current champion), plots, reports and the model
+    card to the run; a registered version with lineage tags, the card as its description, alias `candidate`;
+    `champion` moves only on a pass. Registering is idempotent per run, so a retry never adds a second version."""
     c = tracking.client(tracking_uri)
-    report = run_gate(metrics, base_metrics, gate)
+    champion_before = tracking.alias_version(c, model_name, tracking.ALIAS_CHAMPION)
+    champion = tracking.version_metrics(c, model_name, champion_before) if champion_before else None
+    report = run_gate(metrics, base_metrics, gate, champion)
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    scalars |= {f"base_{k}": v for k, v in base_metrics.items() if isinstance(v, int | float)}
+    scalars |= {"perplexity_ratio": metrics["perplexity"] / base_metrics["perplexity"], "gate_passed": report.passed}
+    tracking.log_metrics(c, run_id, scalars)
+    onnx_artifact = None
+    if onnx_path:
+        c.log_artifact(run_id, onnx_path, "onnx")
+        onnx_artifact = f"onnx/{Path(onnx_path).name}"
+    version = tracking.register_model(c, run_id, model_dir, model_name, version_tags)
+    card = model_card(model_name, version, run_id, version_tags, metrics, base_metrics, champion, champion_before,
+                      report, generations, onnx_artifact)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        report_path = Path(tmp) / "gate_report.json"
-        report_path.write_text(json.dumps(report.to_dict(), indent=2))
-        c.log_artifact(run_id, str(report_path))
+        files = {"gate_report.json": json.dumps(report.to_dict(), indent=2), "model_card.md": card,
+                 "generations.json": json.dumps(generations, indent=2)}  # fmt: skip
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text)
+            c.log_artifact(run_id, str(Path(tmp) / name))
         if metrics.get("sparsity_per_layer"):
             plot = steps.plot_sparsity(
                 metrics["sparsity_per_layer"], sparsity_target, Path(tmp) / "sparsity_per_layer.png"
             )
             c.log_artifact(run_id, str(plot), "plots")
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-    tracking.log_metrics(c, run_id, scalars | {"base_perplexity": base_metrics["perplexity"],
-                                               "perplexity_ratio": metrics["perplexity"] / base_metrics["perplexity"],
-                                               "gate_passed": report.passed})  # fmt: skip
-    champion_before = tracking.alias_version(c, model_name, tracking.ALIAS_CHAMPION)
-    version = tracking.register_model(c, run_id, model_dir, model_name, version_tags)
+        if "torch_b1_prefill_ms" in metrics and "torch_b1_prefill_ms" in base_metrics:
+            plot = steps.plot_cost(base_metrics, metrics, Path(tmp) / "cost_vs_base.png")
+            c.log_artifact(run_id, str(plot), "plots")
+    c.update_model_version(model_name, version, description=card)
     tracking.apply_gate(c, model_name, version, report)
     c.set_tag(run_id, "gate.passed", str(report.passed).lower())
     c.set_tag(run_id, "registered_version", version)

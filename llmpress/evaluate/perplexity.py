@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,31 +58,37 @@ def make_windows(ids: list[int], params: EvalParams, bos_id: int | None) -> list
     return windows
 
 
+def window_batches(windows: list[Window], batch_size: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """[B, T] id tensors of equal-length windows (no padding, so no mask subtleties) and each row's first
+    scored index; all windows but the last usually share one length."""
+    by_length: dict[int, list[Window]] = {}
+    for w in windows:
+        by_length.setdefault(len(w.tokens), []).append(w)
+    for group in by_length.values():
+        for start in range(0, len(group), batch_size):
+            batch = group[start : start + batch_size]
+            yield torch.tensor([w.tokens for w in batch], dtype=torch.long), [w.first_scored for w in batch]
+
+
+def scored_logprobs(logits: torch.Tensor, ids: torch.Tensor, first_scored: list[int]) -> list[torch.Tensor]:
+    """Per row, log p(token) of the scored tokens: logits at index i predict token i + 1."""
+    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = logprobs.gather(-1, ids[:, 1:, None].to(logprobs.device)).squeeze(-1)
+    return [target[row, first - 1 :] for row, first in enumerate(first_scored)]
+
+
 @torch.no_grad()
 def window_nll(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: list[Window], batch_size: int,
                progress: Callable[[int, int], None] | None = None) -> tuple[float, int]:  # fmt: skip
     """Sum of NLL over scored tokens and their count; `logits_fn` maps [B, T] ids to [B, T, V] logits."""
-    total, count = 0.0, 0
-    # Batch windows of equal length (all but the last usually are); no padding, so no mask subtleties.
-    by_length: dict[int, list[Window]] = {}
-    for w in windows:
-        by_length.setdefault(len(w.tokens), []).append(w)
-    done = 0
-    for group in by_length.values():
-        for start in range(0, len(group), batch_size):
-            batch = group[start : start + batch_size]
-            ids = torch.tensor([w.tokens for w in batch], dtype=torch.long)
-            logits = logits_fn(ids).float()
-            logprobs = F.log_softmax(logits[:, :-1], dim=-1)
-            target_logprobs = logprobs.gather(-1, ids[:, 1:, None].to(logprobs.device)).squeeze(-1)
-            for row, w in enumerate(batch):
-                # logits at index i predict token i + 1: scored tokens first_scored.. use logits first_scored-1..
-                scored = target_logprobs[row, w.first_scored - 1 :]
-                total -= scored.double().sum().item()
-                count += scored.numel()
-            done += len(batch)
-            if progress:
-                progress(done, len(windows))
+    total, count, done = 0.0, 0, 0
+    for ids, first_scored in window_batches(windows, batch_size):
+        for scored in scored_logprobs(logits_fn(ids), ids, first_scored):
+            total -= scored.double().sum().item()
+            count += scored.numel()
+        done += len(first_scored)
+        if progress:
+            progress(done, len(windows))
     return total, count
 
 

@@ -33,7 +33,15 @@ PARAMS = {
     "model": "default",
     "recipe": "recipes/wanda-50.yaml",
     "data": {"corpus": "gensim-lee", "eval_fraction": 0.2, "calibration_samples": 8, "seq_len": 128, "seed": 0},
-    "eval": {"window": 512, "stride": 512, "add_bos": True, "max_tokens": 4096, "batch_size": 4},
+    "eval": {
+        "window": 512,
+        "stride": 512,
+        "add_bos": True,
+        "max_tokens": 4096,
+        "batch_size": 4,
+        "cloze": {"max_examples": 60, "max_context_tokens": 64},
+        "generation": {"max_new_tokens": 16},
+    },
     "compress": {"device": "cpu", "batch_size": 8},
     "export": {"onnx": True, "opset": 18, "parity_tokens": 128},
     # Measured on this set-up: Wanda 50 % is 2.18x the dense perplexity, magnitude 50 % about 16x.
@@ -106,6 +114,20 @@ def test_perplexity_bounds(runs: dict) -> None:
     assert runs["wanda"]["compressed"]["sparsity"] == pytest.approx(0.5, abs=0.005)
 
 
+def test_agreement_cloze_and_generations(runs: dict) -> None:
+    comp, base = runs["wanda"]["compressed"], runs["wanda"]["base"]
+    magnitude = runs["magnitude"]["compressed"]
+    # Pruning half the weights must cost some agreement, and Wanda must keep more of it than magnitude.
+    assert 0 < comp["kl_to_base"] < magnitude["kl_to_base"]
+    assert magnitude["top1_agreement"] < comp["top1_agreement"] < 1.0
+    assert comp["cloze_examples"] >= 50
+    assert 0 < base["cloze_accuracy"] <= 1 and 0 <= comp["cloze_accuracy"] <= 1
+    assert magnitude["cloze_accuracy"] <= comp["cloze_accuracy"]
+    generations = runs["wanda"]["generations"]
+    assert len(generations) == 5 and all(g["base"].strip() and g["compressed"].strip() for g in generations)
+    assert any(g["base"] != g["compressed"] for g in generations)
+
+
 def test_onnx_matches_pytorch(runs: dict) -> None:
     comp = runs["wanda"]["compressed"]
     # fp32 in both; differences come only from operator fusion and summation order over 30 blocks. Measured
@@ -136,6 +158,10 @@ def test_registry_versions_tags_and_aliases(runs: dict) -> None:
     v2 = c.get_model_version(MODEL_NAME, mag_v)
     assert v2.tags["gate.passed"] == "false"
     assert "perplexity_ratio" in v2.tags["gate.failures"]
+    # The model card is the version's description: metrics against base and champion, the failure explained.
+    assert v2.description.startswith(f"# {MODEL_NAME} v{mag_v}")
+    assert "**Gate: FAILED** — perplexity_ratio" in v2.description and f"champion (v{wanda_v})" in v2.description
+    assert "**Gate: PASSED**" in v1.description and "no champion yet" in v1.description
     assert str(c.get_model_version_by_alias(MODEL_NAME, "candidate").version) == mag_v
     assert runs["magnitude"]["gate"]["champion"] == wanda_v
 
@@ -147,9 +173,22 @@ def test_mlflow_run_contents(runs: dict) -> None:
     assert run.data.params["recipe.name"] == "wanda-50"
     assert run.data.metrics["perplexity"] == pytest.approx(runs["wanda"]["compressed"]["perplexity"])
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
-    assert {"gate_report.json", "summary.json", "plots"} <= artifacts
+    assert {"gate_report.json", "summary.json", "plots", "model_card.md", "generations.json", "onnx"} <= artifacts
     children = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
-    assert {r.info.run_name for r in children} == {"data", "evaluate-base", "compress", "evaluate", "export"}
+    assert {r.info.run_name for r in children} == {"data", "compress", "evaluate", "export", "speed"}
+    plots = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/sparsity_per_layer.png", "plots/cost_vs_base.png"}
+
+
+def test_speed_and_memory_measured(runs: dict) -> None:
+    comp, base = runs["wanda"]["compressed"], runs["wanda"]["base"]
+    for metrics in (comp, base):
+        for key in ("torch_b1_prefill_ms", "torch_b1_decode_tokens_per_s", "torch_b2_decode_tokens_per_s"):
+            assert 0 < metrics[key] < 1e6, key
+        # fp32 weights alone are ~520 MB: a peak below that would mean the measurement missed the model
+        assert metrics["torch_peak_rss_mb"] > 500
+    assert comp["ort_b1_prefill_ms"] > 0 and comp["ort_b2_decode_tokens_per_s"] > 0
+    assert "ort_b1_prefill_ms" not in runs["magnitude"]["compressed"]  # no export, no ORT numbers
 
 
 def test_registered_model_loads_from_registry(runs: dict) -> None:

@@ -8,7 +8,13 @@ import pytest
 from llmpress.config import GateParams
 from llmpress.gate import Check, run_gate
 
-NONE = {"max_perplexity": None, "max_perplexity_ratio": None, "min_sparsity": None, "max_onnx_logit_diff": None}
+NONE = {
+    "max_perplexity": None,
+    "max_perplexity_ratio": None,
+    "min_sparsity": None,
+    "max_onnx_logit_diff": None,
+    "champion_max_perplexity_increase": None,
+}
 
 
 def _params(**kwargs) -> GateParams:
@@ -130,7 +136,41 @@ def test_default_gate_params_and_to_dict() -> None:
     json.dumps(data)  # serialisable as written to disk
     assert data["passed"] is True
     by_name = {c["name"]: c for c in data["checks"]}
-    assert set(by_name) == {"perplexity_ratio", "onnx_max_abs_diff"}
+    assert set(by_name) == {"perplexity_ratio", "onnx_max_abs_diff", "perplexity_vs_champion"}
+    assert by_name["perplexity_vs_champion"]["note"] == "no champion yet"
     assert by_name["perplexity_ratio"]["value"] == pytest.approx(1.5)
     assert by_name["perplexity_ratio"]["threshold"] == 1.6
     assert by_name["perplexity_ratio"]["reason"] == "perplexity_ratio = 1.5, required <= 1.6"
+
+
+@pytest.mark.parametrize(
+    ("metrics", "base", "params", "name", "value", "passed"),
+    [
+        ({"kl_to_base": 0.2}, {}, {"max_kl_to_base": 0.25}, "kl_to_base", 0.2, True),
+        ({"kl_to_base": 0.3}, {}, {"max_kl_to_base": 0.25}, "kl_to_base", 0.3, False),
+        ({"top1_agreement": 0.8}, {}, {"min_top1_agreement": 0.75}, "top1_agreement", 0.8, True),
+        ({"top1_agreement": 0.7}, {}, {"min_top1_agreement": 0.75}, "top1_agreement", 0.7, False),
+        ({"cloze_accuracy": 0.38}, {"cloze_accuracy": 0.40}, {"min_cloze_ratio": 0.95}, "cloze_ratio", 0.95, True),
+        ({"cloze_accuracy": 0.30}, {"cloze_accuracy": 0.40}, {"min_cloze_ratio": 0.95}, "cloze_ratio", 0.75, False),
+        ({"cloze_accuracy": 0.30}, {"cloze_accuracy": 0.0}, {"min_cloze_ratio": 0.95}, "cloze_ratio", None, False),
+        ({}, {}, {"max_kl_to_base": 0.25}, "kl_to_base", None, False),
+    ],
+)
+def test_agreement_and_cloze_checks(metrics, base, params, name, value, passed) -> None:
+    report = run_gate(metrics, base, _params(**params))
+    check = _only_check(report, name)
+    assert check.passed is passed and report.passed is passed
+    assert check.value == (pytest.approx(value) if value is not None else None)
+
+
+def test_champion_relative_check() -> None:
+    params = _params(champion_max_perplexity_increase=0.05)
+    first = run_gate({"perplexity": 40.0}, {}, params, champion=None)
+    check = _only_check(first, "perplexity_vs_champion")
+    assert first.passed and check.passed and check.value is None and check.note == "no champion yet"
+    better = run_gate({"perplexity": 41.0}, {}, params, champion={"perplexity": 40.0})
+    assert better.passed and _only_check(better, "perplexity_vs_champion").value == pytest.approx(1.025)
+    worse = run_gate({"perplexity": 43.0}, {}, params, champion={"perplexity": 40.0})
+    assert not worse.passed and "perplexity_vs_champion" in worse.failures[0]
+    broken = run_gate({"perplexity": 41.0}, {}, params, champion={"perplexity": float("nan")})
+    assert not broken.passed
