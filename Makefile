@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup fetch run test test-unit test-integration lint clean help
+.PHONY: setup fetch browser run test test-unit test-integration lint clean help
 
 help:
 	@echo "make run | make test | make setup | make fetch | make lint | make test-unit | make test-integration | make clean"
@@ -31,6 +31,10 @@ fetch: setup
 	$(BIN)/llmpress resolve default
 	$(BIN)/llmpress data
 
+# Debian's Chromium for the review-page test (headless screenshots of the MLflow UI).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 run: fetch
 	$(BIN)/llmpress run
 
@@ -38,13 +42,13 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: fetch lint
+test: fetch lint browser
 	$(BIN)/pytest -q -ra
 
 test-unit: setup
 	$(BIN)/pytest -q -ra tests/unit
 
-test-integration: fetch
+test-integration: fetch browser
 	$(BIN)/pytest -q -ra tests/integration
 
 clean:

@@ -73,7 +73,7 @@ class SpeedParams(Strict):
 
     enabled: bool = True
     prompt_tokens: int = Field(128, ge=1)
-    decode_tokens: int = Field(32, ge=1)
+    decode_tokens: int = Field(16, ge=1)
     batch_size: int = Field(4, ge=1, description="the batch > 1 measured besides batch 1")
     warmup: int = Field(1, ge=0)
     repeats: int = Field(3, ge=1)

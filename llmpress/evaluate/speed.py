@@ -8,7 +8,10 @@ another's. Protocol (`params.yaml` → `eval.speed`):
 - prefill: one forward pass over the prompt (PyTorch with KV cache on, ONNX Runtime on the logits graph);
 - decode: `decode_tokens` greedy steps after the prefill; PyTorch reuses its KV cache. The ONNX graph has no KV
   cache yet, so ONNX Runtime "decode" recomputes the whole sequence at every step: reported as such, not hidden;
-- `warmup` untimed runs, then `repeats` timed runs; the median is reported; torch and ORT use the same threads.
+- ONNX Runtime decode is measured at batch 1 only (full recomputation makes larger batches slow to time);
+- `warmup` untimed runs, then `repeats` timed runs; the median is reported; torch and ORT use the same threads;
+- peak memory is the process's VmHWM (peak resident set of its address space, which starts fresh at exec; the
+  getrusage maximum is not used because Linux carries it over from the parent across exec).
 """
 
 from __future__ import annotations
@@ -60,7 +63,15 @@ def torch_speed(model: torch.nn.Module, prompt: torch.Tensor, params: SpeedParam
     return {"prefill_ms": prefill_s * 1e3, "decode_tokens_per_s": batch * params.decode_tokens / decode_s}
 
 
-def ort_speed(onnx_path: str, prompt: torch.Tensor, params: SpeedParams, threads: int) -> dict[str, float]:
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best available
+
+
+def ort_speed(onnx_path: str, prompt: torch.Tensor, params: SpeedParams, threads: int,
+              decode: bool = True) -> dict[str, float]:  # fmt: skip
     import numpy as np
 
     from llmpress.export.onnx import onnx_session
@@ -78,6 +89,8 @@ def ort_speed(onnx_path: str, prompt: torch.Tensor, params: SpeedParams, threads
             x = np.concatenate([x, token.astype(np.int64)], axis=1)
 
     prefill_s = _median_seconds(lambda: run(ids), params.warmup, params.repeats)
+    if not decode:
+        return {"prefill_ms": prefill_s * 1e3}
     total_s = _median_seconds(generate, params.warmup, params.repeats)
     decode_s = max(total_s - prefill_s, 1e-9)
     return {"prefill_ms": prefill_s * 1e3, "decode_tokens_per_s": ids.shape[0] * params.decode_tokens / decode_s}
@@ -104,13 +117,14 @@ def measure(model_path: str, eval_path: str, params: SpeedParams, onnx_path: str
     for batch in sorted({1, params.batch_size}):
         for key, value in torch_speed(model, prompt.repeat(batch, 1), params).items():
             result[f"torch_b{batch}_{key}"] = value
-    result["torch_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["torch_peak_rss_mb"] = peak_rss_mb()
     if onnx_path:
         del model
         for batch in sorted({1, params.batch_size}):
-            for key, value in ort_speed(onnx_path, prompt.repeat(batch, 1), params, threads).items():
+            timings = ort_speed(onnx_path, prompt.repeat(batch, 1), params, threads, decode=batch == 1)
+            for key, value in timings.items():
                 result[f"ort_b{batch}_{key}"] = value
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 

@@ -41,6 +41,7 @@ PARAMS = {
         "batch_size": 4,
         "cloze": {"max_examples": 60, "max_context_tokens": 64},
         "generation": {"max_new_tokens": 16},
+        "speed": {"prompt_tokens": 64, "decode_tokens": 8, "batch_size": 2, "warmup": 1, "repeats": 1},
     },
     "compress": {"device": "cpu", "batch_size": 8},
     "export": {"onnx": True, "opset": 18, "parity_tokens": 128},
@@ -185,9 +186,10 @@ def test_speed_and_memory_measured(runs: dict) -> None:
     for metrics in (comp, base):
         for key in ("torch_b1_prefill_ms", "torch_b1_decode_tokens_per_s", "torch_b2_decode_tokens_per_s"):
             assert 0 < metrics[key] < 1e6, key
-        # fp32 weights alone are ~520 MB: a peak below that would mean the measurement missed the model
-        assert metrics["torch_peak_rss_mb"] > 500
-    assert comp["ort_b1_prefill_ms"] > 0 and comp["ort_b2_decode_tokens_per_s"] > 0
+        # fp32 weights alone are ~520 MB: a peak below that would mean the measurement missed the model; the
+        # measuring process holds one model, so far above ~2 GB would mean it counted something else.
+        assert 500 < metrics["torch_peak_rss_mb"] < 2500
+    assert comp["ort_b1_prefill_ms"] > 0 and comp["ort_b2_prefill_ms"] > 0 and comp["ort_b1_decode_tokens_per_s"] > 0
     assert "ort_b1_prefill_ms" not in runs["magnitude"]["compressed"]  # no export, no ORT numbers
 
 
