@@ -123,6 +123,10 @@ class GateParams(Strict):
     champion_max_perplexity_increase: float | None = Field(
         0.05, ge=0, description="candidate perplexity may exceed the current champion's by at most this fraction"
     )
+    champion_must_be_smaller_or_faster: bool = Field(
+        False, description="candidate weights smaller than the champion's, or decode (batch 1) faster by the margin"
+    )
+    champion_speed_margin: float = Field(0.05, ge=0, description="'faster' means by more than this fraction")
 
 
 class TrackingParams(Strict):

@@ -82,4 +82,26 @@ def run_gate(metrics: dict[str, float], base: dict[str, float], params: GatePara
             champ = champion.get("perplexity")
             ratio = ppl / champ if ppl is not None and champ else None
             checks.append(_check("perplexity_vs_champion", ratio, "<=", limit))
+    if params.champion_must_be_smaller_or_faster:
+        checks.append(_smaller_or_faster(metrics, champion, params.champion_speed_margin))
     return GateReport(passed=all(c.passed for c in checks), checks=checks)
+
+
+SPEED_KEY = "torch_b1_decode_tokens_per_s"
+
+
+def _smaller_or_faster(metrics: dict[str, float], champion: dict[str, float] | None, margin: float) -> Check:
+    """Passes if the weights are smaller than the champion's, or decode is faster by more than `margin`.
+    The value is the better of the two gains (size ratio champion/candidate, speed ratio candidate/champion)."""
+    if champion is None:
+        return Check("smaller_or_faster_than_champion", None, ">", 1.0, True, "no champion yet")
+    gains = []
+    if metrics.get("weights_bytes") and champion.get("weights_bytes"):
+        gains.append((champion["weights_bytes"] / metrics["weights_bytes"], 1.0))
+    if metrics.get(SPEED_KEY) and champion.get(SPEED_KEY):
+        gains.append((metrics[SPEED_KEY] / champion[SPEED_KEY], 1.0 + margin))
+    if not gains:
+        return Check("smaller_or_faster_than_champion", None, ">", 1.0, False, "size and speed not measured")
+    passed = any(gain > needed for gain, needed in gains if math.isfinite(gain))
+    best = max(gain for gain, _ in gains)
+    return Check("smaller_or_faster_than_champion", best, ">", 1.0, passed, f"faster means > {1 + margin:g}x")

@@ -174,3 +174,18 @@ def test_champion_relative_check() -> None:
     assert not worse.passed and "perplexity_vs_champion" in worse.failures[0]
     broken = run_gate({"perplexity": 41.0}, {}, params, champion={"perplexity": float("nan")})
     assert not broken.passed
+
+
+def test_smaller_or_faster_than_champion() -> None:
+    params = _params(champion_must_be_smaller_or_faster=True, champion_speed_margin=0.05)
+    champion = {"weights_bytes": 1000.0, "torch_b1_decode_tokens_per_s": 10.0}
+    first = run_gate({"weights_bytes": 1000.0}, {}, params, None)
+    assert first.passed and first.checks[0].note == "no champion yet"
+    smaller = run_gate({"weights_bytes": 500.0, "torch_b1_decode_tokens_per_s": 9.0}, {}, params, champion)
+    assert smaller.passed and smaller.checks[0].value == pytest.approx(2.0)
+    faster = run_gate({"weights_bytes": 1000.0, "torch_b1_decode_tokens_per_s": 11.0}, {}, params, champion)
+    assert faster.passed
+    noise = run_gate({"weights_bytes": 1000.0, "torch_b1_decode_tokens_per_s": 10.4}, {}, params, champion)
+    assert not noise.passed  # 4 % faster is within the margin: not faster
+    unmeasured = run_gate({}, {}, params, champion)
+    assert not unmeasured.passed and unmeasured.checks[0].note == "size and speed not measured"
