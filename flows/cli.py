@@ -78,6 +78,16 @@ def print_summary(s: dict[str, Any]) -> None:
         ("sparsity (targeted layers)", "-", f"{comp.get('sparsity', 0):.4f}"),
         ("size on disk", _fmt_bytes(base["bytes_on_disk"]), _fmt_bytes(comp["bytes_on_disk"])),
     ]  # fmt: skip
+    speed_rows = [
+        ("torch_b1_prefill_ms", "PyTorch prefill, batch 1 (ms)", "{:.0f}"),
+        ("torch_b1_decode_tokens_per_s", "PyTorch decode, batch 1 (tok/s)", "{:.1f}"),
+        ("torch_b4_decode_tokens_per_s", "PyTorch decode, batch 4 (tok/s)", "{:.1f}"),
+        ("torch_peak_rss_mb", "peak memory generating (MB)", "{:.0f}"),
+        ("ort_b1_prefill_ms", "ORT prefill, batch 1 (ms)", "{:.0f}"),
+    ]
+    for key, label, spec in speed_rows:
+        if key in comp:
+            rows.append((label, spec.format(base[key]) if key in base else "-", spec.format(comp[key])))
     if "onnx_max_abs_diff" in comp:
         rows.append(("ONNX max |logit diff|", "-", f"{comp['onnx_max_abs_diff']:.2e}"))
     width = max(len(r[0]) for r in rows)
