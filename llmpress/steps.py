@@ -63,7 +63,7 @@ def compress(model_path: str, recipe_path: str, calibration_path: str, out_dir: 
         raise LlmpressError(f"data.seq_len={data.seq_len} exceeds the model's context ({max_len} tokens)")
     ids = calibration_windows(tokenizer, calibration_path, data.seq_len, eval_params.add_bos)
     device = pick_device(params.device)
-    bar = tqdm(total=len(getattr_blocks(model)), desc=f"compress {recipe.name}", unit="block")
+    bar = tqdm(total=len(_decoder_blocks(model)), desc=f"compress {recipe.name}", unit="block")
     report = compress_(model, recipe, ids, device=device, batch_size=params.batch_size,
                        progress=lambda msg: (bar.update(1), log.info(msg)))  # fmt: skip
     bar.close()
@@ -88,7 +88,7 @@ def compress(model_path: str, recipe_path: str, calibration_path: str, out_dir: 
     }
 
 
-def getattr_blocks(model: nn.Module) -> nn.ModuleList:
+def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
     from llmpress.compress import find_decoder_blocks
 
     return find_decoder_blocks(model)[1]

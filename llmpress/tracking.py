@@ -69,13 +69,11 @@ def log_params(c: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
 
 def log_metrics(c: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
     for key, value in flatten(metrics).items():
-        if isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, int | float) and math.isfinite(float(value)):
-            c.log_metric(run_id, key, float(value), step=step)
-        elif isinstance(value, int | float):
-            # MLflow stores NaN but a reviewer should see it called out; keep the raw value as a tag too.
-            c.log_metric(run_id, key, float(value), step=step)
+        if not isinstance(value, int | float):
+            continue
+        c.log_metric(run_id, key, float(value), step=step)
+        if not math.isfinite(float(value)):
+            # MLflow stores NaN, but a reviewer should see it called out.
             c.set_tag(run_id, f"nonfinite.{key}", str(value))
 
 
