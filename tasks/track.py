@@ -84,6 +84,7 @@ def register_and_gate(tracking_uri: str, run_id: str, model_name: str, model_dir
             plot = steps.plot_cost(base_metrics, metrics, Path(tmp) / "cost_vs_base.png")
             c.log_artifact(run_id, str(plot), "plots")
     c.update_model_version(model_name, version, description=card)
+    c.set_tag(run_id, "mlflow.note.content", card)  # the run page's description, too
     tracking.apply_gate(c, model_name, version, report)
     c.set_tag(run_id, "gate.passed", str(report.passed).lower())
     c.set_tag(run_id, "registered_version", version)

@@ -75,4 +75,5 @@ def test_model_version_page_shows_the_card_and_why_the_gate_failed(reviewed: dic
 def test_run_page_shows_metrics(reviewed: dict) -> None:
     dom = reviewed["run_dom"]
     assert "perplexity" in dom and "kl_to_base" in dom and "gate_passed" in dom
+    assert "Gate: FAILED" in dom  # the model card is the run's description too
     assert (ARTIFACTS / "run_page.png").stat().st_size > 10_000
