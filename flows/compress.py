@@ -43,7 +43,7 @@ def compress(
     params = load_params(project / params_file, overrides)
     recipe_path = str((project / params.recipe).resolve())
     recipe_obj = load_recipe(recipe_path)  # validate before any work
-    info = recipe_info(recipe_path)
+    info = recipe_info(recipe_obj)
     tracking_uri = tracking.resolve_tracking_uri(params.tracking.tracking_uri, project)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_name = f"{info['name']}-{stamp}"

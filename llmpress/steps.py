@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmpress.compress import compress_
-from llmpress.config import CompressParams, DataParams, EvalParams, ExportParams, SpeedParams, load_recipe
+from llmpress.config import CompressParams, DataParams, EvalParams, ExportParams, Recipe, SpeedParams, load_recipe
 from llmpress.data import calibration_windows
 from llmpress.errors import LlmpressError
 from llmpress.evaluate.agreement import compare_to_base
@@ -46,8 +46,8 @@ def pick_device(setting: str) -> str:
     return setting
 
 
-def recipe_info(recipe_path: str | Path) -> dict[str, Any]:
-    recipe = load_recipe(recipe_path)
+def recipe_info(recipe: Recipe) -> dict[str, Any]:
+    """Name, content hash (of the validated recipe, so formatting and comments don't change it) and contents."""
     dumped = recipe.model_dump(mode="json")
     return {"name": recipe.name, "hash": data_hash(dumped), "recipe": dumped}
 
@@ -68,7 +68,7 @@ def compress(model_path: str, recipe_path: str, calibration_path: str, out_dir: 
                        progress=lambda msg: (bar.update(1), log.info(msg)))  # fmt: skip
     bar.close()
     _check_finite(model)
-    meta = {"recipe": recipe.name, "recipe_hash": data_hash(recipe.model_dump(mode="json")), **lineage,
+    meta = {"recipe": recipe.name, "recipe_hash": recipe_info(recipe)["hash"], **lineage,
             "report": report.to_dict()}  # fmt: skip
     save_model(model, tokenizer, Path(out_dir), extra_files={
         "recipe.yaml": yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False),
