@@ -22,6 +22,7 @@ ROWS = [
     ("torch_b4_decode_tokens_per_s", "PyTorch decode, batch 4 (tokens/s)", "{:.1f}"),
     ("ort_b1_prefill_ms", "ONNX Runtime prefill, batch 1 (ms)", "{:.1f}"),
     ("ort_b1_decode_tokens_per_s", "ONNX Runtime decode, batch 1, no KV cache (tokens/s)", "{:.1f}"),
+    ("ort_b4_decode_tokens_per_s", "ONNX Runtime decode, batch 4, no KV cache (tokens/s)", "{:.1f}"),
     ("torch_peak_rss_mb", "peak memory, PyTorch generating (MB)", "{:.0f}"),
     ("onnx_max_abs_diff", "ONNX max abs logit diff", "{:.2e}"),
 ]

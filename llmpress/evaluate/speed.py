@@ -8,7 +8,6 @@ another's. Protocol (`params.yaml` → `eval.speed`):
 - prefill: one forward pass over the prompt (PyTorch with KV cache on, ONNX Runtime on the logits graph);
 - decode: `decode_tokens` greedy steps after the prefill; PyTorch reuses its KV cache. The ONNX graph has no KV
   cache yet, so ONNX Runtime "decode" recomputes the whole sequence at every step: reported as such, not hidden;
-- ONNX Runtime decode is measured at batch 1 only (full recomputation makes larger batches slow to time);
 - `warmup` untimed runs, then `repeats` timed runs; the median is reported; torch and ORT use the same threads;
 - peak memory is the process's VmHWM (peak resident set of its address space, which starts fresh at exec; the
   getrusage maximum is not used because Linux carries it over from the parent across exec).
@@ -70,8 +69,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best available
 
 
-def ort_speed(onnx_path: str, prompt: torch.Tensor, params: SpeedParams, threads: int,
-              decode: bool = True) -> dict[str, float]:  # fmt: skip
+def ort_speed(onnx_path: str, prompt: torch.Tensor, params: SpeedParams, threads: int) -> dict[str, float]:
     import numpy as np
 
     from llmpress.export.onnx import onnx_session
@@ -89,8 +87,6 @@ def ort_speed(onnx_path: str, prompt: torch.Tensor, params: SpeedParams, threads
             x = np.concatenate([x, token.astype(np.int64)], axis=1)
 
     prefill_s = _median_seconds(lambda: run(ids), params.warmup, params.repeats)
-    if not decode:
-        return {"prefill_ms": prefill_s * 1e3}
     total_s = _median_seconds(generate, params.warmup, params.repeats)
     decode_s = max(total_s - prefill_s, 1e-9)
     return {"prefill_ms": prefill_s * 1e3, "decode_tokens_per_s": ids.shape[0] * params.decode_tokens / decode_s}
@@ -121,8 +117,7 @@ def measure(model_path: str, eval_path: str, params: SpeedParams, onnx_path: str
     if onnx_path:
         del model
         for batch in sorted({1, params.batch_size}):
-            timings = ort_speed(onnx_path, prompt.repeat(batch, 1), params, threads, decode=batch == 1)
-            for key, value in timings.items():
+            for key, value in ort_speed(onnx_path, prompt.repeat(batch, 1), params, threads).items():
                 result[f"ort_b{batch}_{key}"] = value
     result["peak_rss_mb"] = peak_rss_mb()
     return result

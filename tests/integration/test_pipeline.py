@@ -189,7 +189,8 @@ def test_speed_and_memory_measured(runs: dict) -> None:
         # fp32 weights alone are ~520 MB: a peak below that would mean the measurement missed the model; the
         # measuring process holds one model, so far above ~2 GB would mean it counted something else.
         assert 500 < metrics["torch_peak_rss_mb"] < 2500
-    assert comp["ort_b1_prefill_ms"] > 0 and comp["ort_b2_prefill_ms"] > 0 and comp["ort_b1_decode_tokens_per_s"] > 0
+    for key in ("ort_b1_prefill_ms", "ort_b2_prefill_ms", "ort_b1_decode_tokens_per_s", "ort_b2_decode_tokens_per_s"):
+        assert comp[key] > 0, key
     assert "ort_b1_prefill_ms" not in runs["magnitude"]["compressed"]  # no export, no ORT numbers
 
 
