@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from llmpress.config import EvalParams
 from llmpress.errors import LlmpressError
-from llmpress.evaluate.perplexity import make_windows, scored_logprobs, window_batches
+from llmpress.evaluate.perplexity import make_windows, window_batches
 
 
 @dataclass(frozen=True)
@@ -50,19 +50,18 @@ def compare_to_base(
     device = next(model.parameters()).device
     nll, base_nll, kl, agree, count, done = 0.0, 0.0, 0.0, 0, 0, 0
     for batch, first_scored in window_batches(windows, params.batch_size):
-        logits = model(input_ids=batch.to(device), use_cache=False).logits
-        base_logits = base(input_ids=batch.to(device), use_cache=False).logits
-        for scored in scored_logprobs(logits, batch, first_scored):
-            nll -= scored.double().sum().item()
-        for scored in scored_logprobs(base_logits, batch, first_scored):
-            base_nll -= scored.double().sum().item()
+        # One log-softmax per model and batch serves NLL, KL and agreement; logits at i predict token i + 1.
+        logp = F.log_softmax(model(input_ids=batch.to(device), use_cache=False).logits[:, :-1].float(), dim=-1)
+        base_logp = F.log_softmax(base(input_ids=batch.to(device), use_cache=False).logits[:, :-1].float(), dim=-1)
+        targets = batch[:, 1:, None].to(logp.device)
+        token_logp, base_token_logp = logp.gather(-1, targets).squeeze(-1), base_logp.gather(-1, targets).squeeze(-1)
         for row, first in enumerate(first_scored):
-            # positions first-1 .. T-2 predict the scored tokens
-            logp = F.log_softmax(logits[row, first - 1 : -1].float(), dim=-1)
-            base_logp = F.log_softmax(base_logits[row, first - 1 : -1].float(), dim=-1)
-            kl += (base_logp.exp() * (base_logp - logp)).sum(dim=-1).double().sum().item()
-            agree += (logp.argmax(-1) == base_logp.argmax(-1)).sum().item()
-            count += logp.shape[0]
+            q, p = logp[row, first - 1 :], base_logp[row, first - 1 :]
+            nll -= token_logp[row, first - 1 :].double().sum().item()
+            base_nll -= base_token_logp[row, first - 1 :].double().sum().item()
+            kl += (p.exp() * (p - q)).sum(dim=-1).double().sum().item()
+            agree += (q.argmax(-1) == p.argmax(-1)).sum().item()
+            count += q.shape[0]
         done += len(first_scored)
         if progress:
             progress(done, len(windows))
