@@ -155,13 +155,28 @@ class Params(Strict):
 DEFAULT_TARGETS = [r".*"]
 
 
-class SparsityStage(Strict):
+class Targeted(Strict):
+    """Which linear layers a stage touches: regexes over full module names (re.fullmatch), minus `ignore`."""
+
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
+    ignore: list[str] = Field(default_factory=list)
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _check_regexes(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from None
+        return values
+
+
+class SparsityStage(Targeted):
     """Fields shared by pruning stages: how much to prune, in what pattern, and where."""
 
     sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of weights set to zero")
     pattern: str | None = Field(None, description="'N:M': keep N weights in every M consecutive inputs of a row")
-    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
-    ignore: list[str] = Field(default_factory=list)
 
     @field_validator("pattern")
     @classmethod
@@ -177,16 +192,6 @@ class SparsityStage(Strict):
         if m > 256:
             raise ValueError("pattern 'N:M': M must be <= 256")
         return f"{n}:{m}"
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _check_regexes(cls, values: list[str]) -> list[str]:
-        for value in values:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from None
-        return values
 
     @model_validator(mode="after")
     def _one_of_sparsity_or_pattern(self) -> SparsityStage:
@@ -210,16 +215,165 @@ class SparsityStage(Strict):
         return self.sparsity
 
 
+class OwlParams(Strict):
+    """OWL (Yin et al. 2024): non-uniform layer-wise sparsity from each layer's outlier ratio.
+
+    A layer's outlier ratio is the share of Wanda scores |W_ij| * ||X_j|| above `threshold` times the layer's mean
+    score. Layers with more outliers are pruned less: sparsities are spread linearly over
+    [target - lambda_, target + lambda_] by outlier ratio, then shifted so the parameter-weighted mean is exactly
+    the stage's target.
+    """
+
+    threshold: float = Field(5.0, gt=1.0, description="'M' in the paper: outlier if score > M * mean score")
+    lambda_: float = Field(0.08, ge=0.0, lt=0.5, alias="lambda", description="largest deviation from the target")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
 class MagnitudeStage(SparsityStage):
     method: Literal["magnitude"]
 
 
 class WandaStage(SparsityStage):
     method: Literal["wanda"]
+    owl: OwlParams | None = Field(None, description="non-uniform layer-wise sparsity (unstructured only)")
+
+    @model_validator(mode="after")
+    def _owl_unstructured(self) -> WandaStage:
+        if self.owl is not None and self.pattern is not None:
+            raise ValueError("owl sets a sparsity per layer; it needs 'sparsity', not an N:M 'pattern'")
+        return self
 
 
-Stage = Annotated[MagnitudeStage | WandaStage, Field(discriminator="method")]
-METHODS = ("magnitude", "wanda")
+class SparseGPTStage(WandaStage):
+    """SparseGPT (Frantar & Alistarh 2023): OBS pruning with the layer Hessian, weights updated to compensate."""
+
+    method: Literal["sparsegpt"]  # type: ignore[assignment]
+    block_size: int = Field(128, ge=1, le=4096, description="columns pruned and compensated together")
+    dampening: float = Field(0.01, gt=0.0, le=1.0, description="added to the Hessian diagonal, x mean(diag)")
+    mask_block: int | None = Field(
+        None, ge=1, description="columns per adaptive mask selection; null: block_size (the paper's default)"
+    )
+    importance: Literal["obs", "wanda"] = Field(
+        "obs", description="'obs': w^2 / [H^-1]_jj (the paper); 'wanda': |w| * ||x_j|| picks the mask instead"
+    )
+
+
+class DSnoTStage(Targeted):
+    """DSnoT (Zhang et al. 2024): training-free refinement of an existing mask by pruning-and-growing swaps."""
+
+    method: Literal["dsnot"]
+    max_cycles: int = Field(50, ge=1, le=10_000, description="swap rounds per row")
+    update_threshold: float = Field(0.1, ge=0.0, description="stop once the row's reconstruction error is below")
+
+
+class QuantStage(Targeted):
+    """Weight quantization settings shared by RTN, GPTQ and AWQ: integer codes with a scale per group."""
+
+    bits: int = Field(4, ge=2, le=8, description="bits per weight (2..8)")
+    group_size: int | None = Field(128, ge=8, description="weights per scale along the input; null: per output channel")
+    symmetric: bool = Field(False, description="zero point fixed at 2^(bits-1) (true) or fitted per group (false)")
+
+
+class RTNStage(QuantStage):
+    """Round-to-nearest: each weight to its nearest grid point."""
+
+    method: Literal["rtn"]
+
+
+class GPTQStage(QuantStage):
+    """GPTQ (Frantar et al. 2023): column-by-column quantization with OBS error compensation."""
+
+    method: Literal["gptq"]
+    block_size: int = Field(128, ge=1, le=4096, description="columns quantized together before a lazy batch update")
+    dampening: float = Field(0.01, gt=0.0, le=1.0, description="added to the Hessian diagonal, x mean(diag)")
+    act_order: bool = Field(False, description="quantize columns in order of decreasing Hessian diagonal")
+
+
+class AWQStage(QuantStage):
+    """AWQ (Lin et al. 2024): per-input-channel scales from activation magnitudes, searched on the block output."""
+
+    method: Literal["awq"]
+    grid: int = Field(20, ge=2, le=200, description="points of the scale exponent search in [0, 1)")
+    clip: bool = Field(True, description="also search a per-group weight clipping ratio (AWQ's auto_clip)")
+
+
+class SmoothQuantStage(Targeted):
+    """SmoothQuant (Xiao et al. 2023): migrate activation outliers into the weights, then W8A8."""
+
+    method: Literal["smoothquant"]
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength: s_j = max|X_j|^a / max|W_j|^(1-a)")
+    weight_bits: int = Field(8, ge=4, le=8)
+    activation_bits: int | None = Field(8, ge=4, le=8, description="per-token dynamic; null: weights only")
+
+
+class StructuredStage(Strict):
+    """Structured pruning that shrinks shapes: attention heads and MLP channels (same count in every block)."""
+
+    method: Literal["structured"]
+    heads: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of query heads removed per KV group")
+    mlp: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of MLP intermediate channels removed")
+    importance: Literal["activation", "magnitude"] = Field(
+        "activation", description="'activation': output-energy of each head/channel on calibration data"
+    )
+    update: Literal["none", "least_squares"] = Field(
+        "least_squares", description="refit o_proj / down_proj by least squares on the kept channels"
+    )
+    dampening: float = Field(0.01, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _something(self) -> StructuredStage:
+        if self.heads == 0 and self.mlp == 0:
+            raise ValueError("set 'heads' and/or 'mlp' to the fraction to remove (e.g. mlp: 0.2)")
+        return self
+
+
+class DropBlocksStage(Strict):
+    """Remove whole decoder blocks, the least important by block influence (1 - cos(input, output))."""
+
+    method: Literal["drop_blocks"]
+    blocks: int = Field(ge=1, description="number of decoder blocks to remove")
+
+
+class LowRankStage(Targeted):
+    """Factor linear layers W ~ U V into two smaller linears (plain or activation-aware SVD)."""
+
+    method: Literal["lowrank"]
+    rank_ratio: float = Field(gt=0.0, lt=1.0, description="kept rank / min(in, out)")
+    activation_aware: bool = Field(True, description="whiten by the input's Cholesky factor (SVD-LLM)")
+    dampening: float = Field(0.01, gt=0.0, le=1.0)
+
+
+class DistillStage(Strict):
+    """Recover quality: train the compressed student on the teacher's (the model before this recipe) logits."""
+
+    method: Literal["distill"]
+    steps: int = Field(100, ge=1, le=1_000_000)
+    lr: float = Field(5e-5, gt=0.0, le=1.0)
+    batch_size: int = Field(4, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    hidden_weight: float = Field(0.0, ge=0.0, description="weight of the hidden-state MSE term; 0: logits only")
+    weight_decay: float = Field(0.0, ge=0.0)
+    seed: int = Field(0, ge=0)
+
+
+Stage = Annotated[
+    MagnitudeStage
+    | WandaStage
+    | SparseGPTStage
+    | DSnoTStage
+    | RTNStage
+    | GPTQStage
+    | AWQStage
+    | SmoothQuantStage
+    | StructuredStage
+    | DropBlocksStage
+    | LowRankStage
+    | DistillStage,
+    Field(discriminator="method"),
+]
+METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot", "rtn", "gptq", "awq", "smoothquant", "structured",
+           "drop_blocks", "lowrank", "distill")  # fmt: skip
 
 
 class Recipe(Strict):

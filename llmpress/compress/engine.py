@@ -1,59 +1,116 @@
 """The block-by-block compression engine: `compress_(model, recipe, calibration_ids)`.
 
-SparseGPT/Wanda-style sequential calibration. The decoder blocks stay on the host; one block at a time moves to
+SparseGPT/GPTQ-style sequential calibration. The decoder blocks stay on the host; one block at a time moves to
 the compute device:
 
     1. run the embeddings on the calibration windows and capture what block 0 receives (hidden states plus the
        keyword arguments the model passes every block: rotary position embeddings, attention mask, ...);
-    2. for block i: collect the statistics the recipe's methods need from its inputs (one batched forward pass
-       with hooks on the targeted linear layers), compress its linear layers stage by stage, then run the
-       compressed block to produce the inputs of block i + 1;
+    2. for block i: collect the statistics each stage needs from the block's inputs (one batched forward pass
+       with hooks on the targeted linear layers: sum x^2 for Wanda, the Hessian 2/n X X^T for SparseGPT and
+       GPTQ), compress, then run the compressed block to produce the inputs of block i + 1;
     3. move the block back to the host.
 
 So peak accelerator memory is one block plus the calibration activations, whatever the model's depth, and each
 block is calibrated on the inputs it will really see after the blocks before it were compressed.
+
+A method is one module in this package with a `KIND`:
+
+    "layer"  one linear layer at a time: `apply_(layer, stage, stats) -> dict` where `stats` holds what the
+             module's `NEEDS` asked for ("input_sq_norms", "hessian" or None);
+    "block"  a whole decoder block, for methods that move scales or channels between layers (AWQ, SmoothQuant,
+             structured pruning): `apply_block_(block, prefix, stage, calib) -> list[dict]`;
+    "model"  the whole model, between block passes (distillation, dropping blocks):
+             `apply_model_(model, stage, ctx) -> list[dict]`.
+
+Consecutive layer and block stages share one pass over the blocks; a model stage ends the pass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
-from llmpress.compress import magnitude, wanda
-from llmpress.config import Recipe, SparsityStage
+from llmpress.compress import (
+    awq,
+    distill,
+    drop_blocks,
+    dsnot,
+    gptq,
+    lowrank,
+    magnitude,
+    owl,
+    rtn,
+    smoothquant,
+    sparsegpt,
+    structured,
+    wanda,
+)
+from llmpress.config import Recipe
 from llmpress.errors import LlmpressError
 
 log = logging.getLogger(__name__)
 
-METHOD_MODULES = {"magnitude": magnitude, "wanda": wanda}
+METHOD_MODULES: dict[str, ModuleType] = {
+    "magnitude": magnitude,
+    "wanda": wanda,
+    "sparsegpt": sparsegpt,
+    "dsnot": dsnot,
+    "rtn": rtn,
+    "gptq": gptq,
+    "awq": awq,
+    "smoothquant": smoothquant,
+    "structured": structured,
+    "drop_blocks": drop_blocks,
+    "lowrank": lowrank,
+    "distill": distill,
+}
 
 
 @dataclass
 class LayerRecord:
+    """What one stage did to one layer. `sparsity` is measured on the weight afterwards (zeros / size)."""
+
     name: str
     method: str
     stage: int
-    shape: tuple[int, int]
-    target_sparsity: float
+    shape: tuple[int, ...]
+    target_sparsity: float | None
     sparsity: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageRecord:
+    index: int
+    method: str
+    settings: dict[str, Any]
+    seconds: float = 0.0
+    layers: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class CompressionReport:
     recipe: str
     layers: list[LayerRecord] = field(default_factory=list)
-    stage_seconds: dict[int, float] = field(default_factory=dict)
+    stages: list[StageRecord] = field(default_factory=list)
     total_seconds: float = 0.0
     calibration_tokens: int = 0
     device: str = "cpu"
+
+    @property
+    def stage_seconds(self) -> dict[int, float]:
+        return {s.index: s.seconds for s in self.stages}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,8 +119,30 @@ class CompressionReport:
             "calibration_tokens": self.calibration_tokens,
             "device": self.device,
             "stage_seconds": {str(k): round(v, 3) for k, v in self.stage_seconds.items()},
+            "stages": [vars(s) | {"seconds": round(s.seconds, 3)} for s in self.stages],
             "layers": [vars(rec) | {"shape": list(rec.shape)} for rec in self.layers],
         }
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one linear layer's input over all calibration tokens."""
+
+    tokens: int
+    input_sq_norms: torch.Tensor | None = None  # sum_t x_tj^2, [in]
+    hessian: torch.Tensor | None = None  # 2/n sum_t x_t x_t^T, [in, in], fp32
+
+
+@dataclass
+class ModelContext:
+    """What a model-level stage may use: calibration ids, the device, and the teacher (the model before the
+    recipe ran), built lazily."""
+
+    calibration_ids: torch.Tensor | None
+    device: torch.device
+    batch_size: int
+    teacher: Callable[[], nn.Module]
+    progress: Callable[[str], None]
 
 
 class _StopForward(Exception):
@@ -83,27 +162,29 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(candidates, key=lambda item: len(item[1]))
 
 
-def targeted_linears(block: nn.Module, prefix: str, stage: SparsityStage) -> dict[str, nn.Linear]:
-    """Linear layers of `block` whose full name matches a target regex and no ignore regex (re.fullmatch)."""
-    found = {}
-    for name, module in block.named_modules():
-        full = f"{prefix}.{name}"
-        if not isinstance(module, nn.Linear):
-            continue
-        if any(re.fullmatch(p, full) for p in stage.targets) and not any(re.fullmatch(p, full) for p in stage.ignore):
-            found[full] = module
-    return found
+def matches(name: str, stage: Any) -> bool:
+    """True if `name` matches one of the stage's target regexes and none of its ignores (re.fullmatch)."""
+    return any(re.fullmatch(p, name) for p in stage.targets) and not any(re.fullmatch(p, name) for p in stage.ignore)
 
 
-def _to(obj: Any, device: torch.device) -> Any:
+def targeted_linears(block: nn.Module, prefix: str, stage: Any) -> dict[str, nn.Linear]:
+    """Linear layers of `block` whose full name matches the stage's targets and no ignore."""
+    return {
+        f"{prefix}.{name}": module
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear) and matches(f"{prefix}.{name}", stage)
+    }
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(to_device(o, device) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [to_device(o, device) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
@@ -141,8 +222,114 @@ def capture_block_inputs(
     return hidden, kwargs_per_batch
 
 
-def _block_output(out: Any) -> torch.Tensor:
+def block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class BlockCalibration:
+    """One block's calibration inputs (on the device), batch by batch, with helpers to run and observe it."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    @torch.no_grad()
+    def outputs(self, block: nn.Module) -> list[torch.Tensor]:
+        return [block_output(block(h, **kw)) for h, kw in zip(self.hidden, self.kwargs, strict=True)]
+
+    @torch.no_grad()
+    def observe(self, block: nn.Module, modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> None:
+        """Run the block on every batch and call fn(name, input [tokens, features]) for each module's input."""
+
+        def make_hook(name: str) -> Callable:
+            def hook(_module: nn.Module, args: tuple) -> None:
+                fn(name, args[0].reshape(-1, args[0].shape[-1]))
+
+            return hook
+
+        handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in modules.items()]
+        try:
+            for h, kw in zip(self.hidden, self.kwargs, strict=True):
+                block(h, **kw)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def inputs(self, block: nn.Module, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """Every module's input over all calibration tokens, [tokens, features] (memory: tokens x features)."""
+        found: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+        self.observe(block, modules, lambda name, x: found[name].append(x))
+        return {name: torch.cat(xs) for name, xs in found.items()}
+
+    def layer_stats(self, block: nn.Module, layers: dict[str, nn.Linear], need: str | None) -> dict[str, LayerStats]:
+        """Accumulate `need` ("input_sq_norms" or "hessian") for every layer in one forward pass of the block."""
+        stats = {name: LayerStats(tokens=0) for name in layers}
+        if need is None:
+            return stats
+        for name, layer in layers.items():
+            n, dev = layer.in_features, layer.weight.device
+            if need == "hessian":
+                stats[name].hessian = torch.zeros(n, n, dtype=torch.float32, device=dev)
+            stats[name].input_sq_norms = torch.zeros(n, dtype=torch.float32, device=dev)
+
+        def accumulate(name: str, x: torch.Tensor) -> None:
+            x = x.float()
+            s = stats[name]
+            assert s.input_sq_norms is not None
+            s.input_sq_norms.add_((x * x).sum(dim=0))
+            if s.hessian is not None:
+                s.hessian.addmm_(x.T, x)
+            s.tokens += x.shape[0]
+
+        self.observe(block, layers, accumulate)
+        for s in stats.values():
+            if s.hessian is not None:
+                s.hessian.mul_(2.0 / max(s.tokens, 1))
+        return stats
+
+
+def iterate_blocks(
+    model: nn.Module, calibration_ids: torch.Tensor | None, device: torch.device, batch_size: int
+) -> Iterator[tuple[int, str, nn.Module, BlockCalibration | None]]:
+    """Yield (index, prefix, block on `device`, its calibration inputs) for every decoder block in order.
+
+    After the consumer is done with a block, its (possibly compressed) outputs become the next block's inputs
+    and it goes back to the host. With no calibration ids, blocks are yielded with `None` and nothing runs.
+    """
+    blocks_name, blocks = find_decoder_blocks(model)
+    calib = None
+    if calibration_ids is not None:
+        hidden, kwargs = capture_block_inputs(model, blocks, list(calibration_ids.split(batch_size)), device)
+        calib = BlockCalibration(hidden, [to_device(kw, device) for kw in kwargs])
+    for index, block in enumerate(blocks):
+        block.to(device)
+        try:
+            yield index, f"{blocks_name}.{index}", block, calib
+            if calib is not None and index + 1 < len(blocks):
+                calib = BlockCalibration(calib.outputs(block), calib.kwargs)
+        finally:
+            block.to("cpu")
+
+
+def _stage_groups(recipe: Recipe) -> list[list[int]]:
+    """Stage indices split into passes: runs of layer/block stages, and every model stage on its own."""
+    groups: list[list[int]] = []
+    for i, stage in enumerate(recipe.stages):
+        kind = METHOD_MODULES[stage.method].KIND
+        if kind == "model" or not groups or METHOD_MODULES[recipe.stages[groups[-1][0]].method].KIND == "model":
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    return groups
+
+
+def _needs_data(stage: Any) -> bool:
+    module = METHOD_MODULES[stage.method]
+    return bool(getattr(module, "NEEDS", None)) or module.KIND in ("block", "model") or getattr(stage, "owl", None)
 
 
 @torch.no_grad()
@@ -153,101 +340,140 @@ def compress_(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     progress: Callable[[str], None] | None = None,
+    teacher: Callable[[], nn.Module] | None = None,
 ) -> CompressionReport:
-    """Apply `recipe` to `model` in place, block by block, and report what was done to every layer.
+    """Apply `recipe` to `model` in place, stage by stage, and report what was done to every layer.
 
     `calibration_ids` is a [samples, seq_len] LongTensor of token ids; it may be None only if no stage needs
-    activations (magnitude pruning).
+    activations (magnitude, RTN, plain low-rank). `teacher` builds the model distillation learns from; by default
+    a copy of `model` taken before the first stage.
     """
     device = torch.device(device)
-    modules = [METHOD_MODULES[stage.method] for stage in recipe.stages]
-    needs_data = any(m.needs_input_norms for m in modules)
+    needs_data = any(_needs_data(stage) for stage in recipe.stages)
     if needs_data and (calibration_ids is None or calibration_ids.numel() == 0):
         raise LlmpressError(f"recipe {recipe.name!r} needs calibration data, none was given")
     say = progress or log.info
     report = CompressionReport(recipe=recipe.name, device=str(device))
+    report.calibration_tokens = calibration_ids.numel() if needs_data and calibration_ids is not None else 0
     start = time.perf_counter()
     model.eval()
+    _check_targets(model, recipe)
 
-    blocks_name, blocks = find_decoder_blocks(model)
-    # Fail before any work if a stage's targets match nothing.
-    for i, stage in enumerate(recipe.stages):
-        if not any(targeted_linears(b, f"{blocks_name}.{j}", stage) for j, b in enumerate(blocks)):
-            raise LlmpressError(
-                f"recipe {recipe.name!r} stage {i} ({stage.method}): targets {stage.targets} "
-                f"(ignore {stage.ignore}) match no Linear layer in {blocks_name}.*; "
-                f"example layer names: {', '.join(_example_names(blocks, blocks_name))}"
-            )
+    snapshot: nn.Module | None = None
+    if teacher is None and any(stage.method == "distill" for stage in recipe.stages):
+        snapshot = copy.deepcopy(model).cpu()
 
-    hidden: list[torch.Tensor] = []
-    kwargs_per_batch: list[dict[str, Any]] = []
-    if needs_data:
-        assert calibration_ids is not None
-        batches = list(calibration_ids.split(batch_size))
-        report.calibration_tokens = calibration_ids.numel()
-        hidden, kwargs_per_batch = capture_block_inputs(model, blocks, batches, device)
-        kwargs_per_batch = [_to(kw, device) for kw in kwargs_per_batch]
+    def get_teacher() -> nn.Module:
+        return teacher() if teacher is not None else snapshot  # type: ignore[return-value]
 
-    for index, block in enumerate(blocks):
-        t_block = time.perf_counter()
-        prefix = f"{blocks_name}.{index}"
-        block.to(device)
-        for stage_index, (stage, method) in enumerate(zip(recipe.stages, modules, strict=True)):
-            t_stage = time.perf_counter()
-            layers = targeted_linears(block, prefix, stage)
-            if not layers:
-                continue
-            norms = _input_sq_norms(block, layers, hidden, kwargs_per_batch) if method.needs_input_norms else {}
-            for name, layer in layers.items():
-                mask = method.prune_(layer, stage, norms.get(name))
-                report.layers.append(
-                    LayerRecord(
-                        name=name,
-                        method=stage.method,
-                        stage=stage_index,
-                        shape=tuple(layer.weight.shape),
-                        target_sparsity=stage.target_sparsity,
-                        sparsity=1.0 - mask.float().mean().item(),
-                    )
-                )
-            report.stage_seconds[stage_index] = report.stage_seconds.get(stage_index, 0.0) + (
-                time.perf_counter() - t_stage
-            )
-        if needs_data and index + 1 < len(blocks):
-            # The compressed block's outputs are the next block's inputs.
-            hidden = [_block_output(block(h.to(device), **kw)) for h, kw in zip(hidden, kwargs_per_batch, strict=True)]
-        block.to("cpu")
-        say(f"block {index + 1}/{len(blocks)} compressed in {time.perf_counter() - t_block:.2f}s")
+    for group in _stage_groups(recipe):
+        stages = [(i, recipe.stages[i]) for i in group]
+        first = recipe.stages[group[0]]
+        if METHOD_MODULES[first.method].KIND == "model":
+            record = StageRecord(group[0], first.method, first.model_dump(mode="json", by_alias=True))
+            t0 = time.perf_counter()
+            ctx = ModelContext(calibration_ids, device, batch_size, get_teacher, say)
+            rows = METHOD_MODULES[first.method].apply_model_(model, first, ctx)
+            record.seconds = time.perf_counter() - t0
+            record.summary = _add_layer_records(report, model, group[0], first, rows)
+            record.layers = len(rows)
+            report.stages.append(record)
+            say(f"stage {group[0]} ({first.method}) done in {record.seconds:.1f}s")
+            continue
+        _run_pass(model, stages, calibration_ids if any(_needs_data(s) for _, s in stages) else None,
+                  device, batch_size, report, say)  # fmt: skip
 
     report.total_seconds = time.perf_counter() - start
     return report
 
 
-def _input_sq_norms(
-    block: nn.Module, layers: dict[str, nn.Linear], hidden: list[torch.Tensor], kwargs_per_batch: list[dict]
-) -> dict[str, torch.Tensor]:
-    """sum over calibration tokens of x_j^2 for the input of every layer, from one forward pass of the block."""
-    sums = {
-        name: torch.zeros(layer.in_features, dtype=torch.float32, device=layer.weight.device)
-        for name, layer in layers.items()
+def _run_pass(model: nn.Module, stages: list[tuple[int, Any]], calibration_ids: torch.Tensor | None,
+              device: torch.device, batch_size: int, report: CompressionReport,
+              say: Callable[[str], None]) -> None:  # fmt: skip
+    """One pass over the blocks applying the layer and block stages in `stages` to each block in turn."""
+    per_layer_sparsity: dict[int, dict[str, float]] = {}
+    for index, stage in stages:
+        if getattr(stage, "owl", None) is not None:
+            say(f"stage {index} ({stage.method}): OWL outlier ratios (one extra pass)")
+            per_layer_sparsity[index] = owl.layer_sparsities(model, stage, calibration_ids, device, batch_size)
+    records = {index: StageRecord(index, stage.method, stage.model_dump(mode="json", by_alias=True))
+               for index, stage in stages}  # fmt: skip
+    n_blocks = len(find_decoder_blocks(model)[1])
+    for b, prefix, block, calib in iterate_blocks(model, calibration_ids, device, batch_size):
+        t_block = time.perf_counter()
+        for index, stage in stages:
+            t0 = time.perf_counter()
+            module = METHOD_MODULES[stage.method]
+            rows: list[dict[str, Any]] = []
+            if module.KIND == "block":
+                rows = module.apply_block_(block, prefix, stage, calib)
+            else:
+                layers = targeted_linears(block, prefix, stage)
+                stats = calib.layer_stats(block, layers, module.NEEDS) if calib is not None and layers else {}
+                for name, layer in layers.items():
+                    layer_stage = stage
+                    if index in per_layer_sparsity:
+                        layer_stage = stage.model_copy(update={"sparsity": per_layer_sparsity[index][name]})
+                    details = module.apply_(layer, layer_stage, stats.get(name, LayerStats(tokens=0))) or {}
+                    rows.append({"name": name, "layer": layer, **details})
+            records[index].seconds += time.perf_counter() - t0
+            records[index].layers += len(rows)
+            _add_layer_records(report, model, index, stage, rows)
+        say(f"block {b + 1}/{n_blocks} compressed in {time.perf_counter() - t_block:.2f}s")
+    for index, _ in stages:
+        records[index].summary = _summarise(report, index)
+        report.stages.append(records[index])
+
+
+def _add_layer_records(report: CompressionReport, model: nn.Module, index: int, stage: Any,
+                       rows: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """Turn a method's rows ({"name", "layer" or "shape", details...}) into LayerRecords."""
+    target = stage.target_sparsity if hasattr(stage, "target_sparsity") else None
+    for row in rows:
+        row = dict(row)
+        name = row.pop("name")
+        layer = row.pop("layer", None)
+        shape = tuple(row.pop("shape", tuple(layer.weight.shape) if layer is not None else ()))
+        sparsity = row.pop("sparsity", None)
+        if sparsity is None:
+            sparsity = (layer.weight == 0).float().mean().item() if layer is not None else 0.0
+        row_target = row.pop("target_sparsity", target)
+        report.layers.append(LayerRecord(name, stage.method, index, shape, row_target, sparsity, row))
+    return _summarise(report, index)
+
+
+def _summarise(report: CompressionReport, index: int) -> dict[str, Any]:
+    recs = [r for r in report.layers if r.stage == index]
+    if not recs:
+        return {}
+    sizes = [max(1, _numel(r.shape)) for r in recs]
+    summary: dict[str, Any] = {
+        "layers": len(recs),
+        "sparsity": sum(r.sparsity * n for r, n in zip(recs, sizes, strict=True)) / sum(sizes),
     }
-
-    def make_hook(name: str) -> Callable:
-        def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[name].add_((x * x).sum(dim=0))
-
-        return hook
-
-    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in layers.items()]
-    try:
-        for h, kw in zip(hidden, kwargs_per_batch, strict=True):
-            block(h, **kw)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sums
+    bits = {r.details["bits"] for r in recs if "bits" in r.details}
+    if bits:
+        summary["bits"] = sorted(bits)
+    return summary
 
 
-def _example_names(blocks: nn.ModuleList, blocks_name: str) -> list[str]:
-    return [f"{blocks_name}.0.{n}" for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)][:4]
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_targets(model: nn.Module, recipe: Recipe) -> None:
+    """Fail before any work if a layer stage's targets match nothing."""
+    blocks_name, blocks = find_decoder_blocks(model)
+    for i, stage in enumerate(recipe.stages):
+        if not hasattr(stage, "targets"):
+            continue
+        if not any(targeted_linears(b, f"{blocks_name}.{j}", stage) for j, b in enumerate(blocks)):
+            examples = [f"{blocks_name}.0.{n}" for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)][:4]
+            raise LlmpressError(
+                f"recipe {recipe.name!r} stage {i} ({stage.method}): targets {stage.targets} "
+                f"(ignore {stage.ignore}) match no Linear layer in {blocks_name}.*; "
+                f"example layer names: {', '.join(examples)}"
+            )

@@ -14,19 +14,25 @@ Recipe example (`recipes/magnitude-50.yaml`):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from llmpress.compress.masks import select_mask
 from llmpress.config import MagnitudeStage
 
-needs_input_norms = False
+if TYPE_CHECKING:
+    from llmpress.compress.engine import LayerStats
+
+KIND = "layer"
+NEEDS = None
 
 
 @torch.no_grad()
-def prune_(layer: nn.Linear, stage: MagnitudeStage, input_sq_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """Zero the smallest-magnitude weights of `layer` in place; returns the keep-mask."""
+def apply_(layer: nn.Linear, stage: MagnitudeStage, stats: LayerStats | None = None) -> dict:
+    """Zero the smallest-magnitude weights of `layer` in place."""
     scores = layer.weight.detach().abs().float()
     mask = select_mask(scores, stage.sparsity, stage.n_m, per_row=False)
     layer.weight.mul_(mask.to(layer.weight.dtype))
-    return mask
+    return {}

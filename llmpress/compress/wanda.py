@@ -19,21 +19,27 @@ Recipe example (`recipes/wanda-2of4.yaml`):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from llmpress.compress.masks import select_mask
 from llmpress.config import WandaStage
 
-needs_input_norms = True
+if TYPE_CHECKING:
+    from llmpress.compress.engine import LayerStats
+
+KIND = "layer"
+NEEDS = "input_sq_norms"
 
 
 @torch.no_grad()
-def prune_(layer: nn.Linear, stage: WandaStage, input_sq_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """Zero the lowest |W| * ||X|| weights of `layer` in place; returns the keep-mask."""
-    if input_sq_norms is None:
+def apply_(layer: nn.Linear, stage: WandaStage, stats: LayerStats) -> dict:
+    """Zero the lowest |W| * ||X|| weights of `layer` in place."""
+    if stats.input_sq_norms is None:
         raise ValueError("wanda needs calibration activations (input_sq_norms)")
-    scores = layer.weight.detach().abs().float() * input_sq_norms.float().sqrt().unsqueeze(0)
+    scores = layer.weight.detach().abs().float() * stats.input_sq_norms.float().sqrt().unsqueeze(0)
     mask = select_mask(scores, stage.sparsity, stage.n_m, per_row=True)
     layer.weight.mul_(mask.to(layer.weight.dtype))
-    return mask
+    return {}

@@ -1,0 +1,4 @@
+"""awq: being written this session (placeholder so the engine imports)."""
+
+KIND = "block"
+NEEDS = None

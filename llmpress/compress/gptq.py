@@ -1,0 +1,4 @@
+"""gptq: being written this session (placeholder so the engine imports)."""
+
+KIND = "layer"
+NEEDS = None

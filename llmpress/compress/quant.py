@@ -1,0 +1,153 @@
+"""Integer weight grids shared by RTN, GPTQ, AWQ and SmoothQuant, and the fake-quantized state of a layer.
+
+A quantized weight is integer codes q in [0, 2^bits - 1] with, per output row and per group of `group_size`
+consecutive inputs, an fp16 scale s and an integer zero point z:  w = s * (q - z).
+
+The grid is fitted as in the GPTQ reference quantizer (min-max over the group with 0 always inside the range;
+symmetric fixes z = 2^(bits-1)). Scales are rounded to fp16 *before* the codes are chosen, so the weights the
+pipeline evaluates are exactly the ones `storage.save_compressed` writes and `storage.load_compressed` reads.
+
+After a method quantizes a layer it calls `attach_(layer, qw)`: the layer's float weight becomes the
+dequantized values (every later stage and the evaluation see the quantized model) and `layer.llmpress_quant`
+keeps the codes for packing. W8A8 additionally fake-quantizes the layer's input per token (`install_act_quant`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor  # uint8 [out, in]
+    scale: torch.Tensor  # fp16 [out, groups]
+    zero: torch.Tensor  # uint8 [out, groups]
+    bits: int
+    group_size: int | None  # None: one group per row (per output channel)
+    symmetric: bool
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        cols = self.codes.shape[1]
+        gs = self.group_size or cols
+        scale = self.scale.float().repeat_interleave(gs, dim=1)[:, :cols]
+        zero = self.zero.float().repeat_interleave(gs, dim=1)[:, :cols]
+        return (scale * (self.codes.float() - zero)).to(dtype)
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        return QuantizedWeight(
+            self.codes.to(device), self.scale.to(device), self.zero.to(device), self.bits, self.group_size,
+            self.symmetric,
+        )  # fmt: skip
+
+
+def fit_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of `w` [rows, cols] (one group): min-max with 0 inside the range.
+
+    Returns (scale [rows, 1] as float32 holding fp16-representable values, zero [rows, 1] integral float32).
+    """
+    maxq = 2**bits - 1
+    w = w.float()
+    xmin = w.min(dim=1, keepdim=True).values.clamp(max=0)
+    xmax = w.max(dim=1, keepdim=True).values.clamp(min=0)
+    if symmetric:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    scale = ((xmax - xmin) / maxq).half().float()
+    # fp16 underflow for tiny ranges: keep the scale positive so codes stay finite.
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, torch.finfo(torch.float16).tiny))
+    zero = torch.full_like(scale, (maxq + 1) // 2) if symmetric else torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest codes for `w` on the grid (scale, zero), as float tensor of integers in [0, 2^bits - 1]."""
+    return torch.clamp(torch.round(w.float() / scale) + zero, 0, 2**bits - 1)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return scale * (quantize_codes(w, scale, zero, bits) - zero)
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> QuantizedWeight:
+    """Round-to-nearest quantization of a [out, in] weight, group-wise along the input."""
+    rows, cols = weight.shape
+    gs = group_size or cols
+    codes = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)
+    scales, zeros = [], []
+    for start in range(0, cols, gs):
+        part = weight[:, start : start + gs]
+        scale, zero = fit_grid(part, bits, symmetric)
+        codes[:, start : start + gs] = quantize_codes(part, scale, zero, bits).to(torch.uint8)
+        scales.append(scale)
+        zeros.append(zero)
+    return QuantizedWeight(
+        codes, torch.cat(scales, 1).half(), torch.cat(zeros, 1).to(torch.uint8), bits, group_size, symmetric
+    )
+
+
+@torch.no_grad()
+def attach_(layer: nn.Linear, qw: QuantizedWeight) -> None:
+    """Make `layer` compute with the quantized weight and remember the codes for saving."""
+    layer.weight.copy_(qw.dequantize(layer.weight.dtype).to(layer.weight.device))
+    layer.llmpress_quant = qw.to("cpu")  # type: ignore[assignment]
+
+
+def quantization_of(layer: nn.Module) -> QuantizedWeight | None:
+    return getattr(layer, "llmpress_quant", None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# activations (W8A8): symmetric per-token dynamic fake quantization of a layer's input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    maxq = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / maxq
+    return torch.clamp(torch.round(x / scale), -maxq - 1, maxq) * scale
+
+
+def install_act_quant(layer: nn.Linear, bits: int) -> None:
+    """Quantize `layer`'s input per token to `bits` on every forward (what a W8A8 kernel would see)."""
+    if getattr(layer, "llmpress_act_bits", None) is not None:
+        layer._llmpress_act_hook.remove()  # type: ignore[union-attr]
+
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        return (fake_quantize_per_token(args[0], bits), *args[1:])
+
+    layer._llmpress_act_hook = layer.register_forward_pre_hook(hook)  # type: ignore[assignment]
+    layer.llmpress_act_bits = bits  # type: ignore[assignment]
+
+
+def remove_act_quant(layer: nn.Module) -> None:
+    if getattr(layer, "llmpress_act_bits", None) is not None:
+        layer._llmpress_act_hook.remove()  # type: ignore[union-attr]
+        layer.llmpress_act_bits = None  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bit packing: codes of `bits` bits, densely, little-endian within each byte
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes < 2^bits into a 1-D uint8 tensor of ceil(numel * bits / 8) bytes."""
+    flat = codes.flatten().to(torch.int64)
+    shifts = torch.arange(bits, dtype=torch.int64)
+    bitplanes = ((flat.unsqueeze(1) >> shifts) & 1).flatten()
+    pad = (-bitplanes.numel()) % 8
+    bitplanes = torch.cat([bitplanes, bitplanes.new_zeros(pad)]).view(-1, 8)
+    return (bitplanes << torch.arange(8, dtype=torch.int64)).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `numel` codes as uint8."""
+    bitplanes = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1).flatten()
+    bitplanes = bitplanes[: numel * bits].view(numel, bits)
+    return (bitplanes << torch.arange(bits, dtype=torch.int64)).sum(dim=1).to(torch.uint8)

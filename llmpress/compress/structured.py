@@ -1,0 +1,4 @@
+"""structured: being written this session (placeholder so the engine imports)."""
+
+KIND = "block"
+NEEDS = None
