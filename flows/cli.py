@@ -4,6 +4,7 @@
     llmpress data                     reproduce and push the DVC data sets, print their versions
     llmpress resolve SOURCE           resolve a model source to a local folder, print its content hash
     llmpress check FILE ...           validate recipes (and params.yaml) without running anything
+    llmpress dequantize SRC DST       a compressed folder (packed ints, low-rank) -> a plain HF safetensors folder
 
 A problem with the input prints one line starting with 'error:' and exits with status 2.
 """
@@ -123,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     resolve.add_argument("source")
     check = sub.add_parser("check", help="validate recipe files and params.yaml")
     check.add_argument("files", nargs="*")
+    deq = sub.add_parser("dequantize", help="compressed folder -> plain Hugging Face folder (float weights)")
+    deq.add_argument("src")
+    deq.add_argument("dst")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -165,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             for file in args.files:
                 recipe = load_recipe(file)
                 print(f"{file}: ok ({recipe.name}, {len(recipe.stages)} stage(s))")
+        elif args.command == "dequantize":
+            from llmpress.steps import dequantize
+
+            print(dequantize(args.src, args.dst))
     except LlmpressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -105,7 +105,7 @@ def compress(
             metrics |= cost["compressed"]
             base_metrics |= cost["base"]
 
-        targets = {s.target_sparsity for s in recipe_obj.stages}
+        targets = {getattr(s, "target_sparsity", None) for s in recipe_obj.stages} - {None}
         verdict = timed(
             "register_and_gate", register_and_gate, tracking_uri, run_id, params.tracking.registered_model,
             compressed["path"], metrics, base_metrics, params.gate, lineage,

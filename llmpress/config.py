@@ -303,7 +303,9 @@ class SmoothQuantStage(Targeted):
 
     method: Literal["smoothquant"]
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength: s_j = max|X_j|^a / max|W_j|^(1-a)")
-    weight_bits: int = Field(8, ge=4, le=8)
+    weight_bits: int | None = Field(
+        8, ge=4, le=8, description="null: smooth (and quantize activations) only, weights left to a later rtn/gptq stage"
+    )
     activation_bits: int | None = Field(8, ge=4, le=8, description="per-token dynamic; null: weights only")
 
 
@@ -444,8 +446,13 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
 
 
 def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe: llmpress's own shape, or llm-compressor's (`llmpress/llmcompressor.py`)."""
     path = Path(path)
     data = _read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping with 'name' and 'stages'")
+    from llmpress.llmcompressor import from_llmcompressor, is_llmcompressor
+
+    if is_llmcompressor(data):
+        data = from_llmcompressor(data, str(path))
     return validate(Recipe, data, str(path))

@@ -106,10 +106,19 @@ def check_hf_folder(folder: Path) -> None:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load a resolved folder with stock transformers: safetensors only, no remote code."""
+    """Load a model folder with stock transformers classes: safetensors only, no remote code.
+
+    Folders written by llmpress with packed quantized weights or low-rank layers (`llmpress_compression.json`)
+    are rebuilt by `llmpress.compress.storage.load_compressed`.
+    """
     from transformers import AutoModelForCausalLM
 
+    from llmpress.compress import storage
+
     check_hf_folder(Path(path))
+    if (Path(path) / storage.MANIFEST).is_file():
+        # Packed integer weights or factorised layers: llmpress's own loader (same stock model classes).
+        return storage.load_compressed(path, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     return model.eval()
 

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmpress.compress import compress_
+from llmpress.compress.storage import LowRankLinear, save_compressed
 from llmpress.config import CompressParams, DataParams, EvalParams, ExportParams, Recipe, SpeedParams, load_recipe
 from llmpress.data import calibration_windows
 from llmpress.errors import LlmpressError
@@ -74,18 +75,46 @@ def compress(model_path: str, recipe_path: str, calibration_path: str, out_dir: 
         "recipe.yaml": yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False),
         METADATA: json.dumps(meta, indent=2),
     })  # fmt: skip
-    by_stage = {}
-    for rec in report.layers:
-        by_stage.setdefault(rec.stage, []).append(rec)
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear | LowRankLinear)}
     return {
         "path": str(Path(out_dir).resolve()),
         "seconds": report.total_seconds,
         "calibration_tokens": report.calibration_tokens,
         "device": device,
         "layers": len(report.layers),
-        "targeted_layers": sorted({rec.name for rec in report.layers}),
+        # layers a stage touched that still exist as linears (dropped blocks and factorised halves excluded)
+        "targeted_layers": sorted({rec.name for rec in report.layers} & linears),
         "stage_seconds": report.stage_seconds,
+        "stages": {
+            f"{s.index}_{s.method}": {"seconds": s.seconds, "layers": s.layers, **_scalars(s.summary)}
+            for s in report.stages
+        },
+        "peak_memory": peak_memory(),
     }
+
+
+def _scalars(summary: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in summary.items():
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, int | float):
+            out[key] = value
+    return out
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process so far (VmHWM, MB) and peak CUDA memory allocated (MB)."""
+    out: dict[str, float] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out["host_peak_mb"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -100,6 +129,8 @@ def save_model(model: nn.Module, tokenizer, out: Path, extra_files: dict[str, st
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         model.save_pretrained(tmp)
+        # Quantized layers as packed integers + scales, low-rank layers as two linears (storage.py).
+        save_compressed(model, tmp)
         tokenizer.save_pretrained(tmp)
         for name, text in extra_files.items():
             (tmp / name).write_text(text)
@@ -109,6 +140,23 @@ def save_model(model: nn.Module, tokenizer, out: Path, extra_files: dict[str, st
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def dequantize(src: str | Path, dst: str | Path) -> str:
+    """Write the compressed folder `src` as a plain HF folder `dst` (dense float weights, stock transformers).
+
+    Quantized weights keep their dequantized values and factorised layers are multiplied back, so the plain
+    model computes what the compressed one does, except W8A8 activation quantization, which has no stock form.
+    """
+    from llmpress.compress.storage import to_plain_
+
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise LlmpressError("dequantize: the destination must differ from the source folder")
+    model = to_plain_(load_model(src))
+    extra = {name: (src / name).read_text() for name in ("recipe.yaml", METADATA) if (src / name).is_file()}
+    save_model(model, load_tokenizer(src), dst, extra_files=extra)
+    return f"{dst}: plain safetensors folder, {folder_bytes(dst, '*.safetensors')} bytes of weights"
 
 
 def _check_finite(model: nn.Module) -> None:

@@ -130,7 +130,9 @@ class LayerStats:
 
     tokens: int
     input_sq_norms: torch.Tensor | None = None  # sum_t x_tj^2, [in]
+    input_sum: torch.Tensor | None = None  # sum_t x_tj, [in]
     hessian: torch.Tensor | None = None  # 2/n sum_t x_t x_t^T, [in, in], fp32
+    dense_weight: torch.Tensor | None = None  # the weight before this pass changed it (modules with USES_DENSE_WEIGHT)
 
 
 @dataclass
@@ -275,12 +277,14 @@ class BlockCalibration:
             if need == "hessian":
                 stats[name].hessian = torch.zeros(n, n, dtype=torch.float32, device=dev)
             stats[name].input_sq_norms = torch.zeros(n, dtype=torch.float32, device=dev)
+            stats[name].input_sum = torch.zeros(n, dtype=torch.float32, device=dev)
 
         def accumulate(name: str, x: torch.Tensor) -> None:
             x = x.float()
             s = stats[name]
-            assert s.input_sq_norms is not None
+            assert s.input_sq_norms is not None and s.input_sum is not None
             s.input_sq_norms.add_((x * x).sum(dim=0))
+            s.input_sum.add_(x.sum(dim=0))
             if s.hessian is not None:
                 s.hessian.addmm_(x.T, x)
             s.tokens += x.shape[0]
@@ -399,8 +403,13 @@ def _run_pass(model: nn.Module, stages: list[tuple[int, Any]], calibration_ids: 
     records = {index: StageRecord(index, stage.method, stage.model_dump(mode="json", by_alias=True))
                for index, stage in stages}  # fmt: skip
     n_blocks = len(find_decoder_blocks(model)[1])
+    wants_dense = any(getattr(METHOD_MODULES[stage.method], "USES_DENSE_WEIGHT", False) for _, stage in stages)
     for b, prefix, block, calib in iterate_blocks(model, calibration_ids, device, batch_size):
         t_block = time.perf_counter()
+        # DSnoT grows pruned weights back at their values from before pruning: keep the block's weights as they
+        # were before any stage of this pass changed them (one block's worth of memory, only when asked for).
+        dense = {f"{prefix}.{n}": m.weight.detach().clone() for n, m in block.named_modules()
+                 if wants_dense and isinstance(m, nn.Linear)}  # fmt: skip
         for index, stage in stages:
             t0 = time.perf_counter()
             module = METHOD_MODULES[stage.method]
@@ -414,7 +423,10 @@ def _run_pass(model: nn.Module, stages: list[tuple[int, Any]], calibration_ids: 
                     layer_stage = stage
                     if index in per_layer_sparsity:
                         layer_stage = stage.model_copy(update={"sparsity": per_layer_sparsity[index][name]})
-                    details = module.apply_(layer, layer_stage, stats.get(name, LayerStats(tokens=0))) or {}
+                    layer_stats = stats.get(name, LayerStats(tokens=0))
+                    if getattr(module, "USES_DENSE_WEIGHT", False):
+                        layer_stats.dense_weight = dense.get(name)
+                    details = module.apply_(layer, layer_stage, layer_stats) or {}
                     rows.append({"name": name, "layer": layer, **details})
             records[index].seconds += time.perf_counter() - t0
             records[index].layers += len(rows)
