@@ -304,7 +304,7 @@ class SmoothQuantStage(Targeted):
     method: Literal["smoothquant"]
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength: s_j = max|X_j|^a / max|W_j|^(1-a)")
     weight_bits: int | None = Field(
-        8, ge=4, le=8, description="null: smooth (and quantize activations) only, weights left to a later rtn/gptq stage"
+        8, ge=4, le=8, description="null: smooth (and quantize activations) only; weights left to a later stage"
     )
     activation_bits: int | None = Field(8, ge=4, le=8, description="per-token dynamic; null: weights only")
 

@@ -65,7 +65,6 @@ IGNORED_TOP_LEVEL = ("version", "args", "metadata")
 RUNTIME_KEYS = ("group", "index", "start", "end", "update", "sequential_targets", "sequential_update",
                 "offload_hessians", "offload_device", "calibration_function", "num_calibration_steps",
                 "cache_chunk_size_batches", "log", "leave_enabled")  # fmt: skip
-QUANT_KEYS = ("config_groups", "targets", "ignore", "scheme", "kv_cache_scheme")
 # compressed-tensors preset schemes llmpress can run: weights (bits, group_size, symmetric), activation bits
 PRESETS: dict[str, tuple[tuple[int, int | None, bool], int | None]] = {
     **{f"W{b}A16": ((b, 128, True), None) for b in range(2, 8)},

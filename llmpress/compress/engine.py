@@ -333,6 +333,8 @@ def _stage_groups(recipe: Recipe) -> list[list[int]]:
 
 def _needs_data(stage: Any) -> bool:
     module = METHOD_MODULES[stage.method]
+    if hasattr(module, "needs_data"):  # methods whose settings decide (plain SVD, magnitude-scored structured)
+        return bool(module.needs_data(stage))
     return bool(getattr(module, "NEEDS", None)) or module.KIND in ("block", "model") or getattr(stage, "owl", None)
 
 

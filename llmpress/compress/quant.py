@@ -53,14 +53,21 @@ def fit_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor,
     xmin = w.min(dim=1, keepdim=True).values.clamp(max=0)
     xmax = w.max(dim=1, keepdim=True).values.clamp(min=0)
     if symmetric:
+        # Always [-max|w|, max|w|]. (The GPTQ reference keeps xmin = 0 for an all-positive group, whose upper half
+        # then falls off the grid above the fixed zero point and is clamped.)
         xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
+        xmin = -xmax
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
-    scale = ((xmax - xmin) / maxq).half().float()
-    # fp16 underflow for tiny ranges: keep the scale positive so codes stay finite.
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, torch.finfo(torch.float16).tiny))
+    exact = (xmax - xmin) / maxq
+    scale16 = exact.half()
+    # Round the scale *up* to fp16, so the group's extremes stay on the grid (never clamped by more than half a
+    # step), and keep it above fp16 underflow so codes stay finite.
+    scale16 = torch.where(
+        scale16.float() < exact, torch.nextafter(scale16, torch.full_like(scale16, torch.inf)), scale16
+    )
+    scale = scale16.float().clamp(min=torch.finfo(torch.float16).tiny)
     zero = torch.full_like(scale, (maxq + 1) // 2) if symmetric else torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
 

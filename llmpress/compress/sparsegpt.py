@@ -5,26 +5,28 @@ algorithm follows `SparseGPT.fasterprune` of the reference code (github.com/IST-
 
 For a linear layer with weight W [out, in] and calibration inputs X, SparseGPT minimises ||W X - W' X||^2 over
 sparse W'. It walks the input columns left to right. When column j is pruned, the error it causes is spread over
-the columns not yet visited with the Optimal Brain Surgeon update, using the inverse Hessian H^-1 = (2/n X X^T)^-1:
+the columns not yet visited with the Optimal Brain Surgeon update. With H = 2/n X X^T and U the upper Cholesky
+factor of H^-1, row j of U is exactly the OBS update restricted to the unvisited columns:
 
-    err = w_j / [H^-1]_jj,      W[:, j+1:] -= err [H^-1]_{j, j+1:}
+    err = w_j / U_jj,      W[:, j:] -= err U_{j, j:}
 
-Working on the upper Cholesky factor of H^-1 gives every column's update from one row of that factor, so the whole
-layer costs one Cholesky decomposition. Columns are processed in blocks of `block_size` with lazy updates of the
-columns to the right (as in GPTQ). The mask is chosen adaptively, from the already updated weights:
+so the whole layer costs one Cholesky decomposition. Columns are processed in blocks of `block_size` with lazy
+updates of the columns to the right (as in GPTQ). The mask is chosen adaptively, from the already updated weights,
+by the OBS saliency w^2 / U_jj^2 (= w^2 / [H_F^-1]_jj, F the unvisited columns):
 
   * unstructured: at the start of every `mask_block` columns (default `block_size`), the weights of that column
-    block with the lowest w^2 / [H^-1]_jj^2 are pruned, compared over the whole block (all rows together), as in
-    the reference. The reference prunes int(numel * sparsity) + 1 weights per block; here each block prunes what
+    block with the lowest saliency are pruned, compared over the whole block (all rows together), as in the
+    reference. The reference prunes int(numel * sparsity) + 1 weights per block; here each block prunes what
     makes the running total round(sparsity * weights seen so far), so the layer's sparsity is exact to one weight.
-  * N:M: at every group of M columns, the M - N lowest w^2 / [H^-1]_jj^2 of each row.
+  * N:M: at every group of M columns, the M - N lowest saliencies of each row.
 
 `importance: wanda` keeps the OBS update but picks each mask block by |w| * ||x_j|| compared within each output row
-(Wanda's score and comparison group; the ablation in Sun et al. 2023, §5), still from the updated weights.
+(Wanda's score and comparison group), still from the updated weights.
 
 Weights that are already zero score lowest, so a second SparseGPT stage on a pruned layer keeps at least its
 sparsity. Everything is computed in fp32 and written back in the layer's dtype. `details["error"]` is the
-reference's `Losses`: sum over rows of (w - q)^2 / [H^-1]_jj^2 / 2, the OBS estimate of the added layer error.
+reference's `Losses`, sum of (w - q)^2 / U_jj^2 / 2, which adds up to 1/2 tr(dW (H + damp I) dW^T): the layer
+error ||W X - W' X||^2 / n, but for the dampening.
 
 Recipe example (`recipes/sparsegpt-50.yaml`):
 

@@ -212,12 +212,9 @@ def test_missing_statistics_or_dense_weights_fail_clearly() -> None:
         dsnot.apply_(layer, DSnoTStage(method="dsnot"), already)
 
 
-ENGINE_GIVES_DENSE = "dense_weight" in LayerStats.__dataclass_fields__
-
-
-@pytest.mark.skipif(not ENGINE_GIVES_DENSE, reason="needs the engine's LayerStats.dense_weight (see dsnot.py)")
 def test_compress_sparsegpt_then_dsnot_end_to_end(make_tiny_llama, calibration_ids) -> None:
-    stages = [{"method": "sparsegpt", "sparsity": 0.5, "block_size": 32}, {"method": "dsnot"}]
+    # the random tiny model's expected errors are ~0.004 per token: a lower threshold lets DSnoT act on them
+    stages = [{"method": "sparsegpt", "sparsity": 0.5, "block_size": 32}, {"method": "dsnot", "update_threshold": 1e-3}]
     sparsegpt_only = make_tiny_llama()
     compress_(sparsegpt_only, Recipe(name="s", stages=stages[:1]), calibration_ids, batch_size=4)
     model = make_tiny_llama()

@@ -109,38 +109,17 @@ def _weights(seed: int, smallest: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_quantize_rtn_error_within_half_step_up_to_fp16_scale_rounding(bits, symmetric) -> None:
-    """|w - Q(w)| <= s/2, except that rounding s to the nearest fp16 (relative error <= 2^-11 for normal
-    numbers) can put a group's extreme weights up to maxq * 2^-11 steps outside the grid, where they are clamped.
-    (Mixed-sign groups and scales in fp16's normal range; the other cases are the xfail tests below.)"""
-    err, step = _rtn_error(bits, symmetric, _weights(bits, smallest=-1), group_size=48)
-    assert (step >= torch.finfo(torch.float16).tiny).all()
-    bound = step * (0.5 + (2**bits - 1) * 2.0**-11) * (1 + 1e-6)
-    assert (err <= bound).all()
-    # and away from the clamped extremes the half-step bound holds exactly
-    assert (err <= step * 0.5 * (1 + 1e-6)).float().mean().item() > 0.97
-
-
-@pytest.mark.xfail(
-    reason="quant.fit_grid rounds the scale to the *nearest* fp16; when that is below (xmax - xmin) / maxq the "
-    "largest weights of a group fall just outside the grid and are clamped (up to ~0.56 step at 8 bits, more "
-    "for subnormal fp16 scales). Fix: round the scale up to the next fp16 then (see the helper's report).",
-    strict=True,
-)
-@pytest.mark.parametrize(("bits", "symmetric"), [(4, False), (8, False), (2, True), (4, True), (8, True)])
 def test_quantize_rtn_error_within_half_step(bits, symmetric) -> None:
+    """|w - Q(w)| <= s/2 for every weight: the fp16 scale is rounded up, so a group's extremes stay on the grid
+    (rows down to 1e-3 give subnormal fp16 scales at 8 bits, the hardest case for that)."""
     err, step = _rtn_error(bits, symmetric, _weights(bits, smallest=-3), group_size=48)
     assert (err <= step * 0.5 * (1 + 1e-6)).all()
 
 
-@pytest.mark.xfail(
-    reason="quant.fit_grid, symmetric: a group with no negative weight keeps xmin = 0, so the scale covers "
-    "[0, xmax] while the grid (zero point 2^(bits-1)) only reaches (2^(bits-1) - 1) * scale: the larger half of "
-    "the group is clamped (the GPTQ reference quantizer has the same flaw). Fix: xmin = -xmax when symmetric.",
-    strict=True,
-)
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantize_rtn_symmetric_all_positive_group(bits) -> None:
+    """A symmetric grid spans [-max|w|, max|w|] even when a group has no negative weight (the GPTQ reference's
+    quantizer keeps xmin = 0 there and clamps the upper half of the group)."""
     w = torch.rand(4, 32, generator=torch.Generator().manual_seed(0)) + 0.1
     err, step = _rtn_error(bits, True, w, group_size=32)
     assert (err <= step * 0.5 * (1 + 1e-6)).all()
