@@ -28,8 +28,10 @@ Modifiers, in order, become llmpress stages:
     GPTQModifier            -> gptq      (same, plus block_size, dampening_frac, actorder)
     AWQModifier             -> awq       (its own scheme / config_groups, else those of the QuantizationModifier
                                           that follows it, which it then absorbs; n_grid -> grid)
-    SmoothQuantModifier     -> smoothquant (smoothing_strength -> alpha), absorbing the W8A8 (or W8A16)
-                                          quantization modifier that must follow it
+    SmoothQuantModifier     -> smoothquant (smoothing_strength -> alpha) with the activation bits of the
+                                          quantization modifier that must follow it: one W8A8 stage when
+                                          that is a per-channel symmetric QuantizationModifier, else
+                                          smoothquant (weight_bits null) then its rtn / gptq stages
 
 Numbers that mean something different: llm-compressor's mask_structure "N:M" prunes N of every M weights (the
 topk of the smallest scores in its SparseGPT and Wanda code), llmpress's pattern "N:M" keeps N; "2:4" is the same
@@ -91,7 +93,6 @@ def from_llmcompressor(data: dict[str, Any], source: str) -> dict[str, Any]:
     if not modifiers:
         raise ConfigError(f"{source}: no modifiers found in this llm-compressor recipe")
     stages: list[dict[str, Any]] = []
-    notes: list[str] = []
     i = 0
     while i < len(modifiers):
         where, kind, args = modifiers[i]
@@ -109,7 +110,7 @@ def from_llmcompressor(data: dict[str, Any], source: str) -> dict[str, Any]:
         elif kind in QUANT_MODIFIERS:
             stages.extend(_quantization(kind, args, where))
         elif kind == "SmoothQuantModifier":
-            stages.append(_smoothquant(args, where, follower, notes))
+            stages.extend(_smoothquant(args, where, follower))
             i += 1  # the quantization modifier it absorbed
         elif kind == "AWQModifier":
             stage, absorbed = _awq(args, where, follower)
@@ -117,7 +118,7 @@ def from_llmcompressor(data: dict[str, Any], source: str) -> dict[str, Any]:
             i += absorbed
         i += 1
     names = ", ".join(kind for _, kind, _ in modifiers)
-    description = f"Converted from the llm-compressor recipe {source} ({names})." + "".join(f" {n}" for n in notes)
+    description = f"Converted from the llm-compressor recipe {source} ({names})."
     return {"name": _recipe_name(source), "description": description, "stages": stages}
 
 
@@ -458,7 +459,9 @@ def _quantization(kind: str, raw: dict[str, Any], where: str) -> list[dict[str, 
     return stages
 
 
-def _smoothquant(raw: dict[str, Any], where: str, follower: Any, notes: list[str]) -> dict[str, Any]:
+def _smoothquant(raw: dict[str, Any], where: str, follower: Any) -> list[dict[str, Any]]:
+    """SmoothQuant plus the quantization modifier after it: one W8A8 `smoothquant` stage when llmpress's own
+    per-channel symmetric RTN weights are what was asked, else smoothing (+ activations) then rtn/gptq stages."""
     args = _Args(raw, where)
     alpha = args.pop("smoothing_strength", 0.5)
     args.pop("mappings")  # llmpress smooths the Llama pairs: norm -> q/k/v and norm -> gate/up
@@ -466,21 +469,22 @@ def _smoothquant(raw: dict[str, Any], where: str, follower: Any, notes: list[str
     args.done()
     if follower is None or follower[1] not in QUANT_MODIFIERS:
         raise ConfigError(
-            f"{where}: SmoothQuantModifier must be followed by the QuantizationModifier or GPTQModifier (W8A8) "
-            "that quantizes what it smooths; llmpress's smoothquant stage does both"
+            f"{where}: SmoothQuantModifier must be followed by the QuantizationModifier or GPTQModifier (e.g. W8A8) "
+            "that quantizes what it smooths"
         )
     f_where, f_kind, f_args = follower
     quant = _quant_stages(f_kind, f_args, f_where)
-    if len(quant) != 1 or quant[0][0]["group_size"] is not None or not quant[0][0]["symmetric"]:
-        raise ConfigError(
-            f"{f_where}: after SmoothQuant, llmpress quantizes weights symmetric, per output channel, in one group "
-            "(e.g. scheme W8A8, or strategy 'channel' with symmetric: true)"
-        )
-    if f_kind == "GPTQModifier":
-        notes.append("SmoothQuant+GPTQ: llmpress's smoothquant stage rounds the smoothed weights to nearest.")
-    q, act_bits = quant[0]
-    return {"method": "smoothquant", "alpha": alpha, "weight_bits": q["bits"], "activation_bits": act_bits,
-            "targets": q["targets"], "ignore": list(dict.fromkeys(q["ignore"] + sq_ignore))}  # fmt: skip
+    act_bits = {bits for _, bits in quant}
+    if len(act_bits) != 1:
+        raise ConfigError(f"{f_where}: after SmoothQuant, every config group needs the same input_activations")
+    stages = [stage for stage, _ in quant]
+    smooth = {"method": "smoothquant", "alpha": alpha, "weight_bits": None, "activation_bits": act_bits.pop(),
+              "targets": list(dict.fromkeys(t for s in stages for t in s["targets"])),
+              "ignore": list(dict.fromkeys(stages[0]["ignore"] + sq_ignore))}  # fmt: skip
+    q = stages[0] if len(stages) == 1 else None
+    if f_kind == "QuantizationModifier" and q is not None and q["group_size"] is None and q["symmetric"]:
+        return [{**smooth, "weight_bits": q["bits"]}]  # exactly the smoothquant stage's own weight grid
+    return [smooth, *stages]
 
 
 def _awq(raw: dict[str, Any], where: str, follower: Any) -> tuple[dict[str, Any], int]:

@@ -465,7 +465,7 @@ def _summarise(report: CompressionReport, index: int) -> dict[str, Any]:
         "layers": len(recs),
         "sparsity": sum(r.sparsity * n for r, n in zip(recs, sizes, strict=True)) / sum(sizes),
     }
-    bits = {r.details["bits"] for r in recs if "bits" in r.details}
+    bits = {r.details["bits"] for r in recs if r.details.get("bits") is not None}
     if bits:
         summary["bits"] = sorted(bits)
     return summary

@@ -128,7 +128,7 @@ def apply_block_(
     smoothed = set(smooth_block_(block, prefix, stage, calib))
     rows = []
     for name, layer in layers.items():
-        # weight_bits None would leave the weights to a later RTN/GPTQ stage (not allowed by the config today)
+        # weight_bits None leaves the weights to a later RTN/GPTQ stage (recipes/smoothquant-gptq-w8a8.yaml)
         if stage.weight_bits is not None:
             quant.attach_(layer, quant.quantize_rtn(layer.weight.detach(), stage.weight_bits, None, True))
         if stage.activation_bits is not None:

@@ -150,7 +150,7 @@ CONVERSIONS = {
             {"method": "magnitude", "sparsity": 0.4, "targets": [".*q_proj.*", ".*k_proj.*"], "ignore": []},
         ],
     ),
-    "smoothquant + gptq W8A8 (examples/quantization_w8a8_int8) become one smoothquant stage": (
+    "smoothquant + gptq W8A8 (examples/quantization_w8a8_int8) -> smoothing + 8-bit activations, then gptq": (
         """
         quant_stage:
           quant_modifiers:
@@ -166,7 +166,42 @@ CONVERSIONS = {
                   input_activations: {num_bits: 8, type: "int", symmetric: true, dynamic: true, strategy: "token"}
                   targets: ["Linear"]
         """,
-        [{"method": "smoothquant", "alpha": 0.8, "weight_bits": 8, "activation_bits": 8, **ALL}],
+        [
+            {"method": "smoothquant", "alpha": 0.8, "weight_bits": None, "activation_bits": 8, **ALL},
+            {"method": "gptq", "bits": 8, "group_size": None, "symmetric": True, "act_order": False, **ALL},
+        ],
+    ),
+    "smoothquant + W8A8 QuantizationModifier: one smoothquant stage with its own weight grid": (
+        """
+        quant_stage:
+          quant_modifiers:
+            SmoothQuantModifier: {smoothing_strength: 0.6, ignore: ["re:.*down_proj"]}
+            QuantizationModifier: {scheme: W8A8, targets: [Linear], ignore: [lm_head]}
+        """,
+        [
+            {
+                "method": "smoothquant",
+                "alpha": 0.6,
+                "weight_bits": 8,
+                "activation_bits": 8,
+                "targets": [".*"],
+                "ignore": [".*down_proj.*"],
+            }
+        ],
+    ),
+    "smoothquant + asymmetric weight-only rtn: smoothing alone, then rtn": (
+        """
+        quant_stage:
+          quant_modifiers:
+            SmoothQuantModifier: {}
+            QuantizationModifier:
+              config_groups:
+                g: {targets: [Linear], weights: {num_bits: 8, strategy: channel, symmetric: false}}
+        """,
+        [
+            {"method": "smoothquant", "alpha": 0.5, "weight_bits": None, "activation_bits": None, **ALL},
+            {"method": "rtn", "bits": 8, "group_size": None, "symmetric": False, **ALL},
+        ],
     ),
     "awq absorbs the QuantizationModifier after it (tests/e2e recipe_w4a16_awq_asym)": (
         """
@@ -245,11 +280,6 @@ REFUSALS = {
         "        g: {targets: [Linear], weights: {num_bits: 8, strategy: channel}, input_activations: "
         "{num_bits: 8, strategy: tensor, dynamic: false}}",
         "activation quantization int/tensor/dynamic=False",
-    ),
-    "asymmetric weights after smoothquant": (
-        "q_stage:\n  q_modifiers:\n    SmoothQuantModifier: {}\n    QuantizationModifier:\n      config_groups:\n"
-        "        g: {targets: [Linear], weights: {num_bits: 8, strategy: channel, symmetric: false}}",
-        "llmpress quantizes weights symmetric, per output channel",
     ),
     "awq then gptq": (
         "q_stage:\n  q_modifiers:\n    AWQModifier: {}\n    GPTQModifier: {scheme: W4A16}",
@@ -351,3 +381,16 @@ def test_converted_wanda_recipe_runs(tiny_llama, calibration_ids) -> None:
     assert len(report.layers) == 3 * 7
     assert all(abs(rec.sparsity - 0.5) < 0.01 for rec in report.layers)
     assert (tiny_llama.lm_head.weight != 0).all()
+
+
+def test_converted_smoothquant_gptq_w8a8_runs(tiny_llama, calibration_ids) -> None:
+    """SmoothQuant + GPTQ W8A8 end to end: every block linear ends with 8-bit codes and 8-bit input quantization."""
+    text = (
+        "quant_stage:\n  quant_modifiers:\n    SmoothQuantModifier: {smoothing_strength: 0.8}\n"
+        "    GPTQModifier: {scheme: W8A8, targets: [Linear], ignore: [lm_head]}"
+    )
+    recipe = validate(Recipe, _convert(text), "test")
+    compress_(tiny_llama, recipe, calibration_ids)
+    linears = [m for n, m in tiny_llama.named_modules() if n.startswith("model.layers.") and n.endswith("_proj")]
+    assert len(linears) == 3 * 7
+    assert all(m.llmpress_quant.bits == 8 and m.llmpress_act_bits == 8 for m in linears)
