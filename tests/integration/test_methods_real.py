@@ -60,12 +60,15 @@ def test_pruning_sparsegpt_2of4_beats_magnitude(real, tmp_path) -> None:
     assert ppl < 8.0 * real["dense"], ppl
 
 
-def test_quantization_gptq_w4_beats_rtn_and_is_packed(real, tmp_path) -> None:
-    rtn, rtn_dir, _ = _run(real, tmp_path, "rtn", [{"method": "rtn", "bits": 4, "group_size": 128}])
-    gptq, gptq_dir, _ = _run(real, tmp_path, "gptq", [{"method": "gptq", "bits": 4, "group_size": 128}])
-    assert gptq <= rtn, (gptq, rtn)
-    assert gptq < 1.5 * real["dense"], gptq
-    # Block weights are 106M of the 135M parameters: stored at 4 bits + fp16 scales instead of 32 bits they must
+def test_quantization_gptq_beats_rtn_and_is_packed(real, tmp_path) -> None:
+    # At 3 bits the orderings are far apart (full protocol: RTN 139, GPTQ 82, GPTQ act-order 62); at 4 bits on this
+    # already 4-bit model they are within noise of each other (39.6 vs 39.1), see benchmarks/results/quality.md.
+    rtn, rtn_dir, _ = _run(real, tmp_path, "rtn", [{"method": "rtn", "bits": 3, "group_size": 128}])
+    stages = [{"method": "gptq", "bits": 3, "group_size": 128, "act_order": True}]
+    gptq, gptq_dir, _ = _run(real, tmp_path, "gptq", stages)
+    assert gptq < 0.8 * rtn, (gptq, rtn)
+    assert gptq < 3.0 * real["dense"], gptq
+    # Block weights are 106M of the 135M parameters: stored at 3 bits + fp16 scales instead of 32 bits they must
     # shrink the folder by at least 300 MB (the embeddings stay fp32).
     dense_bytes = folder_bytes(real["path"], "*.safetensors")
     assert dense_bytes - folder_bytes(gptq_dir, "*.safetensors") > 300e6
@@ -78,7 +81,8 @@ def test_gptq_w8_within_one_percent_of_dense(real, tmp_path) -> None:
 
 
 def test_activation_aware_quantization_awq_and_smoothquant(real, tmp_path) -> None:
-    awq, _, _ = _run(real, tmp_path, "awq", [{"method": "awq", "bits": 4, "group_size": 128}])
+    # grid 10 (the paper's search has 20 points) halves AWQ's CPU time; the ordering holds at both.
+    awq, _, _ = _run(real, tmp_path, "awq", [{"method": "awq", "bits": 4, "group_size": 128, "grid": 10}])
     rtn, _, _ = _run(real, tmp_path, "rtn", [{"method": "rtn", "bits": 4, "group_size": 128}])
     assert awq <= rtn, (awq, rtn)
     w8a8, _, model = _run(real, tmp_path, "w8a8", [{"method": "smoothquant", "alpha": 0.5}])

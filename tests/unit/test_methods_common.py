@@ -75,3 +75,22 @@ def test_every_shipped_recipe_is_valid() -> None:
         methods |= {s.method for s in recipe.stages}
     assert methods >= {"magnitude", "wanda", "sparsegpt", "rtn", "gptq", "awq", "smoothquant", "structured",
                        "drop_blocks", "lowrank", "distill", "dsnot"}  # fmt: skip
+
+
+@pytest.mark.parametrize("key", ["gptq-w3-act-order", "lowrank", "sparsegpt-gptq"])
+def test_plain_folder_from_compressed_loads_in_stock_transformers(make_tiny_llama, calibration_ids, tmp_path,
+                                                                   key) -> None:  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    from llmpress.compress.storage import to_plain_
+
+    model = _compress(make_tiny_llama, calibration_ids, STAGES[key])
+    model.save_pretrained(tmp_path / "packed")
+    save_compressed(model, tmp_path / "packed")
+    plain = to_plain_(load_model(tmp_path / "packed"))
+    plain.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / MANIFEST).exists()
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32)
+    ids = calibration_ids[:2]
+    with torch.no_grad():
+        assert (stock(ids).logits - model(ids).logits).abs().max().item() < 1e-4
