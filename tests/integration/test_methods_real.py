@@ -75,11 +75,6 @@ def test_quantization_gptq_beats_rtn_and_is_packed(real, tmp_path) -> None:
     assert folder_bytes(rtn_dir, "*.safetensors") == folder_bytes(gptq_dir, "*.safetensors")
 
 
-def test_gptq_w8_within_one_percent_of_dense(real, tmp_path) -> None:
-    ppl, _, _ = _run(real, tmp_path, "gptq-w8", [{"method": "gptq", "bits": 8, "group_size": None}])
-    assert ppl <= 1.01 * real["dense"], (ppl, real["dense"])
-
-
 def test_activation_aware_quantization_awq_and_smoothquant(real, tmp_path) -> None:
     # grid 10 (the paper's search has 20 points) halves AWQ's CPU time; the ordering holds at both.
     awq, _, _ = _run(real, tmp_path, "awq", [{"method": "awq", "bits": 4, "group_size": 128, "grid": 10}])
