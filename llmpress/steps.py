@@ -29,7 +29,7 @@ from llmpress.errors import LlmpressError
 from llmpress.evaluate.agreement import compare_to_base
 from llmpress.evaluate.cloze import build_examples, cloze_accuracy
 from llmpress.evaluate.generate import greedy_generations
-from llmpress.evaluate.speed import measure_in_subprocess
+from llmpress.evaluate.speed import measure_in_subprocess, peak_rss_mb
 from llmpress.export.onnx import check_parity, export_onnx
 from llmpress.hashing import data_hash
 from llmpress.sources import load_model, load_tokenizer
@@ -105,13 +105,7 @@ def _scalars(summary: dict[str, Any]) -> dict[str, Any]:
 
 def peak_memory() -> dict[str, float]:
     """Peak resident memory of this process so far (VmHWM, MB) and peak CUDA memory allocated (MB)."""
-    out: dict[str, float] = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                out["host_peak_mb"] = int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    out = {"host_peak_mb": peak_rss_mb()}
     if torch.cuda.is_available():
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out

@@ -69,7 +69,9 @@ def torch_speed(model: torch.nn.Module, prompt: torch.Tensor, params: SpeedParam
 
 
 def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+    """Peak resident memory of this process (VmHWM, MB); ru_maxrss where /proc is missing."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.is_file() else []:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best available
