@@ -66,7 +66,8 @@ if TYPE_CHECKING:
     from llmpress.compress.engine import LayerStats
 
 KIND = "layer"
-NEEDS = "input_sq_norms"  # the engine collects input_sum (for E[x]) with it
+NEEDS = "input_sq_norms"
+USES_INPUT_SUM = True  # E[x] from the sum of the inputs
 USES_DENSE_WEIGHT = True  # asks the engine for stats.dense_weight, the weight before this pass pruned it
 
 

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import re
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -42,6 +44,7 @@ from torch import nn
 
 from llmpress.compress import (
     awq,
+    cuda_graphs,
     distill,
     drop_blocks,
     dsnot,
@@ -107,6 +110,7 @@ class CompressionReport:
     total_seconds: float = 0.0
     calibration_tokens: int = 0
     device: str = "cpu"
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # see PhaseTimer
 
     @property
     def stage_seconds(self) -> dict[int, float]:
@@ -119,6 +123,7 @@ class CompressionReport:
             "calibration_tokens": self.calibration_tokens,
             "device": self.device,
             "stage_seconds": {str(k): round(v, 3) for k, v in self.stage_seconds.items()},
+            "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
             "stages": [vars(s) | {"seconds": round(s.seconds, 3)} for s in self.stages],
             "layers": [vars(rec) | {"shape": list(rec.shape)} for rec in self.layers],
         }
@@ -145,6 +150,30 @@ class ModelContext:
     batch_size: int
     teacher: Callable[[], nn.Module]
     progress: Callable[[str], None]
+
+
+class PhaseTimer:
+    """Seconds spent per phase of the block passes (capture, onload, statistics, compress, propagate, offload),
+    summed over blocks. On CUDA each phase waits for the device at its end, so GPU work is counted in the phase
+    that queued it (a few synchronisations per block, negligible against a block's work)."""
+
+    def __init__(self, device: torch.device, seconds: dict[str, float]) -> None:
+        self.sync = device.type == "cuda"
+        self.seconds = seconds
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def _untimed(_phase: str) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
 
 
 class _StopForward(Exception):
@@ -244,19 +273,40 @@ class BlockCalibration:
         return [block_output(block(h, **kw)) for h, kw in zip(self.hidden, self.kwargs, strict=True)]
 
     @torch.no_grad()
-    def observe(self, block: nn.Module, modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> None:
-        """Run the block on every batch and call fn(name, input [tokens, features]) for each module's input."""
+    def observe(self, block: nn.Module, modules: dict[str, nn.Module],
+                fn: Callable[[str, torch.Tensor], None], shared: dict[str, str] | None = None) -> None:  # fmt: skip
+        """Run the block on every batch and call fn(name, input [tokens, features]) for each module's input.
+
+        With `shared` (a dict filled here), a module that receives the very tensor an earlier module of the same
+        forward received (q/k/v, gate/up) is not reported again: `shared[name]` names that earlier module.
+        """
+
+        seen: list[tuple[torch.Tensor, str]] = []  # this batch's inputs, kept alive so identities stay unique
+        calls: list[str] = []  # this batch's hook calls, in order
+        first_calls: list[str] = []  # the first batch's: once each module is reached as often, the rest is skipped
 
         def make_hook(name: str) -> Callable:
             def hook(_module: nn.Module, args: tuple) -> None:
-                fn(name, args[0].reshape(-1, args[0].shape[-1]))
+                calls.append(name)
+                if shared is not None and (owner := next((o for x, o in seen if x is args[0]), None)) is not None:
+                    shared[name] = owner
+                else:
+                    seen.append((args[0], name))
+                    fn(name, args[0].reshape(-1, args[0].shape[-1]))
+                if first_calls and len(calls) == len(first_calls):
+                    raise _StopForward  # the rest of the block (down_proj's matmul, ...) is not needed
 
             return hook
 
         handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in modules.items()]
         try:
             for h, kw in zip(self.hidden, self.kwargs, strict=True):
-                block(h, **kw)
+                with contextlib.suppress(_StopForward):
+                    block(h, **kw)
+                if not first_calls:
+                    first_calls.extend(calls)
+                seen.clear()
+                calls.clear()
         finally:
             for handle in handles:
                 handle.remove()
@@ -267,56 +317,235 @@ class BlockCalibration:
         self.observe(block, modules, lambda name, x: found[name].append(x))
         return {name: torch.cat(xs) for name, xs in found.items()}
 
-    def layer_stats(self, block: nn.Module, layers: dict[str, nn.Linear], need: str | None) -> dict[str, LayerStats]:
-        """Accumulate `need` ("input_sq_norms" or "hessian") for every layer in one forward pass of the block."""
-        stats = {name: LayerStats(tokens=0) for name in layers}
+    def layer_stats(
+        self, block: nn.Module, layers: dict[str, nn.Linear], need: str | None, with_sum: bool = False
+    ) -> dict[str, LayerStats]:
+        """Accumulate `need` ("input_sq_norms" or "hessian") for every layer in one forward pass of the block;
+        `with_sum` adds the inputs' sum (for DSnoT). With the Hessian, the squared norms are its diagonal.
+
+        Layers that read the same tensor (q/k/v, gate/up in a Llama block) get the same LayerStats object, computed
+        once: methods read it and never modify it (`apply_shared_` uses that to process them together).
+        """
         if need is None:
-            return stats
-        for name, layer in layers.items():
-            n, dev = layer.in_features, layer.weight.device
-            if need == "hessian":
-                stats[name].hessian = torch.zeros(n, n, dtype=torch.float32, device=dev)
-            stats[name].input_sq_norms = torch.zeros(n, dtype=torch.float32, device=dev)
-            stats[name].input_sum = torch.zeros(n, dtype=torch.float32, device=dev)
+            return {name: LayerStats(tokens=0) for name in layers}
+
+        def empty(n: int, dev: torch.device) -> LayerStats:
+            return LayerStats(
+                tokens=0,
+                input_sq_norms=torch.zeros(n, dtype=torch.float32, device=dev),
+                input_sum=torch.zeros(n, dtype=torch.float32, device=dev) if with_sum else None,
+                hessian=torch.zeros(n, n, dtype=torch.float32, device=dev) if need == "hessian" else None,
+            )
+
+        stats: dict[str, LayerStats] = {}
 
         def accumulate(name: str, x: torch.Tensor) -> None:
-            x = x.float()
-            s = stats[name]
-            assert s.input_sq_norms is not None and s.input_sum is not None
-            s.input_sq_norms.add_((x * x).sum(dim=0))
-            s.input_sum.add_(x.sum(dim=0))
+            s = stats.setdefault(name, empty(x.shape[-1], x.device))
+            assert s.input_sq_norms is not None
             if s.hessian is not None:
-                s.hessian.addmm_(x.T, x)
+                s.hessian.add_(gram(x))
+            else:
+                # sum_t x_tj^2 read once from the 16-bit input, accumulated in fp32
+                s.input_sq_norms.add_(torch.linalg.vector_norm(x, dim=0, dtype=torch.float32).square())
+            if s.input_sum is not None:
+                s.input_sum.add_(x.sum(dim=0, dtype=torch.float32))
             s.tokens += x.shape[0]
 
-        self.observe(block, layers, accumulate)
+        shared: dict[str, str] = {}
+        self.observe(block, layers, accumulate, shared)
         for s in stats.values():
             if s.hessian is not None:
+                assert s.input_sq_norms is not None
+                s.input_sq_norms.copy_(s.hessian.diagonal())  # sum_t x_tj^2
                 s.hessian.mul_(2.0 / max(s.tokens, 1))
-        return stats
+        for name, first in shared.items():
+            stats[name] = stats[first]
+        for name, layer in layers.items():  # a layer the forward never reached (an unused expert): zero statistics
+            if name not in stats:
+                stats[name] = empty(layer.in_features, layer.weight.device)
+        return {name: stats[name] for name in layers}
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """X^T X in fp32 for X [tokens, features].
+
+    fp16/bf16 inputs on CUDA use tensor cores with fp32 accumulation and fp32 output (`out_dtype`), or TF32 on
+    torch versions without it: the products of 16-bit values are exact in either, and the sums are fp32, as in
+    a plain fp32 matmul. fp32 inputs stay in full fp32 (TF32 would round them).
+    """
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.mm(x.T, x, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            with exact_tf32(x.dtype):
+                x32 = x.float()
+                return x32.T @ x32
+    x32 = x.float()
+    return x32.T @ x32
+
+
+@contextlib.contextmanager
+def exact_tf32(dtype: torch.dtype) -> Iterator[None]:
+    """Allow TF32 tensor cores for an fp32 matmul whose operands came from fp16/bf16 values.
+
+    TF32 keeps 10 mantissa bits and fp32's exponent range, so fp16 (10 bits) and bf16 (7 bits) values are
+    represented exactly; products are exact and accumulate in fp32, as in a plain fp32 matmul. For fp32
+    activations TF32 would round the operands, so it stays off.
+    """
+    if dtype not in (torch.float16, torch.bfloat16) or not torch.cuda.is_available():
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def iterate_blocks(
-    model: nn.Module, calibration_ids: torch.Tensor | None, device: torch.device, batch_size: int
+    model: nn.Module,
+    calibration_ids: torch.Tensor | None,
+    device: torch.device,
+    batch_size: int,
+    timer: Callable[[str], contextlib.AbstractContextManager[None]] = _untimed,
 ) -> Iterator[tuple[int, str, nn.Module, BlockCalibration | None]]:
     """Yield (index, prefix, block on `device`, its calibration inputs) for every decoder block in order.
 
     After the consumer is done with a block, its (possibly compressed) outputs become the next block's inputs
     and it goes back to the host. With no calibration ids, blocks are yielded with `None` and nothing runs.
+    On CUDA the next block is uploaded and the previous one downloaded while the current one is worked on.
     """
     blocks_name, blocks = find_decoder_blocks(model)
     calib = None
     if calibration_ids is not None:
-        hidden, kwargs = capture_block_inputs(model, blocks, list(calibration_ids.split(batch_size)), device)
-        calib = BlockCalibration(hidden, [to_device(kw, device) for kw in kwargs])
-    for index, block in enumerate(blocks):
-        block.to(device)
-        try:
+        with timer("capture"):
+            hidden, kwargs = capture_block_inputs(model, blocks, list(calibration_ids.split(batch_size)), device)
+            calib = BlockCalibration(hidden, [to_device(kw, device) for kw in kwargs])
+    mover = BlockMover(device)
+    try:
+        for index, block in enumerate(blocks):
+            with timer("onload"):
+                mover.onload(block)
+                if index + 1 < len(blocks):
+                    mover.prefetch(blocks[index + 1])
             yield index, f"{blocks_name}.{index}", block, calib
             if calib is not None and index + 1 < len(blocks):
-                calib = BlockCalibration(calib.outputs(block), calib.kwargs)
-        finally:
+                with timer("propagate"):
+                    calib = BlockCalibration(calib.outputs(block), calib.kwargs)
+            with timer("offload"):
+                mover.offload(block)
+    finally:
+        with timer("offload"):
+            mover.close()
+            if device.type != "cpu":  # a consumer that stopped early (or failed) leaves no block on the device
+                for block in blocks:
+                    if any(p.device.type != "cpu" for p in block.parameters()):
+                        block.to("cpu")
+
+
+class BlockMover:
+    """Moves decoder blocks between the host and the compute device.
+
+    On CUDA the copies run in a background thread on a side stream, through one pinned staging buffer the size of
+    a block: the next block's upload and the previous block's download overlap the current block's work. (Plain
+    `.to()` copies from and to pageable memory went at 1.5 GB/s down on the H100 machine and held up the compute
+    thread while they ran.) A block's host tensors are kept while it is on the device and written back in place.
+    Elsewhere blocks move with plain `.to()`. `close` waits for every copy: the model is on the host afterwards.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pending: dict[int, Future] = {}
+        self.asynchronous = device.type == "cuda"
+        if self.asynchronous:
+            self.stream = torch.cuda.Stream(device)
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmpress-blocks")
+            self.staging = torch.empty(0, dtype=torch.uint8)
+            self.host: dict[int, dict[tuple[int, str], torch.Tensor]] = {}
+
+    def prefetch(self, block: nn.Module) -> None:
+        if self.asynchronous and id(block) not in self.pending:
+            self.pending[id(block)] = self.worker.submit(self._upload, block)
+
+    def onload(self, block: nn.Module) -> None:
+        if not self.asynchronous:
+            block.to(self.device)
+            return
+        self.prefetch(block)
+        self.pending.pop(id(block)).result()
+
+    def offload(self, block: nn.Module) -> None:
+        if not self.asynchronous:
             block.to("cpu")
+            return
+        done = torch.cuda.Event()
+        done.record()  # after the block's last use on the compute stream
+        self.pending[id(block)] = self.worker.submit(self._download, block, done)
+
+    def close(self) -> None:
+        if self.asynchronous:
+            for future in list(self.pending.values()):
+                future.result()
+            self.pending.clear()
+            self.worker.shutdown(wait=True)
+
+    # -- in the worker thread --------------------------------------------------------------------------------
+
+    def _views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Pinned staging views shaped like `tensors` (64-byte aligned), growing the buffer when needed."""
+        sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors]
+        if self.staging.numel() < sum(sizes):
+            self.staging = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
+        views, offset = [], 0
+        for t, size in zip(tensors, sizes, strict=True):
+            views.append(self.staging[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
+            offset += size
+        return views
+
+    def _upload(self, block: nn.Module) -> None:
+        slots = _tensor_slots(block)
+        tensors = [get() for _, get, _ in slots]
+        views = self._views(tensors)
+        with torch.cuda.stream(self.stream):
+            on_device = []
+            for t, view in zip(tensors, views, strict=True):
+                view.copy_(t)
+                on_device.append(torch.empty(t.shape, dtype=t.dtype, device=self.device).copy_(view, non_blocking=True))
+        self.stream.synchronize()
+        self.host[id(block)] = {key: t for (key, _, _), t in zip(slots, tensors, strict=True)}
+        for (_, _, put), t in zip(slots, on_device, strict=True):
+            put(t)
+
+    def _download(self, block: nn.Module, after: torch.cuda.Event) -> None:
+        slots = _tensor_slots(block)
+        tensors = [get() for _, get, _ in slots]
+        views = self._views(tensors)
+        self.stream.wait_event(after)
+        with torch.cuda.stream(self.stream):
+            for t, view in zip(tensors, views, strict=True):
+                view.copy_(t, non_blocking=True)
+        self.stream.synchronize()
+        host = self.host.pop(id(block), {})
+        for (key, _, put), t, view in zip(slots, tensors, views, strict=True):
+            dest = host.get(key)
+            if dest is None or dest.shape != t.shape or dest.dtype != t.dtype:  # replaced or reshaped on the device
+                dest = torch.empty(t.shape, dtype=t.dtype)
+            put(dest.copy_(view))
+
+
+def _tensor_slots(block: nn.Module) -> list[tuple[tuple[int, str], Callable[[], torch.Tensor], Callable]]:
+    """(key, get, put) for every parameter and buffer of `block`; `put` swaps the tensor behind it."""
+    slots = []
+    for module in block.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                slots.append(((id(module), name), lambda p=param: p.data, lambda t, p=param: setattr(p, "data", t)))
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                slots.append(((id(module), name), lambda m=module, n=name: m._buffers[n],
+                              lambda t, m=module, n=name: m._buffers.__setitem__(n, t)))  # fmt: skip
+    return slots
 
 
 def _stage_groups(recipe: Recipe) -> list[list[int]]:
@@ -405,8 +634,9 @@ def _run_pass(model: nn.Module, stages: list[tuple[int, Any]], calibration_ids: 
     records = {index: StageRecord(index, stage.method, stage.model_dump(mode="json", by_alias=True))
                for index, stage in stages}  # fmt: skip
     n_blocks = len(find_decoder_blocks(model)[1])
+    timer = PhaseTimer(device, report.phase_seconds)
     wants_dense = any(getattr(METHOD_MODULES[stage.method], "USES_DENSE_WEIGHT", False) for _, stage in stages)
-    for b, prefix, block, calib in iterate_blocks(model, calibration_ids, device, batch_size):
+    for b, prefix, block, calib in iterate_blocks(model, calibration_ids, device, batch_size, timer):
         t_block = time.perf_counter()
         # DSnoT grows pruned weights back at their values from before pruning: keep the block's weights as they
         # were before any stage of this pass changed them (one block's worth of memory, only when asked for).
@@ -417,26 +647,77 @@ def _run_pass(model: nn.Module, stages: list[tuple[int, Any]], calibration_ids: 
             module = METHOD_MODULES[stage.method]
             rows: list[dict[str, Any]] = []
             if module.KIND == "block":
-                rows = module.apply_block_(block, prefix, stage, calib)
+                with timer("compress"):
+                    rows = module.apply_block_(block, prefix, stage, calib)
             else:
                 layers = targeted_linears(block, prefix, stage)
-                stats = calib.layer_stats(block, layers, module.NEEDS) if calib is not None and layers else {}
-                for name, layer in layers.items():
-                    layer_stage = stage
-                    if index in per_layer_sparsity:
-                        layer_stage = stage.model_copy(update={"sparsity": per_layer_sparsity[index][name]})
-                    layer_stats = stats.get(name, LayerStats(tokens=0))
-                    if getattr(module, "USES_DENSE_WEIGHT", False):
-                        layer_stats.dense_weight = dense.get(name)
-                    details = module.apply_(layer, layer_stage, layer_stats) or {}
-                    rows.append({"name": name, "layer": layer, **details})
+                with_sum = getattr(module, "USES_INPUT_SUM", False)
+                with timer("statistics"):
+                    stats = {}
+                    if calib is not None and layers:
+                        stats = calib.layer_stats(block, layers, module.NEEDS, with_sum)
+                with timer("compress"):
+                    sparsities = per_layer_sparsity.get(index)
+                    rows = _apply_layer_stage(module, stage, layers, stats, sparsities, dense)
             records[index].seconds += time.perf_counter() - t0
             records[index].layers += len(rows)
             _add_layer_records(report, model, index, stage, rows)
         say(f"block {b + 1}/{n_blocks} compressed in {time.perf_counter() - t_block:.2f}s")
+    cuda_graphs.clear()
     for index, _ in stages:
         records[index].summary = _summarise(report, index)
         report.stages.append(records[index])
+
+
+def _apply_layer_stage(
+    module: ModuleType,
+    stage: Any,
+    layers: dict[str, nn.Linear],
+    stats: dict[str, LayerStats],
+    sparsities: dict[str, float] | None,
+    dense: dict[str, torch.Tensor],
+) -> list[dict[str, Any]]:
+    """Apply a layer method to every targeted layer of a block; one row per layer."""
+    rows: list[dict[str, Any]] = []
+    for names in _shared_groups(layers, stats, module, stage, sparsities):
+        layer_stage = stage if sparsities is None else stage.model_copy(update={"sparsity": sparsities[names[0]]})
+        group_stats = stats.get(names[0], LayerStats(tokens=0))
+        if len(names) > 1:  # layers reading one input, processed as one matrix (same result, fewer steps)
+            group = {name: layers[name] for name in names}
+            for name, details in module.apply_shared_(group, layer_stage, group_stats).items():
+                rows.append({"name": name, "layer": layers[name], **details})
+            continue
+        name = names[0]
+        if getattr(module, "USES_DENSE_WEIGHT", False):
+            group_stats = dataclasses.replace(group_stats, dense_weight=dense.get(name))
+        details = module.apply_(layers[name], layer_stage, group_stats) or {}
+        rows.append({"name": name, "layer": layers[name], **details})
+    return rows
+
+
+def _shared_groups(layers: dict[str, nn.Linear], stats: dict[str, LayerStats], module: ModuleType, stage: Any,
+                   sparsities: dict[str, float] | None) -> list[list[str]]:  # fmt: skip
+    """Layer names in order, grouped where the method can process layers sharing one input in one go.
+
+    Layers group when they share one LayerStats (the same input tensor), the method has `apply_shared_`, and
+    (under OWL) their sparsities are equal; otherwise every layer is its own group.
+    """
+    groups: list[list[str]] = []
+    by_stats: dict[int, list[str]] = {}
+    for name in layers:
+        s = stats.get(name)
+        key = id(s) if s is not None and hasattr(module, "apply_shared_") else None
+        if (
+            key is not None
+            and key in by_stats
+            and (sparsities is None or sparsities[name] == sparsities[by_stats[key][0]])
+        ):
+            by_stats[key].append(name)
+            continue
+        groups.append([name])
+        if key is not None:
+            by_stats.setdefault(key, groups[-1])
+    return groups
 
 
 def _add_layer_records(report: CompressionReport, model: nn.Module, index: int, stage: Any,

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from llmpress.compress import cuda_graphs
 from llmpress.compress.quant import QuantizedWeight, attach_, fit_grid, quantize_codes
 from llmpress.config import GPTQStage
 
@@ -66,18 +67,45 @@ PRUNED_FRACTION = 0.10
 @torch.no_grad()
 def apply_(layer: nn.Linear, stage: GPTQStage, stats: LayerStats) -> dict:
     """Quantize `layer`'s weight in place with GPTQ; keep the codes for saving."""
+    return apply_shared_({"layer": layer}, stage, stats)["layer"]
+
+
+@torch.no_grad()
+def apply_shared_(layers: dict[str, nn.Linear], stage: GPTQStage, stats: LayerStats) -> dict[str, dict]:
+    """GPTQ on layers that read the same input (q/k/v, gate/up), with their rows stacked into one matrix.
+
+    GPTQ treats every output row on its own given the shared Hessian, so each layer gets exactly the codes that
+    quantizing it alone would give, in one walk over the columns instead of one per layer.
+    """
     if stats.hessian is None:
         raise ValueError("gptq needs calibration activations (the layer Hessian)")
-    weight = layer.weight.detach().float()
-    zeros = weight == 0
-    mask = zeros if zeros.float().mean().item() > PRUNED_FRACTION else None
-    qw, error = gptq_quantize(
-        weight, stats.hessian, bits=stage.bits, group_size=stage.group_size, symmetric=stage.symmetric,
+    weights = [layer.weight.detach().float() for layer in layers.values()]
+    masks = [_pruned(w) for w in weights]
+    mask = None
+    if any(m is not None for m in masks):
+        mask = torch.cat([torch.zeros_like(w, dtype=torch.bool) if m is None else m
+                          for m, w in zip(masks, weights, strict=True)])  # fmt: skip
+    qw, row_losses = _gptq(
+        torch.cat(weights), stats.hessian, bits=stage.bits, group_size=stage.group_size, symmetric=stage.symmetric,
         block_size=stage.block_size, dampening=stage.dampening, act_order=stage.act_order, mask=mask,
     )  # fmt: skip
-    attach_(layer, qw)
-    return {"bits": stage.bits, "group_size": stage.group_size, "symmetric": stage.symmetric,
-            "act_order": stage.act_order, "error": error}  # fmt: skip
+    out: dict[str, dict] = {}
+    start = 0
+    for (name, layer), w in zip(layers.items(), weights, strict=True):
+        stop = start + w.shape[0]
+        part = QuantizedWeight(qw.codes[start:stop], qw.scale[start:stop], qw.zero[start:stop], qw.bits,
+                               qw.group_size, qw.symmetric)  # fmt: skip
+        attach_(layer, part)
+        out[name] = {"bits": stage.bits, "group_size": stage.group_size, "symmetric": stage.symmetric,
+                     "act_order": stage.act_order, "error": row_losses[start:stop].sum().item()}  # fmt: skip
+        start = stop
+    return out
+
+
+def _pruned(weight: torch.Tensor) -> torch.Tensor | None:
+    """The zeros of a pruned layer (kept by GPTQ), or None when under PRUNED_FRACTION of the weights are zero."""
+    zeros = weight == 0
+    return zeros if zeros.float().mean().item() > PRUNED_FRACTION else None
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
@@ -119,6 +147,24 @@ def gptq_quantize(
     Returns the quantized weight (codes in the original column order, one grid per row and per `group_size`
     consecutive inputs) and the reference's reconstruction loss sum_j (w_j - q_j)^2 / [H^-1]_jj^2 / 2.
     """
+    qw, row_losses = _gptq(weight, hessian, bits=bits, group_size=group_size, symmetric=symmetric,
+                           block_size=block_size, dampening=dampening, act_order=act_order, mask=mask)  # fmt: skip
+    return qw, row_losses.sum().item()
+
+
+def _gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    block_size: int,
+    dampening: float,
+    act_order: bool,
+    mask: torch.Tensor | None,
+) -> tuple[QuantizedWeight, torch.Tensor]:
+    """`gptq_quantize` returning the loss per output row."""
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
     rows, cols = W.shape
@@ -147,42 +193,75 @@ def gptq_quantize(
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
         mask = mask[:, perm] if mask is not None else None
-    group_of = (perm // gs).tolist()
+    group_index = perm // gs
 
     Hinv = inverse_hessian_factor(H, dampening)
     codes = torch.zeros_like(W)
-    losses = torch.zeros_like(W)
+    row_losses = torch.zeros(rows, device=W.device)
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if group_size is not None and not static and j % gs == 0:
-                # the group's current weights: in-block columns from W1, the rest from W (already updated by
-                # every earlier block); pruned entries will be 0, so they do not stretch the range
-                current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                if mask is not None:
-                    current = current.masked_fill(mask[:, j : j + gs], 0)
-                scale[:, j // gs : j // gs + 1], zero[:, j // gs : j // gs + 1] = fit_grid(current, bits, symmetric)
-            g = group_of[j]
-            s, z = scale[:, g], zero[:, g]
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            code = quantize_codes(w, s, z, bits)
-            if mask is not None:
-                code = torch.where(mask[:, j], z, code)
-            q = s * (code - z)  # exactly QuantizedWeight.dequantize's arithmetic
-            codes[:, j] = code
-            losses[:, j] = (w - q) ** 2 / d**2 / 2
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        width = i2 - i1
+        # Grids fitted inside this block: at each group start, on the group's current weights (in-block columns as
+        # updated so far, the rest as left by earlier blocks: the `lookahead` columns past the block).
+        fit_starts = () if group_size is None or static else tuple(i for i in range(width) if (i1 + i) % gs == 0)
+        lookahead = max([0] + [min(i + gs, cols - i1) - width for i in fit_starts])
+        # grid of every column: those already known (per row, static groups, a group begun in an earlier block);
+        # columns from the first fit start on are overwritten by their fit
+        S1, Z1 = scale[:, group_index[i1:i2]], zero[:, group_index[i1:i2]]
+        _, _, S1, Z1, codes1, Err1, _ = cuda_graphs.run(
+            _quantize_columns,
+            [W[:, i1 : i2 + lookahead].clone(), Hinv[i1:i2, i1:i2], S1, Z1, torch.zeros(rows, width, device=W.device),
+             torch.zeros(rows, width, device=W.device), None if mask is None else mask[:, i1 : i2 + lookahead]],
+            (fit_starts, gs, bits, symmetric),
+        )  # fmt: skip
+        for i in fit_starts:
+            g = (i1 + i) // gs
+            scale[:, g], zero[:, g] = S1[:, i], Z1[:, i]
+        codes[:, i1:i2] = codes1
+        row_losses += (Err1 * Err1).sum(dim=1) / 2  # (w - q)^2 / [H^-1]_jj^2 / 2, the reference's Losses
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     if act_order:
         codes = codes[:, torch.argsort(perm)]
     qw = QuantizedWeight(codes.to(torch.uint8), scale.half(), zero.to(torch.uint8), bits, group_size, symmetric)
-    return qw, losses.sum().item()
+    return qw, row_losses
+
+
+def _quantize_columns(
+    W1: torch.Tensor,
+    Hinv1: torch.Tensor,
+    S1: torch.Tensor,
+    Z1: torch.Tensor,
+    codes1: torch.Tensor,
+    Err1: torch.Tensor,
+    mask1: torch.Tensor | None,
+    fit_starts: tuple[int, ...],
+    gs: int,
+    bits: int,
+    symmetric: bool,
+) -> None:
+    """GPTQ's inner loop over the columns of one block, in place (replayed from a CUDA graph on GPUs).
+
+    W1 [rows, width + lookahead]: the block's current weights, then columns past it that a group begun here
+    spans; Hinv1 [width, width]; S1, Z1 [rows, width]: each column's grid, written here at `fit_starts`;
+    codes1, Err1 [rows, width]: the codes and the scaled errors (w - q) / [H^-1]_jj; mask1: pruned weights.
+    """
+    width = Hinv1.shape[0]
+    for i in range(width):
+        if i in fit_starts:
+            current = W1[:, i : i + gs]  # pruned entries will be 0, so they do not stretch the range
+            if mask1 is not None:
+                current = current.masked_fill(mask1[:, i : i + gs], 0)
+            s, z = fit_grid(current, bits, symmetric)
+            S1[:, i : i + gs] = s
+            Z1[:, i : i + gs] = z
+        w, s, z = W1[:, i], S1[:, i], Z1[:, i]
+        code = quantize_codes(w, s, z, bits)
+        if mask1 is not None:
+            code = torch.where(mask1[:, i], z, code)
+        codes1[:, i] = code
+        # q = s * (code - z) is exactly QuantizedWeight.dequantize's arithmetic; w - q spreads over columns > i
+        err = (w - s * (code - z)) / Hinv1[i, i]
+        W1[:, i:width].addr_(err, Hinv1[i, i:], alpha=-1)
+        Err1[:, i] = err

@@ -41,11 +41,13 @@ Recipe example (`recipes/sparsegpt-50.yaml`):
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from llmpress.compress import cuda_graphs
 from llmpress.compress.masks import nm_mask
 from llmpress.config import SparseGPTStage
 
@@ -79,28 +81,45 @@ def _prune_count(sparsity: float, per_column: int, start: int, stop: int) -> int
     return round(sparsity * per_column * stop) - round(sparsity * per_column * start)
 
 
-def _unstructured_mask(scores: torch.Tensor, sparsity: float, start: int, per_row: bool) -> torch.Tensor:
-    """Prune mask (True = prune) for the column block `scores` [rows, cols] that starts at column `start`."""
-    rows, cols = scores.shape
+def _unstructured_mask(scores: torch.Tensor, sparsity: float, start: int, per_row: bool,
+                       segments: list[int]) -> torch.Tensor:  # fmt: skip
+    """Prune mask (True = prune) for the column block `scores` [rows, cols] that starts at column `start`.
+
+    `segments` are the row counts of the layers stacked in `scores`: the whole-block comparison is made within
+    each layer, as if it were pruned alone.
+    """
+    cols = scores.shape[1]
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if per_row:  # Wanda's comparison group: the same count in every row
         k = _prune_count(sparsity, 1, start, start + cols)
         if k > 0:
             mask.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], True)
         return mask
-    k = _prune_count(sparsity, rows, start, start + cols)
-    if k > 0:
-        mask.view(-1)[torch.argsort(scores.flatten(), stable=True)[:k]] = True
+    first = 0
+    for n_rows in segments:
+        k = _prune_count(sparsity, n_rows, start, start + cols)
+        if k > 0:
+            part = mask[first : first + n_rows]
+            part.view(-1)[torch.argsort(scores[first : first + n_rows].flatten(), stable=True)[:k]] = True
+        first += n_rows
     return mask
 
 
 @torch.no_grad()
 def prune_(
-    W: torch.Tensor, hessian: torch.Tensor, stage: SparseGPTStage, input_sq_norms: torch.Tensor | None = None
-) -> tuple[torch.Tensor, float]:
-    """SparseGPT on a weight matrix W [rows, cols] (not modified); returns (pruned fp32 weight, OBS loss)."""
+    W: torch.Tensor,
+    hessian: torch.Tensor,
+    stage: SparseGPTStage,
+    input_sq_norms: torch.Tensor | None = None,
+    segments: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on a weight matrix W [rows, cols] (not modified); returns (pruned fp32 weight, OBS loss per row).
+
+    `segments` splits the rows into layers stacked together (default: one layer); see `apply_shared_`.
+    """
     W = W.detach().float().clone()
     rows, cols = W.shape
+    segments = segments or [rows]
     Hinv, dead = inverse_hessian_factor(hessian, stage.dampening)
     W[:, dead] = 0
     hinv_diag = torch.diag(Hinv)
@@ -108,6 +127,7 @@ def prune_(
     if n_m is not None and cols % n_m[1]:
         raise ValueError(f"N:M pattern {stage.pattern} needs the input size ({cols}) to be a multiple of {n_m[1]}")
     sparsity = stage.target_sparsity
+    x_norm = None
     if stage.importance == "wanda":
         # ||x_j|| from the statistics, or from the Hessian's diagonal (2/n sum x_j^2): only ratios matter.
         norms = input_sq_norms if input_sq_norms is not None else torch.diag(hessian)
@@ -119,56 +139,115 @@ def prune_(
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
+        width = i2 - i1
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % mask_block == 0:
-                # The mask of the next mask block, from its weights as updated so far: columns of this block are
-                # current in W1; columns past the block still owe the lazy update from this block's errors.
-                stop = min(col + mask_block, cols)
-                current = W1[:, i : min(stop, i2) - i1]
-                if stop > i2:
-                    pending = Err1[:, :i] @ Hinv[i1:col, i2:stop]
-                    current = torch.cat([current, W[:, i2:stop] - pending], dim=1)
-                if stage.importance == "wanda":
-                    scores = current.abs() * x_norm[col:stop].unsqueeze(0)
+        xn1 = None if x_norm is None else x_norm[i1:i2]
+        if n_m is not None and width % n_m[1] == 0 and i1 % n_m[1] == 0:
+            # N:M groups inside the block: the mask of each group is chosen in the column loop (one CUDA graph)
+            W1, _, P1, Q1, Err1, _ = cuda_graphs.run(
+                _prune_columns, [W1, Hinv1, prune[:, i1:i2], Q1, Err1, xn1], (0, width, n_m, stage.importance)
+            )
+            prune[:, i1:i2] = P1
+        else:
+            # Masks chosen at every multiple of mask_block, from the weights as updated so far: columns of this
+            # block are current in W1; columns past the block still owe the lazy update from this block's errors.
+            starts = [c - i1 for c in range(i1, i2) if c % mask_block == 0]
+            bounds = sorted({0, width, *starts})
+            for a, b in itertools.pairwise(bounds):
+                col = i1 + a
+                if col % mask_block == 0:
+                    stop = min(col + mask_block, cols)
+                    current = W1[:, a : min(stop, i2) - i1]
+                    if stop > i2:
+                        pending = Err1[:, :a] @ Hinv[i1:col, i2:stop]
+                        current = torch.cat([current, W[:, i2:stop] - pending], dim=1)
+                    if x_norm is not None:
+                        scores = current.abs() * x_norm[col:stop].unsqueeze(0)
+                    else:
+                        scores = current**2 / hinv_diag[col:stop].unsqueeze(0) ** 2
+                    if n_m is not None:
+                        prune[:, col:stop] = ~nm_mask(scores, *n_m)
+                    else:
+                        per_row = x_norm is not None
+                        prune[:, col:stop] = _unstructured_mask(scores, sparsity, col, per_row, segments)
+                args = [W1, Hinv1, prune[:, i1:i2], Q1, Err1, xn1]
+                if len(bounds) == 2:  # one mask block per block (the default): the column loop is one CUDA graph
+                    W1, _, _, Q1, Err1, _ = cuda_graphs.run(_prune_columns, args, (a, b, None, stage.importance))
                 else:
-                    scores = current**2 / hinv_diag[col:stop].unsqueeze(0) ** 2
-                if n_m is not None:
-                    prune[:, col:stop] = ~nm_mask(scores, *n_m)
-                else:
-                    per_row = stage.importance == "wanda"
-                    prune[:, col:stop] = _unstructured_mask(scores, sparsity, col, per_row)
-
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            q = w.clone()
-            q[prune[:, col]] = 0
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d**2
-            err1 = (w - q) / d
-            # OBS: spread this column's error over the block's remaining columns.
-            W1[:, i:] -= err1.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err1
+                    _prune_columns(*args, a, b, None, stage.importance)
 
         W[:, i1:i2] = Q1
-        losses += torch.sum(Losses1, 1) / 2
-        # Lazy batch update of every column to the right of the block.
+        losses += torch.sum(Err1 * Err1, 1) / 2  # (w - q)^2 / d^2 / 2 per column, the reference's Losses
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    return W, float(losses.sum())
+    return W, losses
+
+
+def _prune_columns(
+    W1: torch.Tensor,
+    Hinv1: torch.Tensor,
+    P1: torch.Tensor,
+    Q1: torch.Tensor,
+    Err1: torch.Tensor,
+    x_norm1: torch.Tensor | None,
+    start: int,
+    stop: int,
+    n_m: tuple[int, int] | None,
+    importance: str,
+) -> None:
+    """SparseGPT's inner loop over columns [start, stop) of one block, in place (a CUDA graph on GPUs).
+
+    W1 [rows, width]: the block's current weights; Hinv1 [width, width]; P1: the prune mask (True = prune),
+    chosen here for every group of M columns when `n_m` is given; Q1: the pruned weights; Err1: the scaled
+    errors (w - q) / [H^-1]_jj that the caller spreads over the columns past the block.
+    """
+    hinv_diag1 = torch.diag(Hinv1)
+    for i in range(start, stop):
+        if n_m is not None and i % n_m[1] == 0:
+            current = W1[:, i : i + n_m[1]]
+            if importance == "wanda":
+                assert x_norm1 is not None
+                scores = current.abs() * x_norm1[i : i + n_m[1]].unsqueeze(0)
+            else:
+                scores = current**2 / hinv_diag1[i : i + n_m[1]].unsqueeze(0) ** 2
+            P1[:, i : i + n_m[1]] = ~nm_mask(scores, *n_m)
+        w = W1[:, i]
+        q = w.masked_fill(P1[:, i], 0)  # (boolean indexing would wait for the GPU at every column)
+        Q1[:, i] = q
+        err1 = (w - q) / Hinv1[i, i]
+        # OBS: spread this column's error over the block's remaining columns.
+        W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
+        Err1[:, i] = err1
 
 
 @torch.no_grad()
 def apply_(layer: nn.Linear, stage: SparseGPTStage, stats: LayerStats) -> dict:
     """Prune `layer` in place with SparseGPT and compensate the kept weights."""
+    return apply_shared_({"layer": layer}, stage, stats)["layer"]
+
+
+@torch.no_grad()
+def apply_shared_(layers: dict[str, nn.Linear], stage: SparseGPTStage, stats: LayerStats) -> dict[str, dict]:
+    """SparseGPT on layers that read the same input (q/k/v, gate/up), their rows stacked into one matrix.
+
+    The OBS update works row by row given the shared Hessian, and masks are chosen per row (N:M, Wanda scores) or
+    per layer (`_unstructured_mask`'s segments), so every layer ends exactly as if pruned alone, in one walk over
+    the columns instead of one per layer.
+    """
     if stats.hessian is None:
         raise ValueError("sparsegpt needs the layer Hessian from calibration activations (NEEDS = 'hessian')")
-    pruned, error = prune_(layer.weight, stats.hessian, stage, stats.input_sq_norms)
-    layer.weight.data.copy_(pruned.to(layer.weight.dtype))
-    return {"block_size": stage.block_size, "importance": stage.importance, "error": error}
+    weights = [layer.weight for layer in layers.values()]
+    segments = [w.shape[0] for w in weights]
+    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
+    pruned, row_losses = prune_(stacked, stats.hessian, stage, stats.input_sq_norms, segments)
+    out: dict[str, dict] = {}
+    start = 0
+    for (name, layer), n_rows in zip(layers.items(), segments, strict=True):
+        layer.weight.data.copy_(pruned[start : start + n_rows].to(layer.weight.dtype))
+        error = row_losses[start : start + n_rows].sum().item()
+        out[name] = {"block_size": stage.block_size, "importance": stage.importance, "error": error}
+        start += n_rows
+    return out
