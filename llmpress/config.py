@@ -108,6 +108,7 @@ class ExportParams(Strict):
     onnx: bool = True
     opset: int = Field(18, ge=14, le=23)
     parity_tokens: int = Field(128, ge=2, description="tokens of held-out text used to compare ONNX and PyTorch")
+    parity_decode_steps: int = Field(32, ge=0, le=1024, description="greedy decode steps compared after the prefill")
 
 
 class GateParams(Strict):
@@ -117,6 +118,7 @@ class GateParams(Strict):
     max_perplexity_ratio: float | None = Field(1.6, gt=0, description="compressed / base perplexity")
     min_sparsity: float | None = Field(None, ge=0, lt=1, description="measured sparsity of the targeted layers")
     max_onnx_logit_diff: float | None = Field(1e-3, gt=0, description="max |logit| difference, ONNX vs PyTorch")
+    onnx_greedy_identical: bool = Field(True, description="ONNX's greedy decode must give PyTorch's tokens")
     max_kl_to_base: float | None = Field(None, gt=0, description="mean KL(base || compressed) per token, nats")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="share of same top-1 next token")
     min_cloze_ratio: float | None = Field(None, ge=0, description="cloze accuracy, compressed / base")

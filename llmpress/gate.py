@@ -73,6 +73,8 @@ def run_gate(metrics: dict[str, float], base: dict[str, float], params: GatePara
         checks.append(_check("cloze_ratio", ratio, ">=", params.min_cloze_ratio))
     if params.max_onnx_logit_diff is not None and "onnx_max_abs_diff" in metrics:
         checks.append(_check("onnx_max_abs_diff", metrics["onnx_max_abs_diff"], "<=", params.max_onnx_logit_diff))
+    if params.onnx_greedy_identical and "onnx_greedy_identical" in metrics:
+        checks.append(_check("onnx_greedy_identical", metrics["onnx_greedy_identical"], ">=", 1.0))
     if params.champion_max_perplexity_increase is not None:
         limit = 1.0 + params.champion_max_perplexity_increase
         if champion is None:

@@ -277,7 +277,8 @@ def plot_cost(base: dict[str, Any], compressed: dict[str, Any], out_path: str | 
 
 
 def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams) -> dict[str, Any]:
-    """ONNX export and parity against PyTorch on the first `parity_tokens` tokens of the held-out text."""
+    """ONNX export (KV cache) and parity against PyTorch: prefill of the first `parity_tokens` held-out tokens, then
+    `parity_decode_steps` greedy steps."""
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path)
     start = time.perf_counter()
@@ -287,7 +288,7 @@ def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams) 
     ids = ids[: params.parity_tokens]
     if len(ids) < 2:
         raise LlmpressError("the held-out text is too short for the ONNX parity check")
-    parity = check_parity(model, path, torch.tensor([ids]))
+    parity = check_parity(model, path, torch.tensor([ids]), decode_steps=params.parity_decode_steps)
     return {
         "onnx_path": str(path.resolve()),
         "onnx_bytes": folder_bytes(out_dir),
@@ -295,6 +296,8 @@ def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams) 
         "onnx_max_abs_diff": parity.max_abs_diff,
         "onnx_mean_abs_diff": parity.mean_abs_diff,
         "onnx_argmax_agreement": parity.argmax_agreement,
+        "onnx_decode_steps": parity.decode_steps,
+        "onnx_greedy_identical": float(parity.greedy_identical),
         "opset": params.opset,
     }
 

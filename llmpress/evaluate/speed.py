@@ -5,9 +5,9 @@ memory it reports (the child's ru_maxrss) is that model's footprint alone, and o
 another's. Protocol (`params.yaml` → `eval.speed`):
 
 - prompts are the first `prompt_tokens` tokens of the held-out text (BOS first), repeated to the batch size;
-- prefill: one forward pass over the prompt (PyTorch with KV cache on, ONNX Runtime on the logits graph);
-- decode: `decode_tokens` greedy steps after the prefill; PyTorch reuses its KV cache. The ONNX graph has no KV
-  cache yet, so ONNX Runtime "decode" recomputes the whole sequence at every step: reported as such, not hidden;
+- prefill: one forward pass over the prompt, filling the KV cache (PyTorch, and the ONNX graph with empty pasts);
+- decode: `decode_tokens` greedy steps after the prefill, each feeding one token and reusing the cache, in PyTorch
+  and in onnxruntime (`llmpress.export.generate`);
 - `warmup` untimed runs, then `repeats` timed runs; the median is reported; torch and ORT use the same threads;
 - peak memory is the process's VmHWM (peak resident set of its address space, which starts fresh at exec; the
   getrusage maximum is not used because Linux carries it over from the parent across exec).
@@ -32,7 +32,7 @@ from llmpress.config import SpeedParams
 from llmpress.errors import LlmpressError
 
 
-def _median_seconds(fn: Callable[[], None], warmup: int, repeats: int) -> float:
+def _median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -78,28 +78,31 @@ def peak_rss_mb() -> float:
 
 
 def ort_speed(onnx_path: str, prompt: torch.Tensor, params: SpeedParams, threads: int) -> dict[str, float]:
+    """Prefill latency and KV-cache decode tokens/s of the ONNX graph in onnxruntime (same protocol as PyTorch)."""
     import numpy as np
 
-    from llmpress.export.onnx import onnx_session
+    from llmpress.export.generate import OrtGenerator, onnx_session
 
-    session = onnx_session(onnx_path, threads=threads)
+    generator = OrtGenerator(onnx_session(onnx_path, threads=threads))
     ids = prompt.numpy()
+    mask = np.ones_like(ids)
 
-    def run(x: np.ndarray) -> np.ndarray:
-        return session.run(["logits"], {"input_ids": x, "attention_mask": np.ones_like(x)})[0]
+    def prefill() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return generator.forward(ids, mask, generator.empty_cache(ids.shape[0]))
 
     decode_times: list[float] = []
 
     def generate() -> None:
-        x = ids
-        token = run(x)[:, -1:].argmax(-1)  # the prefill
+        logits, cache = prefill()
+        token, step_mask = logits[:, -1:].argmax(-1), mask
         start = time.perf_counter()
-        for _ in range(params.decode_tokens):  # one full recompute per new token
-            x = np.concatenate([x, token.astype(np.int64)], axis=1)
-            token = run(x)[:, -1:].argmax(-1)
+        for _ in range(params.decode_tokens):  # one token per step, reusing the cache
+            step_mask = np.concatenate([step_mask, np.ones((ids.shape[0], 1), dtype=np.int64)], axis=1)
+            logits, cache = generator.forward(token, step_mask, cache)
+            token = logits[:, -1:].argmax(-1)
         decode_times.append(time.perf_counter() - start)
 
-    prefill_s = _median_seconds(lambda: run(ids), params.warmup, params.repeats)
+    prefill_s = _median_seconds(prefill, params.warmup, params.repeats)
     _median_seconds(generate, params.warmup, params.repeats)
     decode_s = statistics.median(decode_times[params.warmup :])
     return {"prefill_ms": prefill_s * 1e3, "decode_tokens_per_s": ids.shape[0] * params.decode_tokens / decode_s}

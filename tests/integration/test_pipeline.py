@@ -133,13 +133,15 @@ def test_onnx_matches_pytorch(runs: dict) -> None:
     comp = runs["wanda"]["compressed"]
     # fp32 in both; differences come only from operator fusion and summation order over 30 blocks. Measured
     # ~1e-4 on logits of magnitude ~10-30, so 1e-3 is 10x headroom and still catches any real divergence.
+    # The max covers the prefill and 32 greedy decode steps, each side decoding from its own KV cache.
     assert comp["onnx_max_abs_diff"] < 1e-3
     assert comp["onnx_argmax_agreement"] == 1.0
+    assert comp["onnx_decode_steps"] == 32 and comp["onnx_greedy_identical"] == 1.0
     # Re-check independently on a batch of two different calibration windows, through dynamic batch/sequence axes.
     path = runs["wanda"]["compressed_path"]
     ids = calibration_windows(load_tokenizer(path), runs["project"] / "data" / "calibration.jsonl", 96, True)[:2]
-    parity = check_parity(load_model(path), runs["wanda"]["onnx_path"], ids)
-    assert parity.max_abs_diff < 1e-3 and parity.argmax_agreement == 1.0
+    parity = check_parity(load_model(path), runs["wanda"]["onnx_path"], ids, decode_steps=32)
+    assert parity.max_abs_diff < 1e-3 and parity.argmax_agreement == 1.0 and parity.greedy_identical
 
 
 def test_registry_versions_tags_and_aliases(runs: dict) -> None:
