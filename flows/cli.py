@@ -5,6 +5,8 @@
     llmpress resolve SOURCE           resolve a model source to a local folder, print its content hash
     llmpress check FILE ...           validate recipes (and params.yaml) without running anything
     llmpress dequantize SRC DST       a compressed folder (packed ints, low-rank) -> a plain HF safetensors folder
+    llmpress bundle verify PATH       check an edge bundle's files against its manifest
+    llmpress bundle run PATH PROMPT   generate with an edge bundle (needs only onnxruntime and tokenizers)
 
 A problem with the input prints one line starting with 'error:' and exits with status 2.
 """
@@ -127,6 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     deq = sub.add_parser("dequantize", help="compressed folder -> plain Hugging Face folder (float weights)")
     deq.add_argument("src")
     deq.add_argument("dst")
+    bundle = sub.add_parser("bundle", help="check or run an edge bundle (needs only onnxruntime and tokenizers)")
+    bundle_sub = bundle.add_subparsers(dest="bundle_command", required=True)
+    verify = bundle_sub.add_parser("verify", help="check every file's sha256 and size against manifest.json")
+    verify.add_argument("path")
+    bundle_run = bundle_sub.add_parser("run", help="verify, then generate a continuation of PROMPT")
+    bundle_run.add_argument("path")
+    bundle_run.add_argument("prompt")
+    bundle_run.add_argument("--max-new-tokens", type=int, default=64)
+    bundle_run.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    bundle_run.add_argument("--top-k", type=int)
+    bundle_run.add_argument("--top-p", type=float)
+    bundle_run.add_argument("--seed", type=int)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -169,6 +183,18 @@ def main(argv: list[str] | None = None) -> int:
             for file in args.files:
                 recipe = load_recipe(file)
                 print(f"{file}: ok ({recipe.name}, {len(recipe.stages)} stage(s))")
+        elif args.command == "bundle":
+            from llmpress import bundle as edge_bundle
+
+            if args.bundle_command == "verify":
+                manifest = edge_bundle.verify_bundle(args.path)
+                size = sum(f["bytes"] for f in manifest["files"])
+                model = manifest.get("model", {})
+                print(f"{args.path}: ok ({len(manifest['files'])} files, {_fmt_bytes(size)}, "
+                      f"{model.get('precision', '?')}, opset {model.get('opset', '?')})")  # fmt: skip
+            else:
+                print(edge_bundle.run(args.path, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                                      args.top_p, args.seed))  # fmt: skip
         elif args.command == "dequantize":
             from llmpress.steps import dequantize
 

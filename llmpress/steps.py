@@ -323,3 +323,18 @@ def plot_sparsity(per_layer: dict[str, float], target: float | None, out_path: s
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
     return Path(out_path)
+
+
+def edge_bundle(onnx_path: str, model_dir: str, out_dir: str | Path, metrics: dict[str, Any], gate: dict[str, Any],
+                lineage: dict[str, str]) -> Path:  # fmt: skip
+    """The edge bundle (`llmpress.bundle`) of an exported model, verified after it is written."""
+    import onnx
+
+    from llmpress.bundle import build_bundle, verify_bundle
+
+    graph = onnx.load(onnx_path, load_external_data=False)
+    opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), 0)
+    path = build_bundle(out_dir, Path(onnx_path).parent, model_dir, precision="fp32", opset=opset, metrics=metrics,
+                        gate=gate, lineage=lineage)  # fmt: skip
+    verify_bundle(path)
+    return path

@@ -83,6 +83,10 @@ def register_and_gate(tracking_uri: str, run_id: str, model_name: str, model_dir
         if "torch_b1_prefill_ms" in metrics and "torch_b1_prefill_ms" in base_metrics:
             plot = steps.plot_cost(base_metrics, metrics, Path(tmp) / "cost_vs_base.png")
             c.log_artifact(run_id, str(plot), "plots")
+        if onnx_path:  # the edge bundle of this version: graph, tokenizer, runner, manifest with hashes and verdict
+            lineage = version_tags | {"model": model_name, "version": str(version), "run_id": run_id}
+            bundle = steps.edge_bundle(onnx_path, model_dir, Path(tmp) / "bundle", metrics, report.to_dict(), lineage)
+            c.log_artifacts(run_id, str(bundle), "bundle")
     c.update_model_version(model_name, version, description=card)
     c.set_tag(run_id, "mlflow.note.content", card)  # the run page's description, too
     tracking.apply_gate(c, model_name, version, report)

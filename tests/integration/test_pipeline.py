@@ -176,7 +176,15 @@ def test_mlflow_run_contents(runs: dict) -> None:
     assert run.data.params["recipe.name"] == "wanda-50"
     assert run.data.metrics["perplexity"] == pytest.approx(runs["wanda"]["compressed"]["perplexity"])
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
-    assert {"gate_report.json", "summary.json", "plots", "model_card.md", "generations.json", "onnx"} <= artifacts
+    assert {
+        "gate_report.json",
+        "summary.json",
+        "plots",
+        "model_card.md",
+        "generations.json",
+        "onnx",
+        "bundle",
+    } <= artifacts
     children = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert {r.info.run_name for r in children} == {"data", "compress", "evaluate", "export", "speed"}
     plots = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
@@ -226,3 +234,44 @@ def test_bad_recipe_is_refused_before_anything_is_registered(runs: dict, tmp_pat
     err = capsys.readouterr().err
     assert "sparsity" in err and "less than 1" in err
     assert len(c.search_model_versions(f"name = '{MODEL_NAME}'")) == before
+
+
+def test_edge_bundle_runs_with_only_onnxruntime_and_tokenizers(runs: dict, tmp_path: Path) -> None:
+    """The run's bundle verifies, carries the verdict and lineage, and generates - in a fresh virtualenv holding
+    numpy, onnxruntime and tokenizers only - exactly the greedy tokens PyTorch generates from the compressed model."""
+    import importlib.metadata as md
+
+    from tokenizers import Tokenizer
+
+    from llmpress.bundle import verify_bundle
+
+    uri = f"sqlite:///{runs['project'] / 'mlflow.db'}"
+    run_id = runs["wanda"]["mlflow_run_id"]
+    bundle = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="bundle", tracking_uri=uri,
+                                                      dst_path=str(tmp_path)))  # fmt: skip
+    manifest = verify_bundle(bundle)
+    assert manifest["gate"]["passed"] is True and manifest["lineage"]["version"] == runs["wanda"]["gate"]["version"]
+    assert manifest["metrics"]["perplexity"] == pytest.approx(runs["wanda"]["compressed"]["perplexity"])
+
+    prompt = "The weather in the mountains"
+    ids = Tokenizer.from_file(str(bundle / "tokenizer.json")).encode(prompt).ids
+    model = load_model(runs["wanda"]["compressed_path"])
+    # the bundle's runner stops at generation_config's eos_token_id, as transformers' generate does
+    generated = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :]
+    expected = Tokenizer.from_file(str(bundle / "tokenizer.json")).decode(generated.tolist(), skip_special_tokens=True)
+
+    env_dir = tmp_path / "edge-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
+    python = env_dir / "bin" / "python"
+    pins = [f"{name}=={md.version(name)}" for name in ("numpy", "onnxruntime", "tokenizers")]
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True, timeout=600)
+    assert subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode != 0  # really minimal
+    # the bundle's own runner, as on a device, and `llmpress bundle run` from the checkout (no llmpress install)
+    on_device = subprocess.run([str(python), str(bundle / "run.py"), prompt, "--max-new-tokens", "16"],
+                               capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert on_device.returncode == 0, on_device.stderr
+    via_cli = subprocess.run([str(python), "-m", "flows.cli", "bundle", "run", str(bundle), prompt, "--max-new-tokens",
+                              "16"], capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2],
+                             env={"PYTHONPATH": str(Path(__file__).parents[2]), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert via_cli.returncode == 0, via_cli.stderr
+    assert on_device.stdout.rstrip("\n") == via_cli.stdout.rstrip("\n") == expected

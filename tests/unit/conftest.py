@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -67,3 +69,31 @@ class CharTokenizer:
 @pytest.fixture
 def char_tokenizer() -> CharTokenizer:
     return CharTokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> tuple[LlamaForCausalLM, Path]:
+    """A tiny random Llama (2 blocks, confident logits so greedy choices are no ties) and its KV-cache ONNX graph,
+    exported once per session (about 10 s)."""
+    from llmpress.export.onnx import export_onnx
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    graph = export_onnx(model, tmp_path_factory.mktemp("onnx"))
+    return model, graph.parent
+
+
+def byte_tokenizer_json(path: Path) -> Path:
+    """A byte-level tokenizer.json with ids 0..255 (no merges), so every text maps into the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(path / "tokenizer.json"))
+    return path / "tokenizer.json"

@@ -6,29 +6,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from llmpress.export.generate import OrtGenerator, Sampling, onnx_session
-from llmpress.export.onnx import check_parity, export_onnx
+from llmpress.export.onnx import check_parity
 
 VOCAB = 256
 
 
 @pytest.fixture(scope="module")
-def tiny() -> LlamaForCausalLM:
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).float().eval()
-    # Larger weights than the default init give confident, well-separated logits, so greedy choices are no ties.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8)
-    return model
+def tiny(tiny_onnx) -> LlamaForCausalLM:
+    return tiny_onnx[0]
 
 
 @pytest.fixture(scope="module")
-def graph(tiny, tmp_path_factory) -> str:
-    return str(export_onnx(tiny, tmp_path_factory.mktemp("onnx")))
+def graph(tiny_onnx) -> str:
+    return str(tiny_onnx[1] / "model.onnx")
 
 
 @pytest.fixture(scope="module")
