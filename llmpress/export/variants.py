@@ -1,0 +1,95 @@
+"""Edge variants of the exported graph, made with onnxruntime's own quantizers, and judged like the PyTorch model.
+
+    fp32           the exported KV-cache graph as is
+    int8-dynamic   int8 weights per output channel, activations quantized at run time (MatMulInteger):
+                   onnxruntime.quantization.quantize_dynamic
+    int4           block-wise 4-bit weights with one scale per `block_size` inputs, fp32 activations (MatMulNBits):
+                   onnxruntime's MatMulNBitsQuantizer
+
+Every variant keeps the graph's interface (inputs, outputs, KV cache), so `llmpress.export.generate` runs them all,
+and `ort_perplexity` scores them on the held-out text with the pinned protocol of `llmpress.evaluate.perplexity`:
+the gate judges what ships. Weights that a variant cannot quantize (an lm_head tied to the embeddings reaches its
+MatMul through a transpose, not as an initializer) stay fp32; `describe` counts what was converted.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmpress.config import EvalParams
+from llmpress.errors import LlmpressError
+from llmpress.evaluate.perplexity import PerplexityResult, make_windows, window_nll
+from llmpress.export.generate import OrtGenerator, onnx_session
+
+VARIANTS = ("fp32", "int8-dynamic", "int4")
+BIG = 2**31 - 2**26  # protobuf's 2 GB limit, with margin: above it weights go to external data
+
+
+def make_variant(graph: str | Path, out_dir: str | Path, kind: str, block_size: int = 32) -> Path:
+    """Write variant `kind` of `graph` (a model.onnx from `export_onnx`) as `out_dir/model.onnx`."""
+    import onnx
+
+    graph, out_dir = Path(graph), Path(out_dir)
+    if kind not in VARIANTS:
+        raise LlmpressError(f"unknown ONNX variant {kind!r}; choose one of {', '.join(VARIANTS)}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise LlmpressError(f"int4 block_size must be a power of two >= 16, got {block_size}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "model.onnx"
+    external = sum(f.stat().st_size for f in graph.parent.iterdir() if f.is_file()) >= BIG
+    if kind == "fp32":
+        for item in graph.parent.iterdir():
+            if item.is_file():
+                shutil.copy2(item, out_dir / item.name)
+    elif kind == "int8-dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(graph), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], use_external_data_format=external)  # fmt: skip
+    else:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(graph)), block_size=block_size, is_symmetric=True,
+                                         accuracy_level=4)  # fmt: skip
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), external)
+    return out
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Bytes on disk (graph and external data) and the matmul kinds in the graph."""
+    import onnx
+
+    path = Path(path)
+    ops = Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+    return {
+        "bytes": sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file()),
+        "matmul": ops.get("MatMul", 0),
+        "matmul_int8": ops.get("MatMulInteger", 0),
+        "matmul_4bit": ops.get("MatMulNBits", 0),
+    }
+
+
+def ort_perplexity(onnx_path: str | Path, tokenizer, text: str, params: EvalParams,
+                   threads: int | None = None) -> PerplexityResult:  # fmt: skip
+    """Perplexity of an exported graph in onnxruntime, under the same protocol as the PyTorch model."""
+    generator = OrtGenerator(onnx_session(onnx_path, threads))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = make_windows(ids, params, tokenizer.bos_token_id)
+
+    def logits_fn(batch: torch.Tensor) -> torch.Tensor:
+        tokens = batch.numpy()
+        logits, _ = generator.forward(tokens, np.ones_like(tokens), generator.empty_cache(tokens.shape[0]))
+        return torch.from_numpy(logits)
+
+    nll, count = window_nll(logits_fn, windows, params.batch_size)
+    if count == 0:
+        raise LlmpressError("the evaluation text is too short: no token could be scored")
+    return PerplexityResult(perplexity=math.exp(nll / count), nll=nll, tokens=count, windows=len(windows))

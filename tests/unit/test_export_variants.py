@@ -1,0 +1,57 @@
+"""onnxruntime edge variants (int8 dynamic, int4 block-wise) of the KV-cache graph, and perplexity through
+onnxruntime under the same protocol as PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmpress.config import EvalParams
+from llmpress.errors import LlmpressError
+from llmpress.evaluate.perplexity import perplexity
+from llmpress.export.generate import OrtGenerator, onnx_session
+from llmpress.export.variants import describe, make_variant, ort_perplexity
+
+TEXT = "the quick brown fox jumps over the lazy dog; " * 30
+PARAMS = EvalParams(window=64, stride=64, max_tokens=1024, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def variants(tiny_onnx, tmp_path_factory) -> dict:
+    _, onnx_dir = tiny_onnx
+    root = tmp_path_factory.mktemp("variants")
+    return {kind: make_variant(onnx_dir / "model.onnx", root / kind, kind) for kind in ("fp32", "int8-dynamic", "int4")}
+
+
+def test_variants_quantize_every_block_matmul(variants) -> None:
+    fp32, int8, int4 = (describe(variants[k]) for k in ("fp32", "int8-dynamic", "int4"))
+    assert fp32["matmul_int8"] == fp32["matmul_4bit"] == 0
+    assert int8["matmul_int8"] >= 14 and int4["matmul_4bit"] >= 14  # 7 projections x 2 blocks (+ lm_head)
+    # (a tiny model: embeddings and graph overhead are a large share; the block weights shrink 4x and 8x)
+    assert int8["bytes"] < 0.7 * fp32["bytes"] and int4["bytes"] < int8["bytes"]
+
+
+def test_ort_perplexity_equals_pytorch_for_fp32(tiny_onnx, variants, char_tokenizer) -> None:
+    model, _ = tiny_onnx
+    reference = perplexity(model, char_tokenizer, TEXT, PARAMS)
+    got = ort_perplexity(variants["fp32"], char_tokenizer, TEXT, PARAMS, threads=1)
+    assert got.tokens == reference.tokens and got.windows == reference.windows
+    assert got.perplexity == pytest.approx(reference.perplexity, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["int8-dynamic", "int4"])
+def test_quantized_variants_stay_close_and_keep_the_interface(variants, char_tokenizer, kind) -> None:
+    fp32 = ort_perplexity(variants["fp32"], char_tokenizer, TEXT, PARAMS, threads=1).perplexity
+    quantized = ort_perplexity(variants[kind], char_tokenizer, TEXT, PARAMS, threads=1).perplexity
+    assert abs(quantized / fp32 - 1) < 0.1
+    generator = OrtGenerator(onnx_session(variants[kind], threads=1))
+    out = generator.generate(np.array([[5, 6, 7]]), 8)
+    assert out.shape == (1, 11)
+
+
+def test_bad_variant_settings_are_refused(tiny_onnx, tmp_path) -> None:
+    _, onnx_dir = tiny_onnx
+    with pytest.raises(LlmpressError, match="unknown ONNX variant 'int3'"):
+        make_variant(onnx_dir / "model.onnx", tmp_path, "int3")
+    with pytest.raises(LlmpressError, match="power of two"):
+        make_variant(onnx_dir / "model.onnx", tmp_path, "int4", block_size=24)
