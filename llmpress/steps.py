@@ -290,6 +290,7 @@ def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams) 
         raise LlmpressError("the held-out text is too short for the ONNX parity check")
     parity = check_parity(model, path, torch.tensor([ids]), decode_steps=params.parity_decode_steps)
     return {
+        "tensorrt": tensorrt_engine(path, Path(out_dir)),
         "onnx_path": str(path.resolve()),
         "onnx_bytes": folder_bytes(out_dir),
         "export_seconds": seconds,
@@ -338,3 +339,20 @@ def edge_bundle(onnx_path: str, model_dir: str, out_dir: str | Path, metrics: di
                         gate=gate, lineage=lineage)  # fmt: skip
     verify_bundle(path)
     return path
+
+
+def tensorrt_engine(onnx_path: Path, out_dir: Path) -> dict[str, Any]:
+    """Build a TensorRT engine where this worker can; otherwise record why not (and whether the graph is ready)."""
+    from llmpress.export.tensorrt import build_engine, plan_engine
+
+    plan = plan_engine(onnx_path)
+    assert plan.readiness is not None
+    out: dict[str, Any] = {"ready": plan.readiness.ready, "built": False, "reason": plan.reason, "fp16": plan.fp16,
+                           "int8": plan.int8, "sparse_weights": plan.sparse_weights}  # fmt: skip
+    if plan.buildable:
+        start = time.perf_counter()
+        engine = build_engine(onnx_path, plan, out_dir / "model.plan")
+        out |= {"built": True, "build_seconds": time.perf_counter() - start, "engine_bytes": engine.stat().st_size}
+    else:
+        log.info("no TensorRT engine: %s", plan.reason)
+    return out
