@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 
 from llmpress.config import load_params  # noqa: E402
+from llmpress.data import calibration_windows  # noqa: E402
 from llmpress.evaluate.perplexity import perplexity  # noqa: E402
 from llmpress.evaluate.speed import ort_speed, torch_speed  # noqa: E402
 from llmpress.export.onnx import export_onnx  # noqa: E402
@@ -37,8 +38,10 @@ from llmpress.export.variants import VARIANTS, describe, make_variant, ort_perpl
 from llmpress.sources import load_model, load_tokenizer  # noqa: E402
 
 
-def measure_model(folder: Path, variants: list[str], params, text: str, threads: int, block_size: int) -> list[dict]:
+def measure_model(folder: Path, variants: list[str], params, text: str, threads: int, block_size: int,
+                  calibration: Path) -> list[dict]:  # fmt: skip
     tokenizer = load_tokenizer(folder)
+    windows = calibration_windows(tokenizer, calibration, 256, True)[:16].numpy()  # for int8-static
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompt = torch.tensor([bos + ids[: params.eval.speed.prompt_tokens]])
@@ -56,7 +59,7 @@ def measure_model(folder: Path, variants: list[str], params, text: str, threads:
         del model
         for kind in variants:
             start = time.perf_counter()
-            path = make_variant(graph, Path(tmp) / kind, kind, block_size=block_size)
+            path = make_variant(graph, Path(tmp) / kind, kind, block_size=block_size, calibration_ids=windows)
             info = describe(path)
             ppl = ort_perplexity(path, tokenizer, text, params.eval, threads).perplexity
             speed = ort_speed(str(path), prompt, params.eval.speed, threads)
@@ -105,6 +108,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="held-out tokens (default: params.yaml)")
     parser.add_argument("--block-size", type=int, default=32, help="int4 block size")
     parser.add_argument("--eval-text", type=Path, default=REPO / "data" / "eval.txt")
+    parser.add_argument("--calibration", type=Path, default=REPO / "data" / "calibration.jsonl")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     params = load_params(REPO / "params.yaml")
@@ -123,7 +127,7 @@ def main() -> None:
                 "prompt_tokens": speed.prompt_tokens, "decode_tokens": speed.decode_tokens}  # fmt: skip
     rows: list[dict] = []
     for folder in args.models:
-        rows += measure_model(folder, args.variants, params, text, threads, args.block_size)
+        rows += measure_model(folder, args.variants, params, text, threads, args.block_size, args.calibration)
         write(rows, settings, args.out)
     print((args.out / "edge.md").read_text())
 

@@ -3,6 +3,12 @@
     fp32           the exported KV-cache graph as is
     int8-dynamic   int8 weights per output channel, activations quantized at run time (MatMulInteger):
                    onnxruntime.quantization.quantize_dynamic
+    int8-static    QDQ: int8 weights per output channel, and activation scales fixed from calibration windows
+                   (onnxruntime.quantization.quantize_static, MinMax). Only the matmuls with a weight are quantized
+                   (attention's activation-by-activation products stay fp32). Each calibration window is fed as
+                   a decode of its second half on the cache of its first half, so the ranges cover the attention
+                   over a past. QDQ is the int8 form TensorRT takes. Static per-tensor activation scales are what
+                   LLM outlier channels punish (the SmoothQuant paper's point): measure before shipping it
     int4           block-wise 4-bit weights with one scale per `block_size` inputs, fp32 activations (MatMulNBits):
                    onnxruntime's MatMulNBitsQuantizer
 
@@ -28,12 +34,14 @@ from llmpress.errors import LlmpressError
 from llmpress.evaluate.perplexity import PerplexityResult, make_windows, window_nll
 from llmpress.export.generate import OrtGenerator, onnx_session
 
-VARIANTS = ("fp32", "int8-dynamic", "int4")
+VARIANTS = ("fp32", "int8-dynamic", "int8-static", "int4")
 BIG = 2**31 - 2**26  # protobuf's 2 GB limit, with margin: above it weights go to external data
 
 
-def make_variant(graph: str | Path, out_dir: str | Path, kind: str, block_size: int = 32) -> Path:
-    """Write variant `kind` of `graph` (a model.onnx from `export_onnx`) as `out_dir/model.onnx`."""
+def make_variant(graph: str | Path, out_dir: str | Path, kind: str, block_size: int = 32,
+                 calibration_ids: np.ndarray | None = None) -> Path:  # fmt: skip
+    """Write variant `kind` of `graph` (a model.onnx from `export_onnx`) as `out_dir/model.onnx`;
+    int8-static needs `calibration_ids` [windows, tokens]."""
     import onnx
 
     graph, out_dir = Path(graph), Path(out_dir)
@@ -53,6 +61,17 @@ def make_variant(graph: str | Path, out_dir: str | Path, kind: str, block_size: 
 
         quantize_dynamic(str(graph), str(out), weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=["MatMul"], use_external_data_format=external)  # fmt: skip
+    elif kind == "int8-static":
+        from onnxruntime.quantization import QuantFormat, quantize_static
+
+        if calibration_ids is None or len(calibration_ids) == 0 or np.asarray(calibration_ids).shape[1] < 4:
+            raise LlmpressError("int8-static needs calibration windows of at least 4 tokens (calibration_ids)")
+        model = onnx.load(str(graph), load_external_data=False)
+        weights = {i.name for i in model.graph.initializer}
+        matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+        quantize_static(str(graph), str(out), _CalibrationFeeds(graph, np.asarray(calibration_ids)),
+                        quant_format=QuantFormat.QDQ, nodes_to_quantize=matmuls, per_channel=True,
+                        use_external_data_format=external)  # fmt: skip
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -93,3 +112,23 @@ def ort_perplexity(onnx_path: str | Path, tokenizer, text: str, params: EvalPara
     if count == 0:
         raise LlmpressError("the evaluation text is too short: no token could be scored")
     return PerplexityResult(perplexity=math.exp(nll / count), nll=nll, tokens=count, windows=len(windows))
+
+
+class _CalibrationFeeds:
+    """onnxruntime's CalibrationDataReader protocol: one feed per window, its second half decoded on the cache of
+    its first half (computed by the fp32 graph)."""
+
+    def __init__(self, graph: Path, windows: np.ndarray) -> None:
+        self.generator = OrtGenerator(onnx_session(graph))
+        self.windows = iter(windows.astype(np.int64))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        window = next(self.windows, None)
+        if window is None:
+            return None
+        half = len(window) // 2
+        ids = window[None]
+        _, cache = self.generator.forward(ids[:, :half], np.ones((1, half), dtype=np.int64),
+                                          self.generator.empty_cache(1))  # fmt: skip
+        positions = np.arange(half, len(window), dtype=np.int64)[None]
+        return {"input_ids": ids[:, half:], "attention_mask": np.ones_like(ids), "position_ids": positions, **cache}

@@ -20,7 +20,9 @@ PARAMS = EvalParams(window=64, stride=64, max_tokens=1024, batch_size=4)
 def variants(tiny_onnx, tmp_path_factory) -> dict:
     _, onnx_dir = tiny_onnx
     root = tmp_path_factory.mktemp("variants")
-    return {kind: make_variant(onnx_dir / "model.onnx", root / kind, kind) for kind in ("fp32", "int8-dynamic", "int4")}
+    calibration = np.random.default_rng(0).integers(0, 256, (8, 48))
+    return {kind: make_variant(onnx_dir / "model.onnx", root / kind, kind, calibration_ids=calibration)
+            for kind in ("fp32", "int8-dynamic", "int8-static", "int4")}  # fmt: skip
 
 
 def test_variants_quantize_every_block_matmul(variants) -> None:
@@ -55,3 +57,22 @@ def test_bad_variant_settings_are_refused(tiny_onnx, tmp_path) -> None:
         make_variant(onnx_dir / "model.onnx", tmp_path, "int3")
     with pytest.raises(LlmpressError, match="power of two"):
         make_variant(onnx_dir / "model.onnx", tmp_path, "int4", block_size=24)
+
+
+def test_static_int8_is_qdq_on_weight_matmuls_and_tensorrt_ready(variants, char_tokenizer) -> None:
+    import onnx
+
+    from llmpress.export.tensorrt import check_ready
+
+    graph = onnx.load(str(variants["int8-static"]))
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "MatMulInteger" not in ops
+    assert check_ready(variants["int8-static"]).ready  # QDQ is the int8 form TensorRT takes
+    assert not check_ready(variants["int8-dynamic"]).ready
+    ppl = ort_perplexity(variants["int8-static"], char_tokenizer, TEXT, PARAMS, threads=1).perplexity
+    assert np.isfinite(ppl)
+
+
+def test_static_int8_needs_calibration(tiny_onnx, tmp_path) -> None:
+    with pytest.raises(LlmpressError, match="calibration"):
+        make_variant(tiny_onnx[1] / "model.onnx", tmp_path, "int8-static")
