@@ -5,6 +5,7 @@
     llmpress resolve SOURCE           resolve a model source to a local folder, print its content hash
     llmpress check FILE ...           validate recipes (and params.yaml) without running anything
     llmpress dequantize SRC DST       a compressed folder (packed ints, low-rank) -> a plain HF safetensors folder
+    llmpress promote NAME [VERSION]   publish an approved version's bundle to S3 and move alias production
     llmpress bundle verify PATH       check an edge bundle's files against its manifest
     llmpress bundle run PATH PROMPT   generate with an edge bundle (needs only onnxruntime and tokenizers)
 
@@ -129,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     deq = sub.add_parser("dequantize", help="compressed folder -> plain Hugging Face folder (float weights)")
     deq.add_argument("src")
     deq.add_argument("dst")
+    prom = sub.add_parser("promote", help="publish an approved version's edge bundle to S3, move alias production")
+    prom.add_argument("model", help="registered model name")
+    prom.add_argument("version", nargs="?", default="champion", help="version number or alias (default: champion)")
+    prom.add_argument("--s3", help="s3://bucket/prefix (default: params.yaml tracking.bundle_s3_prefix)")
     bundle = sub.add_parser("bundle", help="check or run an edge bundle (needs only onnxruntime and tokenizers)")
     bundle_sub = bundle.add_subparsers(dest="bundle_command", required=True)
     verify = bundle_sub.add_parser("verify", help="check every file's sha256 and size against manifest.json")
@@ -183,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
             for file in args.files:
                 recipe = load_recipe(file)
                 print(f"{file}: ok ({recipe.name}, {len(recipe.stages)} stage(s))")
+        elif args.command == "promote":
+            from flows.promote import promote
+
+            record = promote(args.model, args.version, args.s3, args.params, str(project))
+            published = record["published"]
+            print(f"{args.model} v{record['version']} is production (was {record['production_before'] or 'none'}); "
+                  f"bundle at {published['uri']} ({published['uploaded']} files uploaded, "
+                  f"{published['already_there']} already there)")  # fmt: skip
         elif args.command == "bundle":
             from llmpress import bundle as edge_bundle
 

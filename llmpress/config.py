@@ -135,6 +135,10 @@ class TrackingParams(Strict):
     tracking_uri: str = Field("sqlite:///mlflow.db", description="relative sqlite paths resolve in the project dir")
     experiment: str = Field("llmpress", min_length=1)
     registered_model: str = Field("smollm2-135m-edge", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    bundle_s3_prefix: str | None = Field(
+        None, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
+        description="where `llmpress promote` publishes edge bundles: s3://bucket/prefix",
+    )  # fmt: skip
 
 
 class Params(Strict):

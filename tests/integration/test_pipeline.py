@@ -275,3 +275,60 @@ def test_edge_bundle_runs_with_only_onnxruntime_and_tokenizers(runs: dict, tmp_p
                              env={"PYTHONPATH": str(Path(__file__).parents[2]), "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert via_cli.returncode == 0, via_cli.stderr
     assert on_device.stdout.rstrip("\n") == via_cli.stdout.rstrip("\n") == expected
+
+
+def test_promote_publishes_the_approved_bundle_to_s3(runs: dict, tmp_path: Path, monkeypatch) -> None:
+    """Refused without approval and for a failed gate; once approved: bundle in S3 (multipart, every object's
+    sha256 checked), URI on the version, alias production; a second promotion changes nothing."""
+    from flows.promote import promote
+    from llmpress.bundle import sha256_file, verify_bundle
+    from llmpress.promote import PromotionError
+    from tests.s3server import seaweedfs
+
+    project = runs["project"]
+    c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    wanda_v, mag_v = runs["wanda"]["gate"]["version"], runs["magnitude"]["gate"]["version"]
+    with seaweedfs(tmp_path / "seaweedfs") as s3:
+        for key, value in s3.env().items():
+            monkeypatch.setenv(key, value)
+        s3.client().create_bucket(Bucket="edge")
+        kwargs = {"s3_prefix": "s3://edge/releases", "project_dir": str(project)}
+
+        with pytest.raises(PromotionError, match="no reviewer approval"):
+            promote(MODEL_NAME, wanda_v, **kwargs)
+        c.set_model_version_tag(MODEL_NAME, mag_v, "review.approved", "true")
+        with pytest.raises(PromotionError, match="did not pass the gate"):
+            promote(MODEL_NAME, mag_v, **kwargs)
+        assert s3.client().list_objects_v2(Bucket="edge").get("KeyCount", 0) == 0  # nothing published
+        assert tracking_alias(c, "production") is None
+
+        c.set_model_version_tag(MODEL_NAME, wanda_v, "review.approved", "true")
+        c.set_model_version_tag(MODEL_NAME, wanda_v, "review.approved_by", "reviewer@example.com")
+        first = promote(MODEL_NAME, "champion", **kwargs)
+        uri = f"s3://edge/releases/{MODEL_NAME}/v{wanda_v}/"
+        assert first["published"]["uri"] == uri and first["published"]["already_there"] == 0
+        assert first["changed"] and first["approved_by"] == "reviewer@example.com"
+        assert tracking_alias(c, "production") == wanda_v
+        assert c.get_model_version(MODEL_NAME, wanda_v).tags["bundle.s3_uri"] == uri
+        # what S3 holds is the bundle, byte for byte; the graph went up in parts (over the 64 MiB threshold)
+        local = tmp_path / "from-s3"
+        prefix = f"releases/{MODEL_NAME}/v{wanda_v}/"
+        for obj in s3.client().list_objects_v2(Bucket="edge", Prefix=prefix)["Contents"]:
+            target = local / obj["Key"].removeprefix(prefix)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.client().download_file("edge", obj["Key"], str(target))
+        manifest = verify_bundle(local)
+        assert manifest["lineage"]["version"] == wanda_v
+        head = s3.client().head_object(Bucket="edge", Key=prefix + "model.onnx")
+        assert head["ContentLength"] > 64 * 2**20 and "-" in head["ETag"]  # a multipart upload's ETag
+        assert head["Metadata"]["sha256"] == sha256_file(local / "model.onnx")
+
+        second = promote(MODEL_NAME, wanda_v, **kwargs)
+        assert second["published"]["uploaded"] == 0 and not second["changed"]
+        assert tracking_alias(c, "production") == wanda_v
+
+
+def tracking_alias(c: MlflowClient, alias: str) -> str | None:
+    from llmpress.tracking import alias_version
+
+    return alias_version(c, MODEL_NAME, alias)

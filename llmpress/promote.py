@@ -1,0 +1,172 @@
+"""Promotion: a version that passed the gate and that a reviewer approved goes to production, its edge bundle to S3.
+
+    1. resolve the version (a number, or an alias such as `champion`) and check it: tag `gate.passed` = true (set
+       by the pipeline) and tag `review.approved` = true (set by a reviewer on the version's page in the MLflow UI;
+       `review.approved_by` names who, and is copied into the promotion record);
+    2. fetch the bundle the run logged (artifact `bundle/`) and verify every file against its manifest;
+    3. upload it to `s3://bucket/prefix/<model>/v<version>/`: files with boto3's managed transfer (multipart above
+       `multipart_threshold`), each object's sha256 recomputed from what S3 returns and compared with the manifest,
+       `manifest.json` last, so a reader that finds the manifest finds a complete bundle. Files already there with
+       the right hash are not sent again;
+    4. only then re-read the approval (a reviewer may have withdrawn it meanwhile), tag the version
+       `bundle.s3_uri`, and move alias `production` to it.
+
+Running it twice changes nothing the second time. Two promotions at once each upload to their own version's prefix
+and move the alias only after their own bundle is verified, so `production` always names a version whose bundle
+is complete and checked in S3, whichever finishes last.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmpress.bundle import MANIFEST, verify_bundle
+from llmpress.errors import LlmpressError
+from llmpress.sources import parse_s3_uri
+
+ALIAS_PRODUCTION = "production"
+APPROVAL_TAG = "review.approved"
+APPROVER_TAG = "review.approved_by"
+S3_TAG = "bundle.s3_uri"
+MULTIPART_THRESHOLD = 64 * 2**20
+
+
+class PromotionError(LlmpressError):
+    """A version that may not be promoted, or a bundle that could not be published; the message says why."""
+
+
+class UploadError(PromotionError):
+    """S3 failed or answered wrongly while publishing: worth retrying (the upload is idempotent)."""
+
+
+@dataclass
+class Published:
+    uri: str
+    uploaded: int  # files sent this time
+    already_there: int  # files found in S3 with the right hash
+    bytes: int
+
+
+def resolve_version(client: Any, name: str, version_or_alias: str) -> Any:
+    """The ModelVersion named by a version number or an alias."""
+    import mlflow
+
+    try:
+        if str(version_or_alias).isdigit():
+            return client.get_model_version(name, str(version_or_alias))
+        return client.get_model_version_by_alias(name, version_or_alias)
+    except mlflow.exceptions.MlflowException as exc:
+        raise PromotionError(f"model {name!r} has no version or alias {version_or_alias!r}") from exc
+
+
+def check_promotable(version: Any) -> None:
+    """Refuse a version that did not pass the gate or that no reviewer approved."""
+    tags = version.tags or {}
+    if tags.get("gate.passed") != "true":
+        why = tags.get("gate.failures") or "no gate verdict recorded"
+        raise PromotionError(f"version {version.version} did not pass the gate ({why}); it cannot be promoted")
+    if tags.get(APPROVAL_TAG, "").lower() != "true":
+        raise PromotionError(
+            f"version {version.version} has no reviewer approval: a reviewer sets tag {APPROVAL_TAG}=true on its "
+            "page in the MLflow UI (and optionally review.approved_by)"
+        )
+
+
+def s3_client() -> Any:
+    """A fresh boto3 S3 client (a new session: rotated credentials are seen), honouring AWS_ENDPOINT_URL."""
+    import boto3
+
+    return boto3.session.Session().client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def bundle_uri(s3_prefix: str, name: str, version: str) -> str:
+    bucket, prefix = parse_s3_uri(s3_prefix)
+    key = "/".join(p for p in (prefix, name, f"v{version}") if p)
+    return f"s3://{bucket}/{key}/"
+
+
+def publish_bundle(bundle_dir: str | Path, uri: str, client: Any | None = None,
+                   multipart_threshold: int = MULTIPART_THRESHOLD) -> Published:  # fmt: skip
+    """Upload a verified bundle to `uri` (s3://bucket/prefix/) and check every object's sha256 as stored."""
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bundle_dir = Path(bundle_dir)
+    manifest = verify_bundle(bundle_dir)
+    bucket, prefix = parse_s3_uri(uri.rstrip("/"))
+    client = client or s3_client()
+    config = TransferConfig(
+        multipart_threshold=multipart_threshold, multipart_chunksize=max(multipart_threshold, 5 * 2**20)
+    )
+    entries = [*manifest["files"], {"path": MANIFEST, "bytes": (bundle_dir / MANIFEST).stat().st_size,
+                                    "sha256": _sha256(bundle_dir / MANIFEST)}]  # fmt: skip
+    uploaded = already = 0
+    try:
+        for entry in entries:  # manifest.json last
+            key = f"{prefix}/{entry['path']}" if prefix else entry["path"]
+            if _stored_sha256(client, bucket, key, entry["bytes"]) == entry["sha256"]:
+                already += 1
+                continue
+            client.upload_file(str(bundle_dir / entry["path"]), bucket, key, Config=config,
+                               ExtraArgs={"Metadata": {"sha256": entry["sha256"]}})  # fmt: skip
+            stored = _stored_sha256(client, bucket, key, entry["bytes"])
+            if stored != entry["sha256"]:
+                raise UploadError(f"s3://{bucket}/{key}: stored object's sha256 {stored} differs from the bundle's")
+            uploaded += 1
+    except (BotoCoreError, ClientError) as exc:
+        raise UploadError(f"uploading the bundle to {uri} failed: {exc}") from exc
+    return Published(uri=uri, uploaded=uploaded, already_there=already, bytes=sum(e["bytes"] for e in entries))
+
+
+def _stored_sha256(client: Any, bucket: str, key: str, size: int) -> str | None:
+    """sha256 of the object as S3 returns it (None if it is missing or of another size)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+    if head["ContentLength"] != size:
+        return None
+    digest = hashlib.sha256()
+    for chunk in client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    from llmpress.bundle import sha256_file
+
+    return sha256_file(path)
+
+
+def move_production(client: Any, name: str, version: str, published: Published) -> dict[str, Any]:
+    """Re-check the approval, record the bundle's S3 URI on the version, and point `production` at it."""
+    current = client.get_model_version(name, version)
+    check_promotable(current)  # the reviewer may have withdrawn the approval while the upload ran
+    record = {"version": version, "s3_uri": published.uri, "approved_by": current.tags.get(APPROVER_TAG, ""),
+              "promoted_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}  # fmt: skip
+    if current.tags.get(S3_TAG) != published.uri:
+        client.set_model_version_tag(name, version, S3_TAG, published.uri)
+        client.set_model_version_tag(name, version, "promotion", json.dumps(record))
+    before = _alias(client, name, ALIAS_PRODUCTION)
+    if before != version:
+        client.set_registered_model_alias(name, ALIAS_PRODUCTION, version)
+    return record | {"production_before": before, "changed": before != version}
+
+
+def _alias(client: Any, name: str, alias: str) -> str | None:
+    import mlflow
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
