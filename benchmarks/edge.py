@@ -38,6 +38,11 @@ from llmpress.export.variants import VARIANTS, describe, make_variant, ort_perpl
 from llmpress.sources import load_model, load_tokenizer  # noqa: E402
 
 
+def model_name(folder: Path) -> str:
+    """The folder's name, or its parent's for a pipeline output (models/compressed/<run>/hf)."""
+    return folder.parent.name if folder.name == "hf" else folder.name
+
+
 def measure_model(folder: Path, variants: list[str], params, text: str, threads: int, block_size: int,
                   calibration: Path) -> list[dict]:  # fmt: skip
     tokenizer = load_tokenizer(folder)
@@ -51,9 +56,10 @@ def measure_model(folder: Path, variants: list[str], params, text: str, threads:
     ppl = perplexity(model, tokenizer, text, params.eval).perplexity
     speed = torch_speed(model, prompt, params.eval.speed)
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    rows.append({"model": folder.name, "runtime": "PyTorch fp32", "bytes": weights, "perplexity": ppl, **speed,
+    name = model_name(folder)
+    rows.append({"model": name, "runtime": "PyTorch fp32", "bytes": weights, "perplexity": ppl, **speed,
                  "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
-    print(f"{folder.name}: PyTorch fp32 ppl {ppl:.3f}, decode {speed['decode_tokens_per_s']:.1f} tok/s", flush=True)
+    print(f"{name}: PyTorch fp32 ppl {ppl:.3f}, decode {speed['decode_tokens_per_s']:.1f} tok/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         graph = export_onnx(model, Path(tmp) / "onnx")
         del model
@@ -63,9 +69,9 @@ def measure_model(folder: Path, variants: list[str], params, text: str, threads:
             info = describe(path)
             ppl = ort_perplexity(path, tokenizer, text, params.eval, threads).perplexity
             speed = ort_speed(str(path), prompt, params.eval.speed, threads)
-            rows.append({"model": folder.name, "runtime": f"ORT {kind}", "bytes": info["bytes"], "perplexity": ppl,
+            rows.append({"model": name, "runtime": f"ORT {kind}", "bytes": info["bytes"], "perplexity": ppl,
                          **speed, **info, "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
-            print(f"{folder.name}: ORT {kind} ppl {ppl:.3f}, decode {speed['decode_tokens_per_s']:.1f} tok/s, "
+            print(f"{name}: ORT {kind} ppl {ppl:.3f}, decode {speed['decode_tokens_per_s']:.1f} tok/s, "
                   f"{info['bytes'] / 2**20:.1f} MiB", flush=True)  # fmt: skip
     return rows
 
