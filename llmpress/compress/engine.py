@@ -13,6 +13,12 @@ the compute device:
 So peak accelerator memory is one block plus the calibration activations, whatever the model's depth, and each
 block is calibrated on the inputs it will really see after the blocks before it were compressed.
 
+On a GPU (see benchmarks/gpu_compress.py): layers that read the same input (q/k/v, gate/up) share one set of
+statistics, computed once; the statistics pass stops as soon as every hooked layer has its input; Hessians use
+tensor cores with fp32 accumulation (`gram`); SparseGPT's and GPTQ's column loops replay CUDA graphs
+(`cuda_graphs`); and `BlockMover` uploads the next block and downloads the previous one through pinned memory in
+a background thread while the current block is worked on. `CompressionReport.phase_seconds` says where time went.
+
 A method is one module in this package with a `KIND`:
 
     "layer"  one linear layer at a time: `apply_(layer, stage, stats) -> dict` where `stats` holds what the
