@@ -10,12 +10,14 @@
                    over a past. QDQ is the int8 form TensorRT takes. Static per-tensor activation scales are what
                    LLM outlier channels punish (the SmoothQuant paper's point): measure before shipping it
     int4           block-wise 4-bit weights with one scale per `block_size` inputs, fp32 activations (MatMulNBits):
-                   onnxruntime's MatMulNBitsQuantizer
+                   onnxruntime's MatMulNBitsQuantizer, on the matmuls with a weight initializer (a head tied to the
+                   embeddings reaches its weight through a transpose, so it and the table stay fp32)
+    int4-full      int4, plus the embedding table (GatherBlockQuantized) and a tied head, which gets its own 4-bit
+                   copy: the smallest graph, at some perplexity (the head is quantized too)
 
 Every variant keeps the graph's interface (inputs, outputs, KV cache), so `llmpress.export.generate` runs them all,
 and `ort_perplexity` scores them on the held-out text with the pinned protocol of `llmpress.evaluate.perplexity`:
-the gate judges what ships. Weights that a variant cannot quantize (an lm_head tied to the embeddings reaches its
-MatMul through a transpose, not as an initializer) stay fp32; `describe` counts what was converted.
+the gate judges what ships. `describe` counts what each variant converted.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from llmpress.errors import LlmpressError
 from llmpress.evaluate.perplexity import PerplexityResult, make_windows, window_nll
 from llmpress.export.generate import OrtGenerator, onnx_session
 
-VARIANTS = ("fp32", "int8-dynamic", "int8-static", "int4")
+VARIANTS = ("fp32", "int8-dynamic", "int8-static", "int4", "int4-full")
 BIG = 2**31 - 2**26  # protobuf's 2 GB limit, with margin: above it weights go to external data
 
 
@@ -73,11 +75,24 @@ def make_variant(graph: str | Path, out_dir: str | Path, kind: str, block_size: 
                         quant_format=QuantFormat.QDQ, nodes_to_quantize=matmuls, per_channel=True,
                         use_external_data_format=external)  # fmt: skip
     else:
+        import logging
+
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(graph)), block_size=block_size, is_symmetric=True,
-                                         accuracy_level=4)  # fmt: skip
-        quantizer.process()
+        model = onnx.load(str(graph))
+        ops: tuple[str, ...] = ("MatMul",)
+        if kind == "int4-full":
+            model, ops = _fold_weight_transposes(model), ("MatMul", "Gather")
+        quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # it logs every node at INFO, and warns that int4 Gather needs opset 21
+        try:
+            quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                             op_types_to_quantize=ops,
+                                             quant_axes=(("MatMul", 0), ("Gather", 1)))  # fmt: skip
+            quantizer.process()
+        finally:
+            quiet.setLevel(level)
         quantizer.model.save_model_to_file(str(out), external)
     return out
 
@@ -93,6 +108,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "matmul": ops.get("MatMul", 0),
         "matmul_int8": ops.get("MatMulInteger", 0),
         "matmul_4bit": ops.get("MatMulNBits", 0),
+        "gather_4bit": ops.get("GatherBlockQuantized", 0),
     }
 
 
@@ -132,3 +148,27 @@ class _CalibrationFeeds:
                                           self.generator.empty_cache(1))  # fmt: skip
         positions = np.arange(half, len(window), dtype=np.int64)[None]
         return {"input_ids": ids[:, half:], "attention_mask": np.ones_like(ids), "position_ids": positions, **cache}
+
+
+def _fold_weight_transposes(model: Any) -> Any:
+    """Replace every Transpose of a weight initializer by the transposed initializer.
+
+    A tied lm_head reaches the embedding matrix through such a Transpose, which hides it from MatMulNBits; folded,
+    the head gets its own 4-bit copy, and the embedding's Gather is quantized too (GatherBlockQuantized).
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Transpose" and node.input[0] in weights:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            array = numpy_helper.to_array(weights[node.input[0]])
+            folded = array.transpose(perm) if perm else array.T
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(folded), node.output[0]))
+            continue
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model

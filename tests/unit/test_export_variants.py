@@ -76,3 +76,29 @@ def test_static_int8_is_qdq_on_weight_matmuls_and_tensorrt_ready(variants, char_
 def test_static_int8_needs_calibration(tiny_onnx, tmp_path) -> None:
     with pytest.raises(LlmpressError, match="calibration"):
         make_variant(tiny_onnx[1] / "model.onnx", tmp_path, "int8-static")
+
+
+def test_int4_full_quantizes_a_tied_head_and_the_embeddings(tmp_path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmpress.export.onnx import export_onnx
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=128,
+                         tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    graph = export_onnx(model, tmp_path / "fp32")
+    assert describe(make_variant(graph, tmp_path / "plain", "int4"))["gather_4bit"] == 0  # the table stays fp32
+    int4 = make_variant(graph, tmp_path / "int4", "int4-full")
+    info = describe(int4)
+    assert info["matmul_4bit"] == 8 and info["gather_4bit"] == 1  # 7 projections + the tied head; the table
+    # 4 bits + a scale per 32 weights is ~1/6 of fp32, even with the head's own copy: most weight bytes are saved
+    weight_bytes = 4 * sum(p.numel() for p in model.parameters())  # the tied table counted once
+    assert describe(graph)["bytes"] - info["bytes"] > 0.6 * weight_bytes
+    generator = OrtGenerator(onnx_session(int4, threads=1))
+    ids = np.array([[1, 2, 3, 4, 5]])
+    logits, _ = generator.forward(ids, np.ones_like(ids), generator.empty_cache(1))
+    reference = model(torch.tensor(ids)).logits.detach().numpy()
+    assert np.abs(logits - reference).max() < 0.2 * np.abs(reference).max()
