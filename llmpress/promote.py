@@ -7,7 +7,7 @@
     3. upload it to `s3://bucket/prefix/<model>/v<version>/`: files with boto3's managed transfer (multipart above
        `multipart_threshold`), each object's sha256 recomputed from what S3 returns and compared with the manifest,
        `manifest.json` last, so a reader that finds the manifest finds a complete bundle. Files already there with
-       the right hash are not sent again;
+       the right hash are not sent again (after a complete publish, the hash recorded on each object suffices);
     4. only then re-read the approval (a reviewer may have withdrawn it meanwhile), tag the version
        `bundle.s3_uri`, and move alias `production` to it.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmpress.bundle import MANIFEST, verify_bundle
+from llmpress.bundle import MANIFEST, sha256_file, verify_bundle
 from llmpress.errors import LlmpressError
 from llmpress.sources import parse_s3_uri
 
@@ -105,12 +105,18 @@ def publish_bundle(bundle_dir: str | Path, uri: str, client: Any | None = None,
         multipart_threshold=multipart_threshold, multipart_chunksize=max(multipart_threshold, 5 * 2**20)
     )
     entries = [*manifest["files"], {"path": MANIFEST, "bytes": (bundle_dir / MANIFEST).stat().st_size,
-                                    "sha256": _sha256(bundle_dir / MANIFEST)}]  # fmt: skip
+                                    "sha256": sha256_file(bundle_dir / MANIFEST)}]  # fmt: skip
     uploaded = already = 0
+    key_of = {e["path"]: f"{prefix}/{e['path']}" if prefix else e["path"] for e in entries}
     try:
+        # The manifest goes up last, after every file was verified as stored; finding it with its hash recorded
+        # means an earlier publish completed, and the object heads suffice. Otherwise (first or interrupted
+        # publish) an object already there is read back and hashed before it is trusted.
+        complete = _recorded_sha256(client, bucket, key_of[MANIFEST], entries[-1]["bytes"]) == entries[-1]["sha256"]
+        present_sha256 = _recorded_sha256 if complete else _stored_sha256
         for entry in entries:  # manifest.json last
-            key = f"{prefix}/{entry['path']}" if prefix else entry["path"]
-            if _stored_sha256(client, bucket, key, entry["bytes"]) == entry["sha256"]:
+            key = key_of[entry["path"]]
+            if present_sha256(client, bucket, key, entry["bytes"]) == entry["sha256"]:
                 already += 1
                 continue
             client.upload_file(str(bundle_dir / entry["path"]), bucket, key, Config=config,
@@ -122,6 +128,23 @@ def publish_bundle(bundle_dir: str | Path, uri: str, client: Any | None = None,
     except (BotoCoreError, ClientError) as exc:
         raise UploadError(f"uploading the bundle to {uri} failed: {exc}") from exc
     return Published(uri=uri, uploaded=uploaded, already_there=already, bytes=sum(e["bytes"] for e in entries))
+
+
+def _recorded_sha256(client: Any, bucket: str, key: str, size: int) -> str | None:
+    """The sha256 recorded on the object at upload (metadata `sha256`); None if it is missing, of another size, or
+    carries no such record. Trusted only for a bundle whose manifest is there: that went up after every file's
+    stored bytes were hashed and matched."""
+    from botocore.exceptions import ClientError
+
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+    if head["ContentLength"] != size:
+        return None
+    return (head.get("Metadata") or {}).get("sha256")
 
 
 def _stored_sha256(client: Any, bucket: str, key: str, size: int) -> str | None:
@@ -142,12 +165,6 @@ def _stored_sha256(client: Any, bucket: str, key: str, size: int) -> str | None:
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    from llmpress.bundle import sha256_file
-
-    return sha256_file(path)
-
-
 def move_production(client: Any, name: str, version: str, published: Published) -> dict[str, Any]:
     """Re-check the approval, record the bundle's S3 URI on the version, and point `production` at it."""
     current = client.get_model_version(name, version)
@@ -157,16 +174,9 @@ def move_production(client: Any, name: str, version: str, published: Published) 
     if current.tags.get(S3_TAG) != published.uri:
         client.set_model_version_tag(name, version, S3_TAG, published.uri)
         client.set_model_version_tag(name, version, "promotion", json.dumps(record))
-    before = _alias(client, name, ALIAS_PRODUCTION)
+    from llmpress.tracking import alias_version
+
+    before = alias_version(client, name, ALIAS_PRODUCTION)
     if before != version:
         client.set_registered_model_alias(name, ALIAS_PRODUCTION, version)
     return record | {"production_before": before, "changed": before != version}
-
-
-def _alias(client: Any, name: str, alias: str) -> str | None:
-    import mlflow
-
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except mlflow.exceptions.MlflowException:
-        return None
