@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,10 @@ ALIAS_CANDIDATE = "candidate"
 ALIAS_CHAMPION = "champion"
 
 
-def resolve_tracking_uri(uri: str, project_dir: str | Path) -> str:
+def resolve_tracking_uri(uri: str | None, project_dir: str | Path) -> str:
+    """params' tracking URI; when it is null, $MLFLOW_TRACKING_URI (what `llmpress services` writes), else the
+    project's SQLite file. A relative sqlite path is made absolute in the project folder."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{(Path(project_dir) / uri.removeprefix('sqlite:///')).resolve()}"
     return uri
@@ -137,6 +141,17 @@ def alias_version(c: MlflowClient, name: str, alias: str) -> str | None:
         return str(c.get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException:
         return None
+
+
+def version_by_tag(c: MlflowClient, name: str, key: str, value: str | None) -> Any | None:
+    """The newest version of `name` whose tag `key` is `value` (None when there is none, or no value)."""
+    if not value:
+        return None
+    try:
+        found = c.search_model_versions(f"name = '{name}' and tags.`{key}` = '{value}'")
+    except mlflow.exceptions.MlflowException:  # no such registered model yet
+        return None
+    return max(found, key=lambda v: int(v.version)) if found else None
 
 
 def version_metrics(c: MlflowClient, name: str, version: str) -> dict[str, float]:

@@ -53,19 +53,26 @@ def register_and_gate(tracking_uri: str, run_id: str, model_name: str, model_dir
                       onnx_path: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Gate verdict (computed once, here, against base and the current champion), plots, reports and the model
     card to the run; a registered version with lineage tags, the card as its description, alias `candidate`;
-    `champion` moves only on a pass. Registering is idempotent per run, so a retry never adds a second version."""
+    `champion` moves only on a pass. Registering is idempotent per run, so a retry never adds a second version, and
+    per content (tag `run_key`): an identical re-run points at the version already there."""
     c = tracking.client(tracking_uri)
     champion_before = tracking.alias_version(c, model_name, tracking.ALIAS_CHAMPION)
+    same = tracking.version_by_tag(c, model_name, "run_key", version_tags.get("run_key"))
+    if same is not None and same.run_id != run_id:  # an identical earlier run: its version and verdict stand
+        c.set_tag(run_id, "registered_version", str(same.version))
+        c.set_tag(run_id, "reused_version", "true")
+        failures = (same.tags.get("gate.failures") or "").split("; ")
+        return {"version": str(same.version), "passed": same.tags.get("gate.passed") == "true",
+                "failures": [f for f in failures if f], "champion_before": champion_before,
+                "champion": champion_before, "reused": True}  # fmt: skip
     champion = tracking.version_metrics(c, model_name, champion_before) if champion_before else None
     report = run_gate(metrics, base_metrics, gate, champion)
     scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     scalars |= {f"base_{k}": v for k, v in base_metrics.items() if isinstance(v, int | float)}
     scalars |= {"perplexity_ratio": metrics["perplexity"] / base_metrics["perplexity"], "gate_passed": report.passed}
     tracking.log_metrics(c, run_id, scalars)
-    onnx_artifact = None
-    if onnx_path:
-        c.log_artifact(run_id, onnx_path, "onnx")
-        onnx_artifact = f"onnx/{Path(onnx_path).name}"
+    # The graph is logged once, inside the edge bundle (below), and the card points there.
+    onnx_artifact = f"bundle/{Path(onnx_path).name}" if onnx_path else None
     version = tracking.register_model(c, run_id, model_dir, model_name, version_tags)
     card = model_card(model_name, version, run_id, version_tags, metrics, base_metrics, champion, champion_before,
                       report, generations, onnx_artifact)  # fmt: skip
@@ -98,6 +105,7 @@ def register_and_gate(tracking_uri: str, run_id: str, model_name: str, model_dir
         "failures": report.failures,
         "champion_before": champion_before,
         "champion": tracking.alias_version(c, model_name, tracking.ALIAS_CHAMPION),
+        "reused": False,
     }
 
 

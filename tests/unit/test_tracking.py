@@ -68,10 +68,10 @@ def test_model_card_explains_a_failure() -> None:
     card = model_card(NAME, "7", "run123", {"recipe": "wanda-50", "base_model": "default", "git_commit": "deadbeef"},
                       {"perplexity": 40.0, "kl_to_base": 0.5, "top1_agreement": 0.6, "sparsity": 0.5},
                       {"perplexity": 10.0}, {"perplexity": 20.0}, "3", report,
-                      [{"prompt": "Hi | there", "base": "a", "compressed": "b"}], "onnx/model.onnx")  # fmt: skip
+                      [{"prompt": "Hi | there", "base": "a", "compressed": "b"}], "bundle/model.onnx")  # fmt: skip
     assert card.startswith(f"# {NAME} v7")
     assert "**Gate: FAILED** — perplexity_ratio = 4, required <= 1.6" in card
     assert "| perplexity (held-out) | 10.000 | 40.000 | 20.000 |" in card
     assert "champion (v3)" in card and "| perplexity_vs_champion | 2 | <= 1.05 | **FAIL** |" in card
     assert "Hi \\| there" in card  # table cells escaped
-    assert "`deadbeef`" in card and "models:/tiny-edge/7" in card and "onnx/model.onnx" in card
+    assert "`deadbeef`" in card and "models:/tiny-edge/7" in card and "bundle/model.onnx" in card
