@@ -8,6 +8,10 @@
     llmpress promote NAME [VERSION]   publish an approved version's bundle to S3 and move alias production
     llmpress bundle verify PATH       check an edge bundle's files against its manifest
     llmpress bundle run PATH PROMPT   generate with an edge bundle (needs only onnxruntime and tokenizers)
+    llmpress services up|down|status  Prefect, MLflow and S3 servers on 127.0.0.1 (infra/README.md)
+    llmpress deploy                   work pools + prefect.yaml's deployments on the server in PREFECT_API_URL
+    llmpress worker gpu|cpu           a process worker for that pool on this machine
+    llmpress sweep --recipes A B ...  many compress runs, one MLflow run with the table and Pareto plot
 
 A problem with the input prints one line starting with 'error:' and exits with status 2.
 """
@@ -102,8 +106,13 @@ def print_summary(s: dict[str, Any]) -> None:
     print()
     verdict = "PASS" if gate["passed"] else "FAIL"
     print(f"gate: {verdict}" + ("" if gate["passed"] else " - " + "; ".join(gate["failures"])))
-    print(f"registered: {s['registered_model']} version {gate['version']} (alias candidate"
-          + (", champion)" if gate["passed"] else f"); champion stays at {gate['champion'] or 'none'}"))  # fmt: skip
+    if gate.get("reused"):
+        print(f"registered: nothing new; an identical earlier run is {s['registered_model']} version {gate['version']}"
+              " (same model, data, recipe, code and settings; its steps came from the cache)")  # fmt: skip
+    else:
+        kept = f"); champion stays at {gate['champion'] or 'none'}"
+        print(f"registered: {s['registered_model']} version {gate['version']} (alias candidate"
+              + (", champion)" if gate["passed"] else kept))  # fmt: skip
     print(f"MLflow run: {s['mlflow_run_id']} ({s['run_name']})")
     print("step times: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
     uri = s["tracking_uri"]
@@ -146,6 +155,24 @@ def main(argv: list[str] | None = None) -> int:
     bundle_run.add_argument("--top-k", type=int)
     bundle_run.add_argument("--top-p", type=float)
     bundle_run.add_argument("--seed", type=int)
+    services = sub.add_parser("services", help="start/stop/inspect Prefect, MLflow and S3 servers on 127.0.0.1")
+    services.add_argument("action", choices=["up", "down", "status"])
+    services.add_argument("--dir", default=".services", help="state, logs, data and env.sh (default .services)")
+    for name, port in (("s3", 8333), ("mlflow", 5000), ("prefect", 4200)):
+        services.add_argument(f"--{name}-port", type=int, default=port, help=f"0: any free port (default {port})")
+    services.add_argument("--only", nargs="+", choices=["s3", "mlflow", "prefect"], help="start only these")
+    dep = sub.add_parser("deploy", help="create work pools and prefect.yaml's deployments on PREFECT_API_URL")
+    dep.add_argument("--gpus", type=int, help="GPUs per gpu-pool worker (default: this machine's, at least 1)")
+    dep.add_argument("--git-url", help="repository workers clone (default: origin, else this checkout)")
+    dep.add_argument("--pool-type", default="process", choices=["process", "kubernetes"])
+    work = sub.add_parser("worker", help="run a Prefect process worker for a pool on this machine")
+    work.add_argument("pool", choices=["gpu", "cpu"])
+    sw = sub.add_parser("sweep", help="compress with many recipes (and models); Pareto plot in one MLflow run")
+    sw.add_argument("--recipes", nargs="+", required=True)
+    sw.add_argument("--models", nargs="+", help="model sources (default: params.yaml model)")
+    sw.add_argument("--deployment", help="fan out as runs of this deployment, e.g. compress/compress")
+    sw.add_argument("--cost", default="weights_bytes", choices=["weights_bytes", "decode_latency"])
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params.yaml key")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -208,6 +235,50 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(edge_bundle.run(args.path, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                                       args.top_p, args.seed))  # fmt: skip
+        elif args.command == "services":
+            from llmpress import services as svc
+
+            root = (project / args.dir) if not Path(args.dir).is_absolute() else Path(args.dir)
+            if args.action == "up":
+                ports = {"s3": args.s3_port, "mlflow": args.mlflow_port, "prefect": args.prefect_port}
+                svc.up(root, ports, tuple(args.only or svc.SERVICES))
+                print(f"environment for clients: source {root / 'env.sh'}")
+            elif args.action == "down":
+                svc.down(root)
+            else:
+                found = svc.status(root)
+                for name, info in found.items():
+                    state = "healthy" if info["healthy"] else ("running, not healthy" if info["running"] else "down")
+                    print(f"{name}: {state} (pid {info['pid']}) {info['url']}  log {info['log']}")
+                if not found:
+                    print(f"no services recorded in {root}")
+                return 0 if found and all(i["healthy"] for i in found.values()) else 1
+        elif args.command == "deploy":
+            from flows.deploy import deploy
+
+            deploy(project, args.gpus, args.git_url, args.pool_type)
+        elif args.command == "worker":
+            from flows.deploy import worker_command
+
+            cmd, env = worker_command(args.pool)
+            os.execve(cmd[0], cmd, env)
+        elif args.command == "sweep":
+            from llmpress.config import load_params, load_recipe
+
+            overrides = _parse_set(args.set)
+            load_params(project / args.params, overrides)
+            for recipe in args.recipes:
+                load_recipe(project / recipe)
+            from flows.sweep import sweep
+
+            result = sweep(args.recipes, args.models, args.deployment, args.cost, args.params, str(project),
+                           overrides)  # fmt: skip
+            print(f"sweep {result['name']}: MLflow run {result['mlflow_run_id']}")
+            for p in sorted(result["points"], key=lambda p: p["cost"]):
+                print(f"  {p['label']:40s} cost {p['cost']:10.2f}  perplexity {p['perplexity']:9.3f}"
+                      + ("  <- Pareto front" if p["on_front"] else ""))  # fmt: skip
+            for failed in result["failed"]:
+                print(f"  no result: {failed}")
         elif args.command == "dequantize":
             from llmpress.steps import dequantize
 

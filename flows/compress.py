@@ -6,6 +6,8 @@ Run it with `llmpress run` (flows/cli.py), `python -m flows.compress`, or as a P
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +19,7 @@ from llmpress import tracking
 from llmpress.config import load_params, load_recipe
 from llmpress.steps import recipe_info
 from llmpress.versioning import git_commit
+from tasks.cache import content_key
 from tasks.compress import compress_model
 from tasks.data import version_data
 from tasks.evaluate import evaluate_model, export_model, measure_speed
@@ -31,8 +34,12 @@ def compress(
     params_file: str = "params.yaml",
     project_dir: str = ".",
     overrides: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Compress `model` with `recipe` (defaults from params.yaml), evaluate, export, register and gate it."""
+    """Compress `model` with `recipe` (defaults from params.yaml), evaluate, export, register and gate it.
+
+    `parent_run_id` nests this run's MLflow run under another (a sweep's). Compute steps are cached by content
+    (tasks/cache.py): a re-run with identical inputs reuses them, and registers nothing new."""
     logger = get_run_logger()
     project = Path(project_dir).resolve()
     overrides = dict(overrides or {})
@@ -47,7 +54,6 @@ def compress(
     tracking_uri = tracking.resolve_tracking_uri(params.tracking.tracking_uri, project)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_name = f"{info['name']}-{stamp}"
-    out_root = project / "models" / "compressed" / run_name
     seconds: dict[str, float] = {}
 
     def timed(name: str, fn, *args, **kwargs):
@@ -67,8 +73,15 @@ def compress(
         "base_model": base["source"],
         "base_model_hash": base["sha256"],
     }
+    key = content_key(lineage)
+    # What the registered version is a function of: the content and every setting. An identical re-run finds its
+    # version by this tag and registers nothing new.
+    lineage["run_key"] = hashlib.sha256((key + json.dumps(params.model_dump(mode="json"), sort_keys=True)).encode()
+                                        ).hexdigest()  # fmt: skip
+    out_root = project / "models" / "compressed" / f"{info['name']}-{lineage['run_key'][:12]}"
+    tags = lineage | ({"mlflow.parentRunId": parent_run_id, "sweep.parent": parent_run_id} if parent_run_id else {})
     run_id = open_run(
-        tracking_uri, params.tracking.experiment, str(project), run_name, tags=lineage,
+        tracking_uri, params.tracking.experiment, str(project), run_name, tags=tags,
         params={"params": params.model_dump(mode="json"), "recipe": info["recipe"]},
     )  # fmt: skip
     ok = False
@@ -78,29 +91,28 @@ def compress(
         log_stage(tracking_uri, run_id, "data", data, seconds["data"])
 
         compressed = timed(
-            "compress", compress_model, base["path"], recipe_path, data["calibration"], str(out_root / "hf"),
-            params.data, params.eval, params.compress, lineage,
+            "compress", cached_output, compress_model, "path", base["path"], recipe_path, data["calibration"],
+            str(out_root / "hf"), params.data, params.eval, params.compress, lineage, content_key=key,
         )  # fmt: skip
         hf = out_root / "hf"
         files = {"recipe": str(hf / "recipe.yaml"), "report": str(hf / "llmpress.json")}
         log_stage(tracking_uri, run_id, "compress", compressed, seconds["compress"], artifacts=files)
 
         evaluation = timed("evaluate", evaluate_model, compressed["path"], base["path"], data["eval"], params.eval,
-                           compressed["targeted_layers"])  # fmt: skip
+                           compressed["targeted_layers"], content_key=key)  # fmt: skip
         metrics, base_metrics = evaluation["metrics"], evaluation["base"]
         log_stage(tracking_uri, run_id, "evaluate", evaluation, seconds["evaluate"])
 
         if params.export.onnx:
-            exported = timed(
-                "export", export_model, compressed["path"], str(out_root / "onnx"), data["eval"], params.export
-            )
+            exported = timed("export", cached_output, export_model, "onnx_path", compressed["path"],
+                             str(out_root / "onnx"), data["eval"], params.export, content_key=key)  # fmt: skip
             log_stage(tracking_uri, run_id, "export", exported, seconds["export"])
             metrics |= {k: v for k, v in exported.items() if k.startswith("onnx_")}
             summary["onnx_path"] = exported["onnx_path"]
 
         if params.eval.speed.enabled:
             cost = timed("speed", measure_speed, compressed["path"], base["path"], data["eval"], params.eval.speed,
-                         summary.get("onnx_path"))  # fmt: skip
+                         summary.get("onnx_path"), content_key=key)  # fmt: skip
             log_stage(tracking_uri, run_id, "speed", cost, seconds["speed"])
             metrics |= cost["compressed"]
             base_metrics |= cost["base"]
@@ -123,6 +135,16 @@ def compress(
     finally:
         close_run(tracking_uri, run_id, ok, summary)
     return summary
+
+
+def cached_output(task, path_key: str, *args, **kwargs) -> dict[str, Any]:
+    """Run a content-cached task; a cached result whose files are gone (a cleaned models/ folder, another
+    worker's disk) is computed again."""
+    result = task(*args, **kwargs)
+    if not Path(result[path_key]).exists():
+        get_run_logger().info("cached %s output %s is gone; computing it again", task.name, result[path_key])
+        result = task.with_options(refresh_cache=True)(*args, **kwargs)
+    return result
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ What it checks and in which order: `llmpress/promote.py`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,12 @@ def promote(model_name: str, version: str = "champion", s3_prefix: str | None = 
     project = Path(project_dir).resolve()
     params = load_params(project / params_file)
     tracking_uri = tracking.resolve_tracking_uri(params.tracking.tracking_uri, project)
-    prefix = s3_prefix or params.tracking.bundle_s3_prefix
+    prefix = s3_prefix or params.tracking.bundle_s3_prefix or os.environ.get("LLMPRESS_BUNDLE_S3_PREFIX")
     if not prefix:
-        raise PromotionError("no S3 destination: pass --s3 s3://bucket/prefix or set tracking.bundle_s3_prefix")
+        raise PromotionError(
+            "no S3 destination: pass --s3 s3://bucket/prefix, set tracking.bundle_s3_prefix or "
+            "LLMPRESS_BUNDLE_S3_PREFIX"
+        )
     checked = check_version(tracking_uri, model_name, version)
     uri = bundle_uri(prefix, model_name, checked["version"])
     published = publish_bundle(tracking_uri, checked["run_id"], uri)

@@ -132,7 +132,10 @@ class GateParams(Strict):
 
 
 class TrackingParams(Strict):
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="relative sqlite paths resolve in the project dir")
+    tracking_uri: str | None = Field(
+        None, description="null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; relative sqlite paths resolve in the "
+        "project dir",
+    )  # fmt: skip
     experiment: str = Field("llmpress", min_length=1)
     registered_model: str = Field("smollm2-135m-edge", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     bundle_s3_prefix: str | None = Field(

@@ -32,10 +32,32 @@ def reproduce(project_dir: str | Path, push: bool = True) -> dict[str, str]:
     project_dir = Path(project_dir).resolve()
     if not (project_dir / "dvc.yaml").is_file():
         raise LlmpressError(f"{project_dir} has no dvc.yaml: run from the project folder or pass --project")
-    _dvc(project_dir, "repro")
+    if use_remote_from_env(project_dir):
+        # A checkout on a worker: fetch what dvc.lock names from the team remote rather than rebuild it.
+        try:
+            _dvc(project_dir, "repro", "--pull")
+        except LlmpressError as exc:
+            log.warning("dvc repro --pull failed, rebuilding the data instead: %s", str(exc).splitlines()[0])
+            _dvc(project_dir, "repro")
+    else:
+        _dvc(project_dir, "repro")
     if push:
         _dvc(project_dir, "push")
     return data_versions(project_dir)
+
+
+def use_remote_from_env(project_dir: str | Path) -> str | None:
+    """With LLMPRESS_DVC_REMOTE set (an s3:// URL; `llmpress services` writes it), make it the checkout's default
+    DVC remote `team` in `.dvc/config.local` (not committed), with AWS_ENDPOINT_URL as its endpoint."""
+    url = os.environ.get("LLMPRESS_DVC_REMOTE")
+    if not url:
+        return None
+    project_dir = Path(project_dir)
+    _dvc(project_dir, "remote", "add", "--local", "--force", "--default", "team", url)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and url.startswith("s3://"):
+        _dvc(project_dir, "remote", "modify", "--local", "team", "endpointurl", endpoint)
+    return url
 
 
 def _dvc(project_dir: Path, *args: str) -> str:

@@ -1,4 +1,4 @@
-"""Compression task: runs on a GPU worker when one is there (tag `gpu`); never retried blindly."""
+"""Compression task: runs on a GPU worker when one is there (tag `gpu`); never retried blindly; cached by content."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from prefect import task
 
 from llmpress import steps
 from llmpress.config import CompressParams, DataParams, EvalParams
+from tasks.cache import CACHED
 
 
-@task(name="compress", tags=["gpu"])
+@task(name="compress", tags=["gpu"], **CACHED)
 def compress_model(model_path: str, recipe_path: str, calibration_path: str, out_dir: str, data: DataParams,
-                   eval_params: EvalParams, params: CompressParams, lineage: dict) -> dict:  # fmt: skip
+                   eval_params: EvalParams, params: CompressParams, lineage: dict,
+                   content_key: str | None = None) -> dict:  # fmt: skip
     return steps.compress(model_path, recipe_path, calibration_path, out_dir, data, eval_params, params, lineage)

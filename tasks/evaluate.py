@@ -1,4 +1,5 @@
-"""Evaluation tasks: perplexity, sparsity and size of a model folder; ONNX export with a parity check."""
+"""Evaluation tasks: perplexity, sparsity and size of a model folder; ONNX export with a parity check; speed.
+Each is cached by content (tasks/cache.py)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,22 @@ from prefect import task
 
 from llmpress import steps
 from llmpress.config import EvalParams, ExportParams, SpeedParams
+from tasks.cache import CACHED
 
 
-@task(name="evaluate", tags=["cpu"])
+@task(name="evaluate", tags=["cpu"], **CACHED)
 def evaluate_model(model_path: str, base_path: str, eval_path: str, params: EvalParams,
-                   layer_names: list[str] | None = None) -> dict:  # fmt: skip
+                   layer_names: list[str] | None = None, content_key: str | None = None) -> dict:  # fmt: skip
     return steps.evaluate(model_path, base_path, eval_path, params, layer_names)
 
 
-@task(name="export-onnx", tags=["cpu"])
-def export_model(model_path: str, out_dir: str, eval_path: str, params: ExportParams) -> dict:
+@task(name="export-onnx", tags=["cpu"], **CACHED)
+def export_model(model_path: str, out_dir: str, eval_path: str, params: ExportParams,
+                 content_key: str | None = None) -> dict:  # fmt: skip
     return steps.export(model_path, out_dir, eval_path, params)
 
 
-@task(name="measure-speed", tags=["cpu"])
+@task(name="measure-speed", tags=["cpu"], **CACHED)
 def measure_speed(model_path: str, base_path: str, eval_path: str, params: SpeedParams,
-                  onnx_path: str | None = None) -> dict:  # fmt: skip
+                  onnx_path: str | None = None, content_key: str | None = None) -> dict:  # fmt: skip
     return steps.speed(model_path, base_path, eval_path, params, onnx_path)
