@@ -187,11 +187,12 @@ def start_seaweedfs(root: Path, port: int, access_key: str, secret_key: str, buc
     _write_private(root / "s3.json", json.dumps({"identities": [{
         "name": "admin", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))  # fmt: skip
-    master, volume, filer = (_port_with_grpc_twin() for _ in range(3))
+    master, volume, filer = (free_weed_port() for _ in range(3))
     log = root / "logs" / "s3.log"
     cmd = [weed_binary(), "server", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}", f"-master.port={master}",
            f"-volume.port={volume}", f"-filer.port={filer}", "-s3", f"-s3.port={port}",
-           f"-s3.config={root / 's3.json'}", "-master.volumeSizeLimitMB=64", "-volume.max=50"]  # fmt: skip
+           f"-s3.config={root / 's3.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0",  # no extra fixed ports
+           "-master.volumeSizeLimitMB=64", "-volume.max=50"]  # fmt: skip
     pid = _spawn(cmd, log)
     url = f"http://{HOST}:{port}"
     client = s3_client(url, access_key, secret_key)
@@ -213,7 +214,7 @@ def start_seaweedfs(root: Path, port: int, access_key: str, secret_key: str, buc
     return running
 
 
-def _port_with_grpc_twin() -> int:
+def free_weed_port() -> int:
     """weed binds port + 10000 for gRPC too: a port whose twin is free as well."""
     while True:
         port = free_port()
@@ -307,7 +308,7 @@ def up(root: str | Path = ".services", ports: dict[str, int] | None = None, only
                 if name in state.services:
                     log(f"{name}: already running (pid {state.services[name].pid}) at {state.services[name].url}")
                 continue
-            port = ports[name] or free_port()
+            port = ports[name] or (free_weed_port() if name == "s3" else free_port())
             if not port_free(port):
                 raise ServiceError(f"{name}: port {port} on {HOST} is taken; pass another (--{name}-port)")
             if name == "s3":

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.integration
 
 # compress-nightly with params.yaml's recipe (Wanda 50 %) and calibration set; shorter evaluation, no export.
 OVERRIDES = {"eval.max_tokens": 2048, "eval.speed.enabled": False, "export.onnx": False,
-             "eval.cloze.max_examples": 20, "eval.generation.max_new_tokens": 8, "tracking.experiment": "orchestration"}  # fmt: skip
+             "eval.cloze.max_examples": 20, "eval.generation.max_new_tokens": 8,
+             "tracking.experiment": "orchestration"}  # fmt: skip
 
 
 def _prefect(env: dict[str, str]):
@@ -104,8 +105,9 @@ def team(tmp_path_factory: pytest.TempPathFactory):
         subprocess.run(["git", "clone", "-q", str(REPO), str(checkout)], check=True)
         (checkout / "models" / SHIPPED_NAME).symlink_to(REPO / "models" / SHIPPED_NAME)
 
-        deploy = subprocess.run([sys.executable, "-m", "flows.cli", "--project", str(REPO), "deploy", "--gpus", "1",
-                                 "--git-url", str(REPO)], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        command = ["deploy", "--gpus", "1", "--git-url", str(REPO)]
+        deploy = subprocess.run([sys.executable, "-m", "flows.cli", "--project", str(REPO), *command], env=env,
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
         assert deploy.returncode == 0, deploy.stderr + deploy.stdout
         log = open(root / "worker.log", "wb")  # noqa: SIM115 - the worker's life
         worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "worker", "gpu"], env=env, stdout=log,
