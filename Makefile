@@ -9,10 +9,11 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup fetch browser run test test-unit test-integration lint clean help
+.PHONY: setup fetch browser run test test-unit test-integration lint clean help services services-down
 
 help:
 	@echo "make run | make test | make setup | make fetch | make lint | make test-unit | make test-integration | make clean"
+	@echo "make services | make services-down   (Prefect, MLflow, S3 on 127.0.0.1; then: source .services/env.sh)"
 
 # torch 2.13.0 first: pip takes the CPU build lying on this disk; an unpinned torch would pull a CUDA build.
 # requirements.lock holds the exact versions resolved and tested together (constraints, not a second list).
@@ -37,6 +38,13 @@ browser:
 
 run: fetch
 	$(BIN)/llmpress run
+
+# The team's servers on 127.0.0.1, no Docker (infra/README.md); `source .services/env.sh` afterwards.
+services: setup
+	$(BIN)/llmpress services up
+
+services-down: setup
+	$(BIN)/llmpress services down
 
 lint: setup
 	$(BIN)/ruff check .

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,8 @@ def sweep(
 def _fan_out(deployment: str, pairs: list[tuple[str, str]], params_file: str, project_dir: str,
              overrides: dict[str, Any] | None, parent: str, timeout_s: float) -> list[str]:  # fmt: skip
     """One flow run of `deployment` per pair, all created before any is awaited; their final state names."""
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
-    from prefect.flow_runs import wait_for_flow_run
 
     runs = [
         run_deployment(
@@ -96,7 +97,17 @@ def _fan_out(deployment: str, pairs: list[tuple[str, str]], params_file: str, pr
         )
         for model, recipe in pairs
     ]
-    return [wait_for_flow_run(run.id, timeout=int(timeout_s)).state.name for run in runs]
+    deadline, states = time.monotonic() + timeout_s, {}
+    with get_client(sync_client=True) as client:
+        while len(states) < len(runs) and time.monotonic() < deadline:
+            for run in runs:
+                if run.id not in states:
+                    state = client.read_flow_run(run.id).state
+                    if state is not None and state.is_final():
+                        states[run.id] = state.name
+            if len(states) < len(runs):
+                time.sleep(5)
+    return [states.get(run.id, "TimedOut") for run in runs]
 
 
 def _in_process(pairs: list[tuple[str, str]], params_file: str, project_dir: str, overrides: dict[str, Any] | None,

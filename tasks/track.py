@@ -57,20 +57,21 @@ def register_and_gate(tracking_uri: str, run_id: str, model_name: str, model_dir
     per content (tag `run_key`): an identical re-run points at the version already there."""
     c = tracking.client(tracking_uri)
     champion_before = tracking.alias_version(c, model_name, tracking.ALIAS_CHAMPION)
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    scalars |= {f"base_{k}": v for k, v in base_metrics.items() if isinstance(v, int | float)}
+    scalars["perplexity_ratio"] = metrics["perplexity"] / base_metrics["perplexity"]
     same = tracking.version_by_tag(c, model_name, "run_key", version_tags.get("run_key"))
     if same is not None and same.run_id != run_id:  # an identical earlier run: its version and verdict stand
+        passed = same.tags.get("gate.passed") == "true"
+        tracking.log_metrics(c, run_id, scalars | {"gate_passed": passed})
         c.set_tag(run_id, "registered_version", str(same.version))
         c.set_tag(run_id, "reused_version", "true")
         failures = (same.tags.get("gate.failures") or "").split("; ")
-        return {"version": str(same.version), "passed": same.tags.get("gate.passed") == "true",
-                "failures": [f for f in failures if f], "champion_before": champion_before,
-                "champion": champion_before, "reused": True}  # fmt: skip
+        return {"version": str(same.version), "passed": passed, "failures": [f for f in failures if f],
+                "champion_before": champion_before, "champion": champion_before, "reused": True}  # fmt: skip
     champion = tracking.version_metrics(c, model_name, champion_before) if champion_before else None
     report = run_gate(metrics, base_metrics, gate, champion)
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-    scalars |= {f"base_{k}": v for k, v in base_metrics.items() if isinstance(v, int | float)}
-    scalars |= {"perplexity_ratio": metrics["perplexity"] / base_metrics["perplexity"], "gate_passed": report.passed}
-    tracking.log_metrics(c, run_id, scalars)
+    tracking.log_metrics(c, run_id, scalars | {"gate_passed": report.passed})
     # The graph is logged once, inside the edge bundle (below), and the card points there.
     onnx_artifact = f"bundle/{Path(onnx_path).name}" if onnx_path else None
     version = tracking.register_model(c, run_id, model_dir, model_name, version_tags)

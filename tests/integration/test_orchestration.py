@@ -62,10 +62,10 @@ def _task_runs(env: dict[str, str], flow_run_id) -> list:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
-def _trigger(env: dict[str, str]):
+def _trigger(env: dict[str, str], name: str = "compress/compress-nightly", **parameters):
     with _prefect(env) as client:
-        deployment = client.read_deployment_by_name("compress/compress-nightly")
-        return client.create_flow_run_from_deployment(deployment.id, parameters={"overrides": OVERRIDES})
+        deployment = client.read_deployment_by_name(name)
+        return client.create_flow_run_from_deployment(deployment.id, parameters={"overrides": OVERRIDES} | parameters)
 
 
 def _wait(env: dict[str, str], flow_run_id, timeout: float = 1200, on_poll=None):
@@ -92,7 +92,7 @@ def team(tmp_path_factory: pytest.TempPathFactory):
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
     }  # fmt: skip
-    worker = None
+    workers: list[subprocess.Popen] = []
     try:
         # The data sets DVC versioned in this checkout, pushed to the team remote as `dvc push` lays them out.
         s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=state.access_key,
@@ -109,12 +109,13 @@ def team(tmp_path_factory: pytest.TempPathFactory):
         deploy = subprocess.run([sys.executable, "-m", "flows.cli", "--project", str(REPO), *command], env=env,
                                 capture_output=True, text=True, timeout=300)  # fmt: skip
         assert deploy.returncode == 0, deploy.stderr + deploy.stdout
-        log = open(root / "worker.log", "wb")  # noqa: SIM115 - the worker's life
-        worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "worker", "gpu"], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=root)  # fmt: skip
+        for pool in ("gpu", "cpu"):
+            log = open(root / f"worker-{pool}.log", "wb")  # noqa: SIM115 - the worker's life
+            workers.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "worker", pool], env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True, cwd=root))  # fmt: skip
         yield {"root": root, "state": state, "env": env, "deploy": deploy.stdout, "s3": s3}
     finally:
-        if worker is not None:
+        for worker in workers:
             os.killpg(worker.pid, signal.SIGINT)  # a Prefect worker stops on SIGINT
             try:
                 worker.wait(timeout=20)
@@ -171,7 +172,7 @@ def test_deploy_created_pools_limits_and_deployments(team: dict) -> None:
 
 def test_run_survives_mlflow_outage_with_one_version(team: dict, first_run: dict) -> None:
     run, events = first_run["run"], first_run["events"]
-    log = (team["root"] / "worker.log").read_text(errors="replace")
+    log = (team["root"] / "worker-gpu.log").read_text(errors="replace")
     assert run.state.is_completed(), f"{run.state}: {log[-3000:]}"
     assert "killed" in events and "restarted" in events, f"the outage did not happen as planned: {events}"
     retried = [t for t in first_run["tasks"] if t.run_count > 1]
@@ -208,3 +209,28 @@ def test_identical_rerun_is_cached_and_registers_nothing(team: dict, first_run: 
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(timings, indent=2))
     print(f"orchestration timings: {timings}")
+
+
+def test_sweep_fans_out_to_the_gpu_pool_and_plots_the_pareto_front(team: dict, first_run: dict) -> None:
+    """Two recipes through the `sweep` deployment (cpu pool) as `compress/compress` runs on the gpu pool: Wanda 50 %
+    (identical to run 1: served from the cache) and magnitude 50 % (same bytes, far higher perplexity)."""
+    env = team["env"]
+    recipes = ["recipes/wanda-50.yaml", "recipes/magnitude-50.yaml"]
+    flow_run = _trigger(env, "sweep/sweep", recipes=recipes, deployment="compress/compress")
+    run = _wait(env, flow_run.id)
+    log = (team["root"] / "worker-cpu.log").read_text(errors="replace")
+    assert run.state.is_completed(), f"{run.state}: {log[-3000:]}"
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = c.get_experiment_by_name("orchestration").experiment_id
+    (parent,) = c.search_runs([experiment], "tags.sweep = 'true'")
+    children = c.search_runs([experiment], f"tags.`sweep.parent` = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["recipe"] for r in children) == ["magnitude-50", "wanda-50"]
+    assert {a.path for a in c.list_artifacts(parent.info.run_id)} >= {"sweep.md", "sweep.json", "plots"}
+    assert [a.path for a in c.list_artifacts(parent.info.run_id, "plots")] == ["plots/pareto.png"]
+    result = json.loads(Path(c.download_artifacts(parent.info.run_id, "sweep.json", str(team["root"]))).read_text())
+    points = {p["label"].split(" / ")[1]: p for p in result["points"]}
+    assert set(points) == {"wanda-50", "magnitude-50"} and not result["failed"]
+    assert points["wanda-50"]["on_front"] and not points["magnitude-50"]["on_front"]
+    assert points["magnitude-50"]["perplexity"] > 3 * points["wanda-50"]["perplexity"]
+    assert points["magnitude-50"]["gate_passed"] is False  # 16x dense, over the 2.5x bar
+    assert parent.data.metrics["pareto_points"] == 1
