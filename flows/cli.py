@@ -3,7 +3,7 @@
     llmpress run [--recipe recipes/wanda-50.yaml] [--model SOURCE] [--data CORPUS] [--set KEY=VALUE ...]
     llmpress data                     reproduce and push the DVC data sets, print their versions
     llmpress resolve SOURCE           resolve a model source to a local folder, print its content hash
-    llmpress check FILE ...           validate recipes (and params.yaml) without running anything
+    llmpress check FILE ... [--model SOURCE]  validate recipes and params.yaml (and targets against a model)
     llmpress dequantize SRC DST       a compressed folder (packed ints, low-rank) -> a plain HF safetensors folder
     llmpress promote NAME [VERSION]   publish an approved version's bundle to S3 and move alias production
     llmpress bundle verify PATH       check an edge bundle's files against its manifest
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     resolve.add_argument("source")
     check = sub.add_parser("check", help="validate recipe files and params.yaml")
     check.add_argument("files", nargs="*")
+    check.add_argument("--model", help="also check each recipe's targets and data.seq_len against this model")
     deq = sub.add_parser("dequantize", help="compressed folder -> plain Hugging Face folder (float weights)")
     deq.add_argument("src")
     deq.add_argument("dst")
@@ -186,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.no_export:
                 overrides["export.onnx"] = False
             if args.data:
+                from llmpress.config import load_params
+                from llmpress.data import check_corpus
+
+                check_corpus(args.data, load_params(project / args.params, overrides).data)
                 _set_corpus(project / args.params, args.data)
             # Validate everything before Prefect starts: a typo costs a second, not a server start-up.
             from llmpress.config import load_params, load_recipe
@@ -210,12 +215,29 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "check":
             from llmpress.config import load_params, load_recipe
 
-            load_params(project / args.params)
+            params = load_params(project / args.params)
             print(f"{args.params}: ok")
-            for file in args.files:
-                recipe = load_recipe(file)
+            recipes = {file: load_recipe(file) for file in args.files}
+            model = None
+            if args.model:  # targets and context length against a real model's layers (weights not needed)
+                from llmpress.compress.engine import check_targets
+                from llmpress.sources import load_model
+                from llmpress.sources import resolve as resolve_source
+
+                model = load_model(resolve_source(args.model, project / "models").path)
+                context = getattr(model.config, "max_position_embeddings", None)
+                if context is not None and params.data.seq_len > context:
+                    raise ConfigError(f"data.seq_len={params.data.seq_len} exceeds {args.model}'s context "
+                                      f"({context} tokens)")  # fmt: skip
+            for file, recipe in recipes.items():
+                if model is not None:
+                    check_targets(model, recipe)
                 print(f"{file}: ok ({recipe.name}, {len(recipe.stages)} stage(s))")
         elif args.command == "promote":
+            if args.s3:  # before Prefect or MLflow start
+                from llmpress.sources import parse_s3_uri
+
+                parse_s3_uri(args.s3.rstrip("/"))
             from flows.promote import promote
 
             record = promote(args.model, args.version, args.s3, args.params, str(project))

@@ -125,6 +125,20 @@ def sample_passages(docs: list[str], params: DataParams) -> list[str]:
     return passages
 
 
+def check_corpus(corpus: str, params: DataParams) -> None:
+    """Refuse a corpus that the DVC stages would refuse, before anything is written: a missing file, the wrong
+    kind, too few documents to split, too little text for one calibration window."""
+    if corpus == "gensim-lee":
+        return
+    path = Path(corpus)
+    if not path.is_file():
+        raise LlmpressError(f"--data {corpus!r}: no such file (a .txt or .jsonl corpus, or gensim-lee)")
+    if path.suffix not in (".txt", ".jsonl", ".cor"):
+        raise LlmpressError(f"--data {corpus!r}: expected a .txt (one document per line) or .jsonl file")
+    calibration, _ = split_documents(read_documents(path), params)
+    sample_passages(calibration, params)
+
+
 def prepare(raw: Path, out_dir: Path, params: DataParams) -> dict:
     docs = read_documents(raw / RAW_NAME)
     calibration_docs, eval_docs = split_documents(docs, params)

@@ -294,23 +294,23 @@ def up(root: str | Path = ".services", ports: dict[str, int] | None = None, only
        log: Callable[[str], None] = print) -> State:  # fmt: skip
     """Start the services in `only` that are not running, wait until healthy, write state.json and env.sh."""
     root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     ports = DEFAULT_PORTS | (ports or {})
     unknown = set(only) - set(SERVICES)
     if unknown:
         raise ServiceError(f"unknown service(s) {sorted(unknown)}; choose from {list(SERVICES)}")
     state = load_state(root) or State(str(root), f"llmpress-{secrets.token_hex(6)}", secrets.token_urlsafe(24))
     state.services = {k: v for k, v in state.services.items() if alive(v.pid)}
+    for name, service in state.services.items():
+        log(f"{name}: already running (pid {service.pid}) at {service.url}")
+    wanted = [name for name in SERVICES if name in only and name not in state.services]
+    for name in wanted:  # every port checked before anything is created or started
+        if ports[name] and not port_free(ports[name]):
+            raise ServiceError(f"{name}: port {ports[name]} on {HOST} is taken; pass another (--{name}-port)")
+    root.mkdir(parents=True, exist_ok=True)
     started: list[Running] = []
     try:
-        for name in SERVICES:
-            if name not in only or name in state.services:
-                if name in state.services:
-                    log(f"{name}: already running (pid {state.services[name].pid}) at {state.services[name].url}")
-                continue
+        for name in wanted:
             port = ports[name] or (free_weed_port() if name == "s3" else free_port())
-            if not port_free(port):
-                raise ServiceError(f"{name}: port {port} on {HOST} is taken; pass another (--{name}-port)")
             if name == "s3":
                 service = start_seaweedfs(root, port, state.access_key, state.secret_key)
             elif name == "mlflow":

@@ -103,6 +103,35 @@ def check_hf_folder(folder: Path) -> None:
                 "safetensors only, since unpickling can run arbitrary code. Convert them to safetensors first."
             )
         raise LlmpressError(f"model folder {folder} has no *.safetensors weights")
+    for weights in sorted(folder.glob("*.safetensors")):
+        check_safetensors(weights)
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a truncated or corrupt safetensors file from its header alone (no tensor is read): an 8-byte
+    little-endian header length, a JSON header within the file, and every tensor's byte range inside the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise LlmpressError(f"{path}: {size} bytes, too short for a safetensors file (truncated?)")
+        length = int.from_bytes(head, "little")
+        if length > min(size - 8, 100 * 2**20):
+            raise LlmpressError(f"{path}: header length {length} does not fit in the file's {size} bytes (corrupt "
+                                "or truncated)")  # fmt: skip
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LlmpressError(f"{path}: the safetensors header is not valid JSON (corrupt file)") from None
+    if not isinstance(header, dict):
+        raise LlmpressError(f"{path}: the safetensors header is not a JSON object (corrupt file)")
+    data = size - 8 - length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data):
+            raise LlmpressError(f"{path}: tensor {name!r} lies outside the file's {data} data bytes (truncated?)")
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -178,7 +207,9 @@ def _convert_gguf_once(gguf: Path, out: Path) -> Path:
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?", uri)
     if not match:
-        raise LlmpressError(f"{uri!r} is not a valid s3:// URI (expected s3://bucket/prefix, bucket in lowercase)")
+        shown = re.sub(r"^(s3://)[^/@]*@", r"\1***@", uri)  # never echo credentials pasted into a URI
+        raise LlmpressError(f"{shown!r} is not a valid s3:// URI (expected s3://bucket/prefix, bucket in lowercase; "
+                            "credentials come from the environment, never from the URI)")  # fmt: skip
     return match.group(1), (match.group(2) or "").strip("/")
 
 

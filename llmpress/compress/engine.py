@@ -598,7 +598,7 @@ def compress_(
     report.calibration_tokens = calibration_ids.numel() if needs_data and calibration_ids is not None else 0
     start = time.perf_counter()
     model.eval()
-    _check_targets(model, recipe)
+    check_targets(model, recipe)
 
     snapshot: nn.Module | None = None
     if teacher is None and any(stage.method == "distill" for stage in recipe.stages):
@@ -765,7 +765,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _check_targets(model: nn.Module, recipe: Recipe) -> None:
+def check_targets(model: nn.Module, recipe: Recipe) -> None:
     """Fail before any work if a layer stage's targets match nothing."""
     blocks_name, blocks = find_decoder_blocks(model)
     for i, stage in enumerate(recipe.stages):

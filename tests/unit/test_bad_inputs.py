@@ -1,0 +1,219 @@
+"""A catalog of bad inputs, each given to the `llmpress` command line as a user would: every one is refused with
+exit status 2 and one `error:` line naming the problem, no traceback, and nothing left behind in the project
+folder (no database, no models/, no .services/, no half-written file, params.yaml untouched)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from tests.unit.conftest import build_tiny_llama
+
+REPO = Path(__file__).resolve().parents[2]
+WANDA = "name: x\nstages:\n  - method: wanda\n    sparsity: 0.5\n"
+SECRET = "planted-secret-Zq81"
+
+
+def recipe(text: str) -> Callable[[Path], list[str]]:
+    def setup(project: Path) -> list[str]:
+        (project / "bad.yaml").write_text(text)
+        return ["check", str(project / "bad.yaml")]
+
+    return setup
+
+
+def params(text: str, *args: str) -> Callable[[Path], list[str]]:
+    def setup(project: Path) -> list[str]:
+        (project / "params.yaml").write_text(text)
+        return list(args) or ["check"]
+
+    return setup
+
+
+def run_with(*args: str) -> Callable[[Path], list[str]]:
+    return lambda project: ["run", *args]
+
+
+def tiny_model(project: Path, name: str = "tiny") -> Path:
+    folder = project / "inputs" / name
+    build_tiny_llama().save_pretrained(folder)
+    return folder
+
+
+def model_folder(mutate: Callable[[Path], None]) -> Callable[[Path], list[str]]:
+    def setup(project: Path) -> list[str]:
+        folder = tiny_model(project)
+        mutate(folder)
+        return ["resolve", str(folder)]
+
+    return setup
+
+
+def _truncate(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def _garbage_header(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:16] = b"\xff\xfe{{[[!!"
+    weights.write_bytes(bytes(data))
+
+
+def _pickle_only(folder: Path) -> None:
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+
+
+def _no_weights(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+
+
+def _remote_code(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModelForCausalLM": "x.Model"}}))
+
+
+def _bad_config(folder: Path) -> None:
+    (folder / "config.json").write_text("{not json")
+
+
+def check_with_model(recipe_text: str, params_text: str | None = None) -> Callable[[Path], list[str]]:
+    def setup(project: Path) -> list[str]:
+        (project / "bad.yaml").write_text(recipe_text)
+        if params_text:
+            (project / "params.yaml").write_text(params_text)
+        return ["check", str(project / "bad.yaml"), "--model", str(tiny_model(project))]
+
+    return setup
+
+
+def corpus(name: str, text: str) -> Callable[[Path], list[str]]:
+    def setup(project: Path) -> list[str]:
+        path = project / "inputs" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        return ["run", "--data", str(path)]
+
+    return setup
+
+
+def port_taken(project: Path) -> list[str]:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port_taken.holder = holder  # kept open for the duration of the call
+    return ["services", "up", "--only", "mlflow", "--mlflow-port", str(holder.getsockname()[1])]
+
+
+CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
+    # recipes
+    ("recipe-unknown-key", recipe(WANDA + "    sparsity_ratio: 0.3\n"), "sparsity_ratio"),
+    ("recipe-sparsity-one", recipe(WANDA.replace("0.5", "1.0")), "stages.0.wanda.sparsity"),
+    ("recipe-sparsity-negative", recipe(WANDA.replace("0.5", "-0.1")), "stages.0.wanda.sparsity"),
+    ("recipe-nm-n-ge-m", recipe("name: x\nstages:\n  - method: wanda\n    pattern: '4:4'\n"), "0 < N < M"),
+    ("recipe-nm-malformed", recipe("name: x\nstages:\n  - method: wanda\n    pattern: '2-4'\n"), "pattern"),
+    ("recipe-bits-unsupported", recipe("name: x\nstages:\n  - method: rtn\n    bits: 16\n"), "bits"),
+    ("recipe-bits-one", recipe("name: x\nstages:\n  - method: gptq\n    bits: 1\n"), "bits"),
+    ("recipe-unknown-method", recipe("name: x\nstages:\n  - method: obc\n"), "unknown method 'obc'"),
+    ("recipe-no-stages", recipe("name: x\nstages: []\n"), "stages"),
+    ("recipe-not-mapping", recipe("- a\n- b\n"), "a recipe is a mapping"),
+    ("recipe-bad-regex", recipe(WANDA + "    targets: ['(']\n"), "not a valid regular expression"),
+    ("recipe-bad-yaml", recipe("name: x\nstages: [\n"), "YAML"),
+    ("recipe-missing-file", lambda p: ["check", str(p / "nope.yaml")], "not found"),
+    (
+        "recipe-targets-match-nothing",
+        check_with_model(WANDA + "    targets: ['.*\\.conv_.*']\n", "data:\n  seq_len: 64\n"),
+        "match no Linear",
+    ),
+    ("seq-len-over-context", check_with_model(WANDA, "data:\n  seq_len: 4096\n"), "exceeds"),
+    # params
+    ("params-unknown-key", params("eval:\n  strid: 2\n"), "eval.strid: unknown key"),
+    ("params-window-zero", params("eval:\n  window: 0\n"), "eval.window"),
+    ("params-bad-s3-prefix", params("tracking:\n  bundle_s3_prefix: http://bucket/x\n"), "bundle_s3_prefix"),
+    ("params-bad-model-name", params("tracking:\n  registered_model: 'my model!'\n"), "registered_model"),
+    ("params-not-yaml", params("eval: [\n"), "YAML"),
+    ("set-no-equals", run_with("--set", "gate.max_perplexity_ratio"), "expected KEY=VALUE"),
+    ("set-data-key", run_with("--set", "data.seed=3"), "data settings are DVC parameters"),
+    ("set-bad-device", run_with("--set", "compress.device=tpu"), "compress.device"),
+    ("set-negative-threshold", run_with("--set", "gate.max_perplexity_ratio=-1"), "gate.max_perplexity_ratio"),
+    ("run-missing-recipe", run_with("--recipe", "recipes/missing.yaml"), "file not found"),
+    # model sources
+    ("source-unknown", lambda p: ["resolve", "not a model"], "is not a local folder, a .gguf file"),
+    ("source-no-weights", model_folder(_no_weights), "has no *.safetensors weights"),
+    ("source-pickle-only", model_folder(_pickle_only), "only pickled weights"),
+    ("source-remote-code", model_folder(_remote_code), "remote code"),
+    ("source-config-not-json", model_folder(_bad_config), "is not valid JSON"),
+    ("source-truncated-safetensors", model_folder(_truncate), "truncated"),
+    ("source-corrupt-safetensors-header", model_folder(_garbage_header), "corrupt"),
+    ("source-missing-gguf", lambda p: ["resolve", str(p / "missing.gguf")], "GGUF file not found"),
+    ("source-bad-s3-uri", lambda p: ["resolve", "s3://Bad_Bucket/x"], "not a valid s3:// URI"),
+    (
+        "source-s3-uri-with-credentials",
+        lambda p: ["resolve", f"s3://AKIAEXAMPLE:{SECRET}@bucket/x"],
+        "not a valid s3:// URI",
+    ),
+    # corpora
+    ("corpus-missing", lambda p: ["run", "--data", str(p / "missing.txt")], "no such file"),
+    ("corpus-empty", corpus("empty.txt", ""), "0 document(s)"),
+    ("corpus-tiny", corpus("tiny.txt", "one two\nthree four\nfive six\nseven eight\nnine ten\n"), "characters"),
+    ("corpus-wrong-kind", corpus("corpus.csv", "a,b\n"), "expected a .txt"),
+    ("corpus-bad-jsonl", corpus("bad.jsonl", '{"txt": 1}\n'), "expected a JSON object with a 'text' field"),
+    # bundles, promotion, services, deployments, sweeps
+    ("bundle-not-a-bundle", lambda p: ["bundle", "verify", str(p / "recipes")], "no manifest.json"),
+    ("promote-bad-s3-uri", lambda p: ["promote", "m", "1", "--s3", "http://bucket/x"], "not a valid s3:// URI"),
+    ("services-port-taken", port_taken, "is taken"),
+    ("deploy-without-server", lambda p: ["deploy"], "no Prefect server"),
+    (
+        "sweep-bad-recipe",
+        lambda p: (p / "bad.yaml").write_text("name: x\nstages: []\n") and ["sweep", "--recipes", str(p / "bad.yaml")],
+        "stages",
+    ),
+]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}  # fmt: skip
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "params.yaml", project)
+    shutil.copytree(REPO / "recipes", project / "recipes")
+    monkeypatch.chdir(project)
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "LLMPRESS_DVC_REMOTE"):
+        monkeypatch.delenv(key, raising=False)
+    return project
+
+
+def test_the_catalog_is_large_enough() -> None:
+    assert len(CASES) >= 30 and len({name for name, _, _ in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize(("name", "setup", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_and_leaves_nothing(
+    project: Path, capsys: pytest.CaptureFixture[str], name: str, setup: Callable[[Path], list[str]], expected: str
+) -> None:
+    args = setup(project)
+    before = snapshot(project)
+    try:
+        code = main(["--project", str(project), *args])
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    out, err = capsys.readouterr()
+    assert code == 2, f"{name}: exit {code}\n{out}\n{err}"
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in err, err
+    assert "Traceback" not in err + out
+    assert SECRET not in err + out  # a credential in the input is never echoed back
+    assert snapshot(project) == before, "the refusal left something behind"
