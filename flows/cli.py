@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("data", help="dvc repro + dvc push; print the data versions")
     resolve = sub.add_parser("resolve", help="resolve a model source")
     resolve.add_argument("source")
+    resolve.add_argument("--unsafe-load-pickled-weights", action="store_true",
+                         help="convert a folder of pickled .bin/.pt weights to safetensors (torch.load with "
+                         "weights_only=True); never done otherwise")  # fmt: skip
     check = sub.add_parser("check", help="validate recipe files and params.yaml")
     check.add_argument("files", nargs="*")
     check.add_argument("--model", help="also check each recipe's targets and data.seq_len against this model")
@@ -210,7 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "resolve":
             from llmpress.sources import resolve as resolve_source
 
-            resolved = resolve_source(args.source, project / "models")
+            source = args.source
+            if args.unsafe_load_pickled_weights:
+                from llmpress.sources import convert_pickled_folder
+
+                source = str(convert_pickled_folder(args.source, project / "models"))
+                print(f"warning: converted pickled weights of {args.source} to {source}", file=sys.stderr)
+            resolved = resolve_source(source, project / "models")
             print(f"{resolved.path}\nsha256 {resolved.sha256}")
         elif args.command == "check":
             from llmpress.config import load_params, load_recipe

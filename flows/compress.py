@@ -92,14 +92,15 @@ def compress(
 
         compressed = timed(
             "compress", cached_output, compress_model, "path", base["path"], recipe_path, data["calibration"],
-            str(out_root / "hf"), params.data, params.eval, params.compress, lineage, content_key=key,
+            str(out_root / "hf"), params.data, params.eval, params.compress, lineage, data["calibration_version"],
+            content_key=key,
         )  # fmt: skip
         hf = out_root / "hf"
         files = {"recipe": str(hf / "recipe.yaml"), "report": str(hf / "llmpress.json")}
         log_stage(tracking_uri, run_id, "compress", compressed, seconds["compress"], artifacts=files)
 
         evaluation = timed("evaluate", evaluate_model, compressed["path"], base["path"], data["eval"], params.eval,
-                           compressed["targeted_layers"], content_key=key)  # fmt: skip
+                           compressed["targeted_layers"], data["eval_version"], content_key=key)  # fmt: skip
         metrics, base_metrics = evaluation["metrics"], evaluation["base"]
         log_stage(tracking_uri, run_id, "evaluate", evaluation, seconds["evaluate"])
 

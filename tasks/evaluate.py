@@ -12,8 +12,9 @@ from tasks.cache import CACHED
 
 @task(name="evaluate", tags=["cpu"], **CACHED)
 def evaluate_model(model_path: str, base_path: str, eval_path: str, params: EvalParams,
-                   layer_names: list[str] | None = None, content_key: str | None = None) -> dict:  # fmt: skip
-    return steps.evaluate(model_path, base_path, eval_path, params, layer_names)
+                   layer_names: list[str] | None = None, eval_md5: str | None = None,
+                   content_key: str | None = None) -> dict:  # fmt: skip
+    return steps.evaluate(model_path, base_path, eval_path, params, layer_names, eval_md5)
 
 
 @task(name="export-onnx", tags=["cpu"], **CACHED)
