@@ -92,7 +92,7 @@ def bundle_uri(s3_prefix: str, name: str, version: str) -> str:
 
 
 def publish_bundle(bundle_dir: str | Path, uri: str, client: Any | None = None,
-                   multipart_threshold: int = MULTIPART_THRESHOLD) -> Published:  # fmt: skip
+                   multipart_threshold: int | None = None) -> Published:  # fmt: skip
     """Upload a verified bundle to `uri` (s3://bucket/prefix/) and check every object's sha256 as stored."""
     from boto3.s3.transfer import TransferConfig
     from botocore.exceptions import BotoCoreError, ClientError
@@ -101,6 +101,7 @@ def publish_bundle(bundle_dir: str | Path, uri: str, client: Any | None = None,
     manifest = verify_bundle(bundle_dir)
     bucket, prefix = parse_s3_uri(uri.rstrip("/"))
     client = client or s3_client()
+    multipart_threshold = multipart_threshold or MULTIPART_THRESHOLD
     config = TransferConfig(
         multipart_threshold=multipart_threshold, multipart_chunksize=max(multipart_threshold, 5 * 2**20)
     )
