@@ -21,6 +21,7 @@ from llmpress.steps import recipe_info
 from llmpress.versioning import git_commit
 from tasks.cache import content_key
 from tasks.compress import compress_model
+from tasks.credentials import BLOCK, load_secret_block
 from tasks.data import version_data
 from tasks.evaluate import evaluate_model, export_model, measure_speed
 from tasks.model import resolve_model
@@ -41,6 +42,8 @@ def compress(
     `parent_run_id` nests this run's MLflow run under another (a sweep's). Compute steps are cached by content
     (tasks/cache.py): a re-run with identical inputs reuses them, and registers nothing new."""
     logger = get_run_logger()
+    if added := load_secret_block():
+        logger.info("credentials from Prefect Secret block %s: %s", BLOCK, ", ".join(added))
     project = Path(project_dir).resolve()
     overrides = dict(overrides or {})
     if recipe:

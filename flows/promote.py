@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from llmpress import tracking
 from llmpress.config import load_params
 from llmpress.promote import PromotionError, bundle_uri
+from tasks.credentials import BLOCK, load_secret_block
 from tasks.promote import check_version, move_production, publish_bundle
 
 
@@ -24,6 +25,8 @@ def promote(model_name: str, version: str = "champion", s3_prefix: str | None = 
             project_dir: str = ".") -> dict[str, Any]:  # fmt: skip
     """Publish the bundle of `model_name` `version` (a number or an alias) under `s3_prefix`, then move `production`."""
     logger = get_run_logger()
+    if added := load_secret_block():
+        logger.info("credentials from Prefect Secret block %s: %s", BLOCK, ", ".join(added))
     project = Path(project_dir).resolve()
     params = load_params(project / params_file)
     tracking_uri = tracking.resolve_tracking_uri(params.tracking.tracking_uri, project)

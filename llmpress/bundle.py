@@ -113,6 +113,9 @@ def build_bundle(out_dir: str | Path, onnx_dir: str | Path, tokenizer_dir: str |
                 shutil.copy2(tokenizer_dir / name, staging / name)
         shutil.copy2(RUNNER, staging / "llmpress_generate.py")
         (staging / "run.py").write_text(RUN_PY)
+        for path in staging.iterdir():  # durable before the rename makes the bundle visible
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
         files = [
             {"path": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(staging.iterdir())
         ]

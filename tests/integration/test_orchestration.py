@@ -109,10 +109,18 @@ def team(tmp_path_factory: pytest.TempPathFactory):
         deploy = subprocess.run([sys.executable, "-m", "flows.cli", "--project", str(REPO), *command], env=env,
                                 capture_output=True, text=True, timeout=300)  # fmt: skip
         assert deploy.returncode == 0, deploy.stderr + deploy.stdout
+        # The workers' environment has no S3 keys: their flow runs take them from a Prefect Secret block.
+        keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        with _prefect(env):
+            from prefect.blocks.system import Secret
+
+            Secret(value={k: env[k] for k in keys}).save("llmpress-credentials", overwrite=True)
+        worker_env = {k: v for k, v in env.items() if k not in keys} | {"PREFECT_WORKER_QUERY_SECONDS": "2"}
         for pool in ("gpu", "cpu"):
             log = open(root / f"worker-{pool}.log", "wb")  # noqa: SIM115 - the worker's life
-            workers.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "worker", pool], env=env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True, cwd=root))  # fmt: skip
+            command = [sys.executable, "-m", "flows.cli", "worker", pool]
+            workers.append(subprocess.Popen(command, env=worker_env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True, cwd=root))  # fmt: skip
         yield {"root": root, "state": state, "env": env, "deploy": deploy.stdout, "s3": s3}
     finally:
         for worker in workers:
@@ -121,6 +129,8 @@ def team(tmp_path_factory: pytest.TempPathFactory):
                 worker.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
+        for service in state.services.values():  # includes the MLflow server restarted by the outage test
+            services.stop(service)
         services.down(root / "services", log=lambda _: None)
         shutil.copytree(root / "services" / "logs", REPO / "test-artifacts" / "orchestration-logs", dirs_exist_ok=True)
 
@@ -175,6 +185,8 @@ def test_run_survives_mlflow_outage_with_one_version(team: dict, first_run: dict
     log = (team["root"] / "worker-gpu.log").read_text(errors="replace")
     assert run.state.is_completed(), f"{run.state}: {log[-3000:]}"
     assert "killed" in events and "restarted" in events, f"the outage did not happen as planned: {events}"
+    assert "credentials from Prefect Secret block llmpress-credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in log
+    assert "dvc repro --pull failed" not in log  # the data came from the team remote, with the block's keys
     retried = [t for t in first_run["tasks"] if t.run_count > 1]
     assert retried, "no task was retried: the outage was not seen"
     c = MlflowClient(team["env"]["MLFLOW_TRACKING_URI"])

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -66,15 +69,28 @@ def _project(root: Path) -> Path:
     return root
 
 
+# Credentials planted in the environment of both runs: none may reach a log, a parameter, a tag or an artifact.
+PLANTED = {"AWS_SECRET_ACCESS_KEY": "planted-aws-secret-9Xq2", "MLFLOW_TRACKING_PASSWORD": "planted-mlflow-pw-7Lk4"}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     project = _project(tmp_path_factory.mktemp("itest") / "project")
     results = {"project": project}
-    assert cli(["--project", str(project), "run"]) == 0  # wanda-50, the default recipe
-    results["wanda"] = _last_summary(project)
-    code = cli(["--project", str(project), "run", "--recipe", "recipes/magnitude-50.yaml", "--no-export"])
-    assert code == 0  # a failed gate is a verdict, not an error
-    results["magnitude"] = _last_summary(project)
+    saved = {key: os.environ.get(key) for key in PLANTED}
+    os.environ.update(PLANTED)
+    try:
+        assert cli(["--project", str(project), "run"]) == 0  # wanda-50, the default recipe
+        results["wanda"] = _last_summary(project)
+        code = cli(["--project", str(project), "run", "--recipe", "recipes/magnitude-50.yaml", "--no-export"])
+        assert code == 0  # a failed gate is a verdict, not an error
+        results["magnitude"] = _last_summary(project)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return results
 
 
@@ -343,3 +359,47 @@ def tracking_alias(c: MlflowClient, alias: str) -> str | None:
     from llmpress.tracking import alias_version
 
     return alias_version(c, MODEL_NAME, alias)
+
+
+def test_no_planted_credential_reaches_a_log_param_tag_or_artifact(runs: dict) -> None:
+    """Every byte the two runs left: the project (MLflow's database with params, tags and model versions, every
+    artifact and registered model, compressed models, DVC files) and the Prefect database (flow and task logs)."""
+    from prefect.settings import get_current_settings
+
+    database = get_current_settings().server.database.connection_url.get_secret_value().split(":///")[-1]
+    files = [p for p in runs["project"].rglob("*") if p.is_file() and not p.is_symlink()]
+    files += [Path(database + suffix) for suffix in ("", "-wal") if Path(database + suffix).is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.suffix == ".onnx" for p in files)
+    scanned = 0
+    for path in files:
+        data = path.read_bytes()
+        scanned += len(data)
+        for secret in PLANTED.values():
+            assert secret.encode() not in data, f"{secret} found in {path}"
+    assert scanned > 500 * 2**20  # models and bundles included, not just the small files
+
+
+def test_killed_during_compression_registers_nothing(runs: dict, tmp_path: Path) -> None:
+    """SIGKILL to `llmpress run` (and everything it started) while it compresses: no version, no alias moved,
+    no complete output folder; the run it opened is left unfinished, never marked FINISHED."""
+    project = runs["project"]
+    c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    before = {(v.version, tuple(sorted(v.aliases))) for v in c.search_model_versions(f"name = '{MODEL_NAME}'")}
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "--project", str(project), "run", "--recipe",
+                                 "recipes/wanda-mlp-30.yaml", "--no-export", "--set", "eval.speed.enabled=false"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while "compress wanda-mlp-30:" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        time.sleep(2)  # a few blocks into the compression
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    after = {(v.version, tuple(sorted(v.aliases))) for v in c.search_model_versions(f"name = '{MODEL_NAME}'")}
+    assert after == before
+    assert not list((project / "models" / "compressed").glob("wanda-mlp-30-*/hf"))
+    exp = c.get_experiment_by_name("itest")
+    killed = c.search_runs([exp.experiment_id], "params.`recipe.name` = 'wanda-mlp-30'")
+    assert killed and all(r.info.status == "RUNNING" and "registered_version" not in r.data.tags for r in killed)
