@@ -63,11 +63,11 @@ def deploy(project_dir: str | Path = ".", gpus: int | None = None, git_url: str 
     from prefect.variables import Variable
 
     project = Path(project_dir).resolve()
+    if not (project / "prefect.yaml").is_file():
+        raise LlmpressError(f"{project} has no prefect.yaml")
     if not PREFECT_API_URL.value():
         raise LlmpressError("no Prefect server: set PREFECT_API_URL (`llmpress services up`, then "
                             "`source .services/env.sh`), or point it at the team's server")  # fmt: skip
-    if not (project / "prefect.yaml").is_file():
-        raise LlmpressError(f"{project} has no prefect.yaml")
     if pool_type not in ("process", "kubernetes"):
         raise LlmpressError(f"--pool-type {pool_type!r}: choose process or kubernetes")
     gpus = gpus or gpus_here()

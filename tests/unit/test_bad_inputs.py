@@ -113,6 +113,17 @@ def port_taken(project: Path) -> list[str]:
     return ["services", "up", "--only", "mlflow", "--mlflow-port", str(holder.getsockname()[1])]
 
 
+def deploy_without_server(project: Path) -> list[str]:
+    """prefect.yaml present, no PREFECT_API_URL (even where a test harness set one for the session)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    shutil.copy(REPO / "prefect.yaml", project)
+    context = temporary_settings({PREFECT_API_URL: None})
+    context.__enter__()
+    deploy_without_server.context = context  # left by the test, after the call
+    return ["deploy"]
+
+
 CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     # recipes
     ("recipe-unknown-key", recipe(WANDA + "    sparsity_ratio: 0.3\n"), "sparsity_ratio"),
@@ -170,7 +181,8 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("bundle-not-a-bundle", lambda p: ["bundle", "verify", str(p / "recipes")], "no manifest.json"),
     ("promote-bad-s3-uri", lambda p: ["promote", "m", "1", "--s3", "http://bucket/x"], "not a valid s3:// URI"),
     ("services-port-taken", port_taken, "is taken"),
-    ("deploy-without-server", lambda p: ["deploy"], "no Prefect server"),
+    ("deploy-without-prefect-yaml", lambda p: ["deploy"], "has no prefect.yaml"),
+    ("deploy-without-server", deploy_without_server, "no Prefect server"),
     (
         "sweep-bad-recipe",
         lambda p: (p / "bad.yaml").write_text("name: x\nstages: []\n") and ["sweep", "--recipes", str(p / "bad.yaml")],
@@ -210,6 +222,10 @@ def test_bad_input_is_refused_and_leaves_nothing(
         code = main(["--project", str(project), *args])
     except SystemExit as exc:  # argparse's own refusals
         code = exc.code
+    finally_leave = getattr(setup, "context", None)
+    if finally_leave is not None:
+        finally_leave.__exit__(None, None, None)
+        del setup.context
     out, err = capsys.readouterr()
     assert code == 2, f"{name}: exit {code}\n{out}\n{err}"
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
