@@ -19,7 +19,6 @@ from llmpress import tracking
 from llmpress.config import load_params, load_recipe
 from llmpress.steps import recipe_info
 from llmpress.versioning import git_commit
-from tasks.cache import content_key
 from tasks.compress import compress_model
 from tasks.credentials import BLOCK, load_secret_block
 from tasks.data import version_data
@@ -139,6 +138,27 @@ def compress(
     finally:
         close_run(tracking_uri, run_id, ok, summary)
     return summary
+
+
+def code_version() -> str:
+    """sha256 of the source that runs (llmpress, tasks, flows): unlike the git commit, it sees uncommitted edits
+    and works outside a checkout."""
+    import llmpress
+    import tasks
+
+    digest = hashlib.sha256()
+    for package in (Path(llmpress.__file__).parent, Path(tasks.__file__).parent, Path(__file__).parent):
+        for path in sorted(package.rglob("*.py")):
+            digest.update(path.relative_to(package.parent).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def content_key(lineage: dict[str, str]) -> str:
+    """What a run's results depend on beyond its settings: base model, data, recipe and code (the cache key's
+    content part, tasks/cache.py)."""
+    keys = ("base_model_hash", "data_version", "recipe_hash")
+    payload = {k: lineage.get(k) for k in keys} | {"code": code_version()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def cached_output(task, path_key: str, *args, **kwargs) -> dict[str, Any]:

@@ -131,34 +131,30 @@ def publish_bundle(bundle_dir: str | Path, uri: str, client: Any | None = None,
     return Published(uri=uri, uploaded=uploaded, already_there=already, bytes=sum(e["bytes"] for e in entries))
 
 
+def _head(client: Any, bucket: str, key: str, size: int) -> dict[str, Any] | None:
+    """The object's metadata, or None if it is missing or of another size."""
+    from botocore.exceptions import ClientError
+
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+    return head if head["ContentLength"] == size else None
+
+
 def _recorded_sha256(client: Any, bucket: str, key: str, size: int) -> str | None:
     """The sha256 recorded on the object at upload (metadata `sha256`); None if it is missing, of another size, or
     carries no such record. Trusted only for a bundle whose manifest is there: that went up after every file's
     stored bytes were hashed and matched."""
-    from botocore.exceptions import ClientError
-
-    try:
-        head = client.head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise
-    if head["ContentLength"] != size:
-        return None
-    return (head.get("Metadata") or {}).get("sha256")
+    head = _head(client, bucket, key, size)
+    return (head.get("Metadata") or {}).get("sha256") if head else None
 
 
 def _stored_sha256(client: Any, bucket: str, key: str, size: int) -> str | None:
     """sha256 of the object as S3 returns it (None if it is missing or of another size)."""
-    from botocore.exceptions import ClientError
-
-    try:
-        head = client.head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise
-    if head["ContentLength"] != size:
+    if _head(client, bucket, key, size) is None:
         return None
     digest = hashlib.sha256()
     for chunk in client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(1 << 20):

@@ -167,6 +167,16 @@ def _wait(name: str, pid: int, probe: Callable[[], bool], log: Path, timeout: fl
         time.sleep(0.5)
 
 
+def _healthy_or_stopped(running: Running, name: str, probe: Callable[[], bool], timeout: float) -> Running:
+    """Wait until `probe` passes; if it never does, stop the process so nothing is left half up."""
+    try:
+        _wait(name, running.pid, probe, Path(running.log), timeout)
+    except BaseException:
+        stop(running)
+        raise
+    return running
+
+
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=3) as response:
         return response.status == 200
@@ -206,12 +216,7 @@ def start_seaweedfs(root: Path, port: int, access_key: str, secret_key: str, buc
         return client.get_object(Bucket=buckets[0], Key=".llmpress-probe")["Body"].read() == b"ok"
 
     running = Running("s3", pid, port, url, str(log), stop_signal=signal.SIGKILL)  # weed ignores SIGTERM
-    try:
-        _wait("S3 (SeaweedFS)", pid, ready, log, timeout)
-    except BaseException:
-        stop(running)
-        raise
-    return running
+    return _healthy_or_stopped(running, "S3 (SeaweedFS)", ready, timeout)
 
 
 def free_weed_port() -> int:
@@ -239,12 +244,7 @@ def start_mlflow(root: Path, port: int, s3: Running | None, access_key: str, sec
            str(port), "--workers", "1"]  # fmt: skip
     pid = _spawn(cmd, log, env)
     running = Running("mlflow", pid, port, f"http://{HOST}:{port}", str(log))
-    try:
-        _wait("MLflow", pid, lambda: _http_ok(f"{running.url}/health"), log, timeout)
-    except BaseException:
-        stop(running)
-        raise
-    return running
+    return _healthy_or_stopped(running, "MLflow", lambda: _http_ok(f"{running.url}/health"), timeout)
 
 
 def start_prefect(root: Path, port: int, timeout: float = 120.0) -> Running:
@@ -258,12 +258,7 @@ def start_prefect(root: Path, port: int, timeout: float = 120.0) -> Running:
     cmd = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
     pid = _spawn(cmd, log, env)
     running = Running("prefect", pid, port, f"http://{HOST}:{port}", str(log))
-    try:
-        _wait("Prefect", pid, lambda: _http_ok(f"{running.url}/api/health"), log, timeout)
-    except BaseException:
-        stop(running)
-        raise
-    return running
+    return _healthy_or_stopped(running, "Prefect", lambda: _http_ok(f"{running.url}/api/health"), timeout)
 
 
 def stop(service: Running, timeout: float = 15.0) -> None:

@@ -34,6 +34,7 @@ from llmpress.evaluate.generate import greedy_generations
 from llmpress.evaluate.speed import measure_in_subprocess, peak_rss_mb
 from llmpress.export.onnx import check_parity, export_onnx
 from llmpress.hashing import data_hash
+from llmpress.services import alive
 from llmpress.sources import CHECKSUMS, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -179,18 +180,8 @@ def remove_stale_temporaries(parent: Path) -> None:
     """Remove `.NAME-PID-*` folders whose writing process no longer exists (killed mid-save)."""
     for tmp in parent.glob(".*-*-*"):
         pid = tmp.name.rsplit("-", 2)[-2]
-        if tmp.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+        if tmp.is_dir() and pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def dequantize(src: str | Path, dst: str | Path) -> str:
