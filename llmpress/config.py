@@ -118,6 +118,12 @@ class GateParams(Strict):
     max_perplexity_ratio: float | None = Field(1.6, gt=0, description="compressed / base perplexity")
     min_sparsity: float | None = Field(None, ge=0, lt=1, description="measured sparsity of the targeted layers")
     max_onnx_logit_diff: float | None = Field(1e-3, gt=0, description="max |logit| difference, ONNX vs PyTorch")
+    onnx_noise_factor: float = Field(
+        1.5,
+        ge=1,
+        description="where PyTorch's own one-ulp noise floor exceeds max_onnx_logit_diff (activation "
+        "rounding), ONNX's mean |logit| difference may be at most this multiple of the floor's mean",
+    )
     onnx_greedy_identical: bool = Field(True, description="ONNX's greedy decode must give PyTorch's tokens")
     max_kl_to_base: float | None = Field(None, gt=0, description="mean KL(base || compressed) per token, nats")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="share of same top-1 next token")

@@ -72,7 +72,7 @@ def run_gate(metrics: dict[str, float], base: dict[str, float], params: GatePara
         ratio = cloze / base_cloze if cloze is not None and base_cloze else None
         checks.append(_check("cloze_ratio", ratio, ">=", params.min_cloze_ratio))
     if params.max_onnx_logit_diff is not None and "onnx_max_abs_diff" in metrics:
-        checks.append(_check("onnx_max_abs_diff", metrics["onnx_max_abs_diff"], "<=", params.max_onnx_logit_diff))
+        checks.append(_onnx_parity(metrics, params))
     if params.onnx_greedy_identical and "onnx_greedy_identical" in metrics:
         checks.append(_check("onnx_greedy_identical", metrics["onnx_greedy_identical"], ">=", 1.0))
     if params.champion_max_perplexity_increase is not None:
@@ -87,6 +87,21 @@ def run_gate(metrics: dict[str, float], base: dict[str, float], params: GatePara
     if params.champion_must_be_smaller_or_faster:
         checks.append(_smaller_or_faster(metrics, champion, params.champion_speed_margin))
     return GateReport(passed=all(c.passed for c in checks), checks=checks)
+
+
+def _onnx_parity(metrics: dict[str, float], params: GateParams) -> Check:
+    """ONNX's max logit difference within the absolute bound - unless PyTorch itself moves by more than that bound
+    under one-ulp input noise (a model rounding its activations, see `llmpress.export.onnx`): no implementation
+    can then meet it, and ONNX's mean difference is held to `onnx_noise_factor` times the floor's mean instead."""
+    bound = params.max_onnx_logit_diff
+    floor_max = metrics.get("onnx_noise_max_abs_diff")
+    if floor_max is None or not math.isfinite(floor_max) or floor_max <= bound:
+        return _check("onnx_max_abs_diff", metrics["onnx_max_abs_diff"], "<=", bound)
+    floor_mean = metrics.get("onnx_noise_mean_abs_diff", math.nan)
+    check = _check("onnx_mean_abs_diff", metrics.get("onnx_mean_abs_diff"), "<=", params.onnx_noise_factor * floor_mean)
+    note = (f"PyTorch's own one-ulp noise floor (max {floor_max:.3g}, mean {floor_mean:.3g}) exceeds the bound "
+            f"{bound:g}: held to {params.onnx_noise_factor:g}x the floor's mean")  # fmt: skip
+    return Check(check.name, check.value, check.op, check.threshold, check.passed, note)
 
 
 SPEED_KEY = "torch_b1_decode_tokens_per_s"

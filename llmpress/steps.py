@@ -360,6 +360,8 @@ def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams) 
         "export_seconds": seconds,
         "onnx_max_abs_diff": parity.max_abs_diff,
         "onnx_mean_abs_diff": parity.mean_abs_diff,
+        "onnx_noise_max_abs_diff": parity.noise_max_abs_diff,
+        "onnx_noise_mean_abs_diff": parity.noise_mean_abs_diff,
         "onnx_argmax_agreement": parity.argmax_agreement,
         "onnx_decode_steps": parity.decode_steps,
         "onnx_greedy_identical": float(parity.greedy_identical),

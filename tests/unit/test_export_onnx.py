@@ -3,13 +3,16 @@ decode steps, and generation over onnxruntime (greedy, left-padded batches, samp
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from llmpress.compress.quant import install_act_quant
 from llmpress.export.generate import OrtGenerator, Sampling, onnx_session
-from llmpress.export.onnx import check_parity
+from llmpress.export.onnx import check_parity, noise_floor
 
 VOCAB = 256
 
@@ -45,6 +48,24 @@ def test_parity_through_prefill_and_32_decode_steps(tiny, graph) -> None:
     assert parity.max_abs_diff < 1e-4
     assert parity.argmax_agreement == 1.0
     assert parity.greedy_identical
+    assert 0 < parity.noise_max_abs_diff < 1e-4  # weights-only: one-ulp input noise barely moves the logits
+
+
+def test_noise_floor_of_an_activation_rounding_model_is_its_quantization_noise(tiny) -> None:
+    """Per-token 8-bit activation rounding turns one-ulp input noise into logit changes far above the gate's bound
+    (measured: max 0.02 against 3e-6 without rounding; 8M roundings here, of which some flip): the reason the gate
+    judges such graphs against the floor (llmpress.gate)."""
+    ids = torch.randint(0, VOCAB, (32, 256), generator=torch.Generator().manual_seed(3))
+    model = copy.deepcopy(tiny)
+    smooth_max, smooth_mean = noise_floor(model, ids)
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear) and layer is not model.lm_head:
+            install_act_quant(layer, bits=8)
+    rounding_max, rounding_mean = noise_floor(model, ids)
+    assert smooth_max < 1e-4
+    assert rounding_max > 1e-3  # above the gate's default bound: no implementation could meet it
+    assert rounding_max > 1000 * smooth_max
+    assert rounding_mean > 10 * smooth_mean
 
 
 def test_cache_grows_by_one_token_per_step(generator) -> None:

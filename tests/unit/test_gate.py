@@ -62,6 +62,28 @@ def test_onnx_logit_diff(diff: float, passed: bool) -> None:
     assert report.passed is passed
 
 
+@pytest.mark.parametrize(
+    ("floor_max", "floor_mean", "onnx_max", "onnx_mean", "name", "passed"),
+    [
+        (5e-5, 6e-6, 2e-4, 1e-5, "onnx_max_abs_diff", True),  # weights-only: floor far below the bound
+        (5e-5, 6e-6, 2e-3, 1e-5, "onnx_max_abs_diff", False),
+        (4.8, 0.36, 2.66, 0.335, "onnx_mean_abs_diff", True),  # W8A8 as measured on SmolLM2-135M
+        (4.8, 0.36, 2.66, 0.60, "onnx_mean_abs_diff", False),  # beyond 1.5x the floor's mean
+        (4.8, 0.36, 2.66, math.nan, "onnx_mean_abs_diff", False),
+    ],
+)
+def test_onnx_parity_judged_against_noise_floor_only_when_it_exceeds_the_bound(
+    floor_max: float, floor_mean: float, onnx_max: float, onnx_mean: float, name: str, passed: bool
+) -> None:
+    metrics = {"onnx_max_abs_diff": onnx_max, "onnx_mean_abs_diff": onnx_mean,
+               "onnx_noise_max_abs_diff": floor_max, "onnx_noise_mean_abs_diff": floor_mean}  # fmt: skip
+    check = _only_check(run_gate(metrics, {}, _params(max_onnx_logit_diff=1e-3, onnx_noise_factor=1.5)), name)
+    assert check.passed is passed
+    if name == "onnx_mean_abs_diff":
+        assert check.threshold == pytest.approx(1.5 * floor_mean)
+        assert "noise floor" in check.note
+
+
 def test_onnx_check_skipped_when_metric_absent() -> None:
     report = run_gate({"perplexity": 10.0}, {}, _params(max_onnx_logit_diff=1e-3))
     assert report.checks == []
