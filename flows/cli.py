@@ -98,6 +98,8 @@ def print_summary(s: dict[str, Any]) -> None:
             rows.append((label, spec.format(base[key]) if key in base else "-", spec.format(comp[key])))
     if "onnx_max_abs_diff" in comp:
         rows.append(("ONNX max |logit diff|", "-", f"{comp['onnx_max_abs_diff']:.2e}"))
+    if "onnx_noise_max_abs_diff" in comp:
+        rows.append(("PyTorch 1-ulp noise floor, max", "-", f"{comp['onnx_noise_max_abs_diff']:.2e}"))
     width = max(len(r[0]) for r in rows)
     print()
     print(f"{'':{width}}  {'base':>14}  {'compressed':>14}")

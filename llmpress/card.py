@@ -25,6 +25,9 @@ ROWS = [
     ("ort_b4_decode_tokens_per_s", "ONNX Runtime decode, batch 4 (tokens/s)", "{:.1f}"),
     ("torch_peak_rss_mb", "peak memory, PyTorch generating (MB)", "{:.0f}"),
     ("onnx_max_abs_diff", "ONNX max abs logit diff (prefill + decode)", "{:.2e}"),
+    ("onnx_mean_abs_diff", "ONNX mean abs logit diff (prefill + decode)", "{:.2e}"),
+    ("onnx_noise_max_abs_diff", "PyTorch vs itself under one-ulp input noise, max", "{:.2e}"),
+    ("onnx_noise_mean_abs_diff", "PyTorch vs itself under one-ulp input noise, mean", "{:.2e}"),
     ("onnx_greedy_identical", "ONNX greedy decode identical to PyTorch (1 = yes)", "{:.0f}"),
 ]
 
