@@ -84,3 +84,23 @@ def test_engine_wanda_same_masks_and_model_back_on_host(pattern) -> None:
         if isinstance(module, nn.Linear) and name != "lm_head":
             mismatch = ((module.weight == 0) != (cpu[name] == 0)).float().mean().item()
             assert mismatch <= 1e-3, f"{name}: {mismatch:.2e} of the mask differs"
+
+
+def test_capture_leaves_blocks_and_head_on_the_host_and_restores_host_tensors() -> None:
+    from llmpress.compress.engine import capture_block_inputs, find_decoder_blocks
+
+    model = _model()
+    _, blocks = find_decoder_blocks(model)
+    placed: dict[str, str] = {}
+    probe = blocks[0].register_forward_pre_hook(
+        lambda *_: placed.update({n: p.device.type for n, p in model.named_parameters()})
+    )  # registered before the capture's own hook, so it sees the placement during the capture
+    before = {name: t.data_ptr() for name, t in model.named_parameters()}
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    hidden, _ = capture_block_inputs(model, blocks, list(ids.split(2)), torch.device("cuda"))
+    probe.remove()
+    assert all(h.is_cuda for h in hidden)
+    assert torch.equal(torch.cat(hidden).cpu(), model.model.embed_tokens(ids))
+    assert placed["model.embed_tokens.weight"] == "cuda"
+    assert all(placed[n] == "cpu" for n in placed if n.startswith("model.layers.") or n == "lm_head.weight")
+    assert before == {name: t.data_ptr() for name, t in model.named_parameters()}  # host tensors, not copies back

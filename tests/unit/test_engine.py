@@ -265,3 +265,27 @@ def test_report_to_dict(tiny_llama) -> None:
     assert first["shape"] == [64, 64]
     assert first["sparsity"] == pytest.approx(0.5)
     assert set(data["stage_seconds"]) == {"0"}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_capture_moves_only_what_runs_before_block_0_and_hands_host_tensors_back(tied: bool) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmpress.compress.engine import capture_block_inputs, find_decoder_blocks, pre_block_tensors
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, tie_word_embeddings=tied)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    _, blocks = find_decoder_blocks(model)
+    moved = {id(t) for _, _, t in pre_block_tensors(model, blocks)}
+    assert id(model.model.embed_tokens.weight) in moved
+    assert id(model.model.rotary_emb.inv_freq) in moved  # a buffer read before block 0
+    assert not moved & {id(t) for t in [*blocks.parameters(), *blocks.buffers()]}
+    assert (id(model.lm_head.weight) in moved) is tied  # an untied head is never read before block 0
+    before = {name: t.data_ptr() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    hidden, kwargs = capture_block_inputs(model, blocks, list(ids.split(2)), torch.device("cpu"))
+    assert torch.equal(torch.cat(hidden), model.model.embed_tokens(ids))
+    assert len(kwargs) == 2 and "position_embeddings" in kwargs[0]
+    assert before == {name: t.data_ptr() for name, t in [*model.named_parameters(), *model.named_buffers()]}
