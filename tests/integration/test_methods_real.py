@@ -76,8 +76,9 @@ def test_quantization_gptq_beats_rtn_and_is_packed(real, tmp_path) -> None:
 
 
 def test_activation_aware_quantization_awq_and_smoothquant(real, tmp_path) -> None:
-    # grid 10 (the paper's search has 20 points) halves AWQ's CPU time; the ordering holds at both.
-    awq, _, _ = _run(real, tmp_path, "awq", [{"method": "awq", "bits": 4, "group_size": 128, "grid": 10}])
+    # grid 5 (the paper's search has 20 points) cuts AWQ's CPU time to 40 %; the ordering holds at both (measured
+    # 38.1 at grid 5, 37.9 at grid 10, RTN 41.1).
+    awq, _, _ = _run(real, tmp_path, "awq", [{"method": "awq", "bits": 4, "group_size": 128, "grid": 5}])
     rtn, _, _ = _run(real, tmp_path, "rtn", [{"method": "rtn", "bits": 4, "group_size": 128}])
     assert awq <= rtn, (awq, rtn)
     w8a8, _, model = _run(real, tmp_path, "w8a8", [{"method": "smoothquant", "alpha": 0.5}])
@@ -105,6 +106,7 @@ def test_lowrank_and_distillation_recovery(real, tmp_path) -> None:
     # same rank is ~80,000x): small models have little low-rank redundancy.
     assert ppl < 6.0 * real["dense"], ppl
     pruned, _, _ = _run(real, tmp_path, "wanda", [{"method": "wanda", "sparsity": 0.5}])
-    stages = [{"method": "wanda", "sparsity": 0.5}, {"method": "distill", "steps": 12, "lr": 2e-4}]
+    # 6 steps of 2 windows (measured: 50.7 from 70.5; 12 steps of 4 reach 47.8 at 2.8x the time)
+    stages = [{"method": "wanda", "sparsity": 0.5}, {"method": "distill", "steps": 6, "lr": 4e-4, "batch_size": 2}]
     distilled, _, _ = _run(real, tmp_path, "wanda-distill", stages)
     assert distilled < 0.97 * pruned, (distilled, pruned)
