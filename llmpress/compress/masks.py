@@ -1,7 +1,7 @@
 """Turning importance scores into pruning masks.
 
 A mask is a bool tensor shaped like the weight, True where the weight is kept. All three selectors prune exactly
-the requested count (ties broken by position through a stable sort), so the achieved sparsity equals the target
+the requested count (ties broken by position, as a stable sort would), so the achieved sparsity equals the target
 up to rounding to whole weights.
 """
 
@@ -13,23 +13,28 @@ import torch
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the `sparsity` fraction of lowest scores in every row (per output unit), as Wanda does."""
     n_prune = round(scores.shape[1] * sparsity)
-    mask = torch.ones_like(scores, dtype=torch.bool)
     if n_prune == 0:
-        return mask
-    order = torch.argsort(scores, dim=1, stable=True)
-    mask.scatter_(1, order[:, :n_prune], False)
-    return mask
+        return torch.ones_like(scores, dtype=torch.bool)
+    return ~_lowest(scores, n_prune)
 
 
 def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the `sparsity` fraction of lowest scores over the whole matrix, as classic magnitude pruning does."""
     n_prune = round(scores.numel() * sparsity)
-    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if n_prune == 0:
-        return mask.view_as(scores)
-    order = torch.argsort(scores.flatten(), stable=True)
-    mask[order[:n_prune]] = False
-    return mask.view_as(scores)
+        return torch.ones_like(scores, dtype=torch.bool)
+    return ~_lowest(scores.reshape(1, -1), n_prune).view_as(scores)
+
+
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """True at the k lowest scores of every row, ties taken in column order: what the first k entries of a stable
+    argsort select, found by selection (kthvalue, O(n)) instead of a full sort (8 of 10 s of magnitude pruning on
+    SmolLM2)."""
+    threshold = scores.kthvalue(k, dim=1, keepdim=True).values
+    below = scores < threshold
+    ties = scores == threshold
+    missing = k - below.sum(dim=1, keepdim=True)  # how many of the tied entries the first k take, per row
+    return below | (ties & (ties.cumsum(dim=1) <= missing))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
