@@ -91,3 +91,21 @@ def test_select_mask_dispatch() -> None:
     assert torch.equal(select_mask(scores, None, (2, 4), per_row=True), nm_mask(scores, 2, 4))
     assert torch.equal(select_mask(scores, 0.5, None, per_row=True), row_mask(scores, 0.5))
     assert torch.equal(select_mask(scores, 0.5, None, per_row=False), layer_mask(scores, 0.5))
+
+
+def test_masks_prune_exactly_what_a_stable_sort_would() -> None:
+    """Selection (kthvalue) picks the same weights as the first entries of a stable argsort, ties by position."""
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(100):
+        rows, cols = torch.randint(1, 40, (2,), generator=generator).tolist()
+        scores = (torch.randint(0, 4, (rows, cols), generator=generator).float() if trial % 2  # many ties
+                  else torch.randn(rows, cols, generator=generator))  # fmt: skip
+        for sparsity in (0.0, 0.1, 0.5, 0.77, 0.99):
+            n_row, n_layer = round(cols * sparsity), round(scores.numel() * sparsity)
+            by_row = torch.ones_like(scores, dtype=torch.bool)
+            by_row.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :n_row], False)
+            by_layer = torch.ones(scores.numel(), dtype=torch.bool)
+            by_layer[torch.argsort(scores.flatten(), stable=True)[:n_layer]] = False
+            assert torch.equal(row_mask(scores, sparsity), by_row)
+            assert torch.equal(layer_mask(scores, sparsity), by_layer.view_as(scores))
