@@ -33,6 +33,7 @@ from llmpress.config import load_params  # noqa: E402
 from llmpress.data import calibration_windows  # noqa: E402
 from llmpress.evaluate.perplexity import perplexity  # noqa: E402
 from llmpress.evaluate.speed import ort_speed, torch_speed  # noqa: E402
+from llmpress.export.generate import OrtGenerator, onnx_session  # noqa: E402
 from llmpress.export.onnx import export_onnx  # noqa: E402
 from llmpress.export.variants import VARIANTS, describe, make_variant, ort_perplexity  # noqa: E402
 from llmpress.sources import load_model, load_tokenizer  # noqa: E402
@@ -68,7 +69,7 @@ def measure_model(folder: Path, variants: list[str], params, text: str, threads:
             path = make_variant(graph, Path(tmp) / kind, kind, block_size=block_size, calibration_ids=windows)
             info = describe(path)
             ppl = ort_perplexity(path, tokenizer, text, params.eval, threads).perplexity
-            speed = ort_speed(str(path), prompt, params.eval.speed, threads)
+            speed = ort_speed(OrtGenerator(onnx_session(path, threads=threads)), prompt, params.eval.speed)
             rows.append({"model": name, "runtime": f"ORT {kind}", "bytes": info["bytes"], "perplexity": ppl,
                          **speed, **info, "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
             print(f"{name}: ORT {kind} ppl {ppl:.3f}, decode {speed['decode_tokens_per_s']:.1f} tok/s, "

@@ -9,7 +9,7 @@ One graph serves prefill and decode (`llmpress.export.generate` drives it):
 Batch, new-token, past and total lengths are dynamic axes; a prefill feeds pasts of length 0. The graph comes from
 torch's dynamo exporter (`torch.onnx.export(dynamo=True)`, which keeps tied embeddings tied): a wrapper turns the
 flat past tensors into a transformers `DynamicCache` and the updated cache back into flat presents. Weights go
-inline below 2 GB and to external data beside the graph above.
+to `model.onnx.data` beside the graph.
 
 Parity (`check_parity`): the same tokens through PyTorch and onnxruntime's CPU provider, both fp32 - the prefill's
 logits at every position, then `decode_steps` greedy steps, each side decoding from its own cache. Reported: the
@@ -28,15 +28,28 @@ this floor instead of an absolute bound (`llmpress.gate`).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from llmpress.export.generate import OrtGenerator, onnx_session
+from llmpress.export.stitch import StitchError, decoder_blocks, shallow, stitch, uniform
+from llmpress.export.template import (
+    Binding,
+    cacheable,
+    load_template,
+    save_template,
+    state,
+    strip_bound,
+    template_key,
+    write_export,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +108,80 @@ class ParityResult:
         return asdict(self)
 
 
-def export_onnx(model: nn.Module, out_dir: str | Path, opset: int = 18) -> Path:
-    """Write `out_dir/model.onnx`, the KV-cache graph described above."""
+def export_onnx(model: nn.Module, out_dir: str | Path, opset: int = 18, cache_dir: str | Path | None = None) -> Path:
+    """Write `out_dir/model.onnx` (graph) and `model.onnx.data` (weights), the KV-cache graph described above.
+
+    The graph of a model whose blocks are alike is traced with two blocks and stitched to all of them
+    (`llmpress.export.stitch`). With `cache_dir`, the graph is kept there as a template and reused for every later
+    model of the same architecture (`llmpress.export.template`): an export is then a copy of the graph and a write
+    of the weights. A graph that was not traced from this very model is checked against it before it is used."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval().float()
+    start = time.perf_counter()
+    key = template_key(model, opset) if cache_dir is not None and cacheable(model) else None
+    folder = Path(cache_dir) / key[:16] if cache_dir is not None and key is not None else None
+    found = load_template(folder, key) if folder is not None and key is not None else None
+    if found is not None:
+        template, bindings = found
+        complete, how = True, f"reused from {folder}"
+    else:
+        template, bindings, complete, how = _trace(model, opset)
+    path = write_export(template, bindings, model, out_dir)
+    if how != "traced" and not matches(model, path):
+        log.warning("the %s graph does not match the model: tracing every block", how)
+        template, bindings, complete = trace_template(model, opset)
+        path, how = write_export(template, bindings, model, out_dir), "traced"
+    if found is None and folder is not None and key is not None and complete:
+        save_template(folder, key, template, bindings)
+    log.info("exported %s (KV cache, %d layers, graph %s) in %.1f s", path, model.config.num_hidden_layers, how,
+             time.perf_counter() - start)  # fmt: skip
+    return path
+
+
+def _trace(model: nn.Module, opset: int) -> tuple[onnx.ModelProto, dict[str, Binding], bool, str]:
+    """Trace two blocks and stitch them to all when the blocks are alike; otherwise trace every block."""
+    depth = model.config.num_hidden_layers
+    if uniform(model):
+        try:
+            blocks_name, _ = decoder_blocks(model)
+            with shallow(model, 2):
+                template, bindings, complete = trace_template(model, opset)
+            template, bindings = stitch(template, bindings, blocks_name, depth)
+            return template, bindings, complete, f"stitched from 2 traced blocks to {depth}"
+        except StitchError as exc:
+            log.info("stitching the graph did not apply (%s): tracing every block", exc)
+    template, bindings, complete = trace_template(model, opset)
+    return template, bindings, complete, "traced"
+
+
+@torch.no_grad()
+def matches(model: nn.Module, onnx_path: str | Path, tolerance: float = 1e-3) -> bool:
+    """Whether the graph computes what the model does on a small random input (2 sequences, 3 cached and 4 new
+    tokens): logits and every present within `tolerance` relative to their scale."""
+    wrapper = _WithCache(model).eval()
+    kv_heads, head_dim = kv_shape(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 4), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    positions = torch.arange(3, 7).expand(2, 4).contiguous()
+    past = [torch.randn(2, kv_heads, 3, head_dim, generator=g) for _ in range(2 * wrapper.layers)]
+    expected = wrapper(ids, mask, positions, past)
+    session = onnx_session(onnx_path, threads=1)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
+    feeds |= {n: p.numpy() for n, p in zip(cache_names(wrapper.layers, "past_key_values"), past, strict=True)}
+    got = session.run(None, feeds)
+    return len(got) == len(expected) and all(
+        np.abs(out - ref.numpy()).max() <= tolerance * max(1.0, float(ref.abs().max()))
+        for out, ref in zip(got, expected, strict=True)
+    )
+
+
+def trace_template(model: nn.Module, opset: int) -> tuple[onnx.ModelProto, dict[str, Binding], bool]:
+    """Trace the KV-cache graph of `model` with torch's dynamo exporter: (the graph without its weights, what each
+    weight initializer binds to, whether the bindings cover every parameter so that the template can be reused)."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
+
     wrapper = _WithCache(model).eval()
     layers = wrapper.layers
     kv_heads, head_dim = kv_shape(model)
@@ -112,7 +194,6 @@ def export_onnx(model: nn.Module, out_dir: str | Path, opset: int = 18) -> Path:
     batch = torch.export.Dim("batch", min=1, max=1024)
     new, total = torch.export.Dim("new", min=1, max=8192), torch.export.Dim("total", min=2, max=16384)
     past_dim = torch.export.Dim("past", min=1, max=16384)
-    path = out_dir / ONNX_NAME
     start = time.perf_counter()
     with torch.no_grad():
         program = torch.onnx.export(
@@ -124,12 +205,84 @@ def export_onnx(model: nn.Module, out_dir: str | Path, opset: int = 18) -> Path:
                             "position_ids": {0: batch, 1: new}, "past": [{0: batch, 2: past_dim}] * (2 * layers)},
             opset_version=opset,
             dynamo=True,
-            optimize=True,
+            # onnxscript's pattern rewriter took 40 of 108 s on SmolLM2's 30 layers for a graph onnxruntime runs
+            # no faster (it applies its own fusions when a session loads it): constant folding (0.4 s) and the
+            # weights' transposes (below) are what the graph needs.
+            optimize=False,
         )  # fmt: skip
-    big = sum(p.numel() * p.element_size() for p in model.parameters()) >= 2**31 - 2**26
-    program.save(str(path), external_data=big)
-    log.info("exported %s (KV cache, %d layers) in %.1fs", path, layers, time.perf_counter() - start)
-    return path
+    log.info("traced %d layers in %.1f s", layers, time.perf_counter() - start)
+    graph = program.model.graph
+    # The exporter names a weight initializer after its parameter or buffer, under the wrapper's `model.`.
+    tensors = state(model)
+    sources = {n: n.removeprefix("model.") for n in graph.initializers if n.removeprefix("model.") in tensors}
+
+    def keeps_weights_live(node) -> bool | None:  # fold shapes and casts, never a computation on a weight
+        return False if any(v is not None and v.name in sources for v in node.inputs) else None
+
+    onnxscript.optimizer.fold_constants(program.model, should_fold=keeps_weights_live)
+    transposed = fold_weight_transposes(program.model)
+    onnxscript.optimizer.remove_unused_nodes(program.model)
+    for name, value in list(graph.initializers.items()):  # left behind by folding; onnxruntime warns of each
+        if not value.uses() and not value.is_graph_output():
+            graph.initializers.pop(name)
+    bindings = {n: Binding(sources[n]) for n in graph.initializers if n in sources}
+    bindings |= {n: Binding(sources[old], transpose=True) for n, old in transposed.items() if old in sources}
+    # Weights reach the graph only as bound initializers (not folded into constants, above; held outside
+    # parameters and buffers, `cacheable` refuses the model), so what else the graph holds comes from the config
+    # and the code, both in the template's key. A large unbound initializer would be a weight under another name.
+    large = [v.name for n, v in graph.initializers.items() if n not in bindings and _numel(v) > LARGE_CONSTANT]
+    complete = not large
+    if large:
+        log.warning("the graph of %s holds large constants the template cannot bind (%s): it is not kept for "
+                    "reuse", type(model).__name__, ", ".join(large[:3]))  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:  # the exporter's own writer; the template keeps only the graph
+        ir.save(program.model, Path(tmp) / ONNX_NAME, external_data="weights")
+        proto = onnx.load(str(Path(tmp) / ONNX_NAME), load_external_data=False)
+        for node in proto.graph.node:  # stack traces (with this machine's paths) and FX dumps: 90 % of the graph
+            kept = [(p.key, p.value) for p in node.metadata_props if p.key in NODE_METADATA]
+            del node.metadata_props[:]
+            for key, value in kept:
+                node.metadata_props.add(key=key, value=value)
+        for init in proto.graph.initializer:  # constants the trace made stay inside the graph
+            if init.name not in bindings and init.data_location == onnx.TensorProto.EXTERNAL:
+                onnx.external_data_helper.load_external_data_for_tensor(init, tmp)
+                init.data_location = onnx.TensorProto.DEFAULT
+                del init.external_data[:]
+    return strip_bound(proto, bindings), bindings, complete
+
+
+LARGE_CONSTANT = 4096  # elements
+NODE_METADATA = {"pkg.torch.onnx.name_scopes"}  # which module each node comes from; the rest is dropped
+
+
+def _numel(value) -> int:
+    dims = value.shape.dims if value.shape is not None else ()
+    return int(np.prod([d if isinstance(d, int) else 1 for d in dims])) if dims else 1
+
+
+def fold_weight_transposes(model) -> dict[str, str]:
+    """Replace `Transpose(W)` by a transposed copy of W, named `W.T`, for every weight initializer W read by that
+    Transpose alone (each linear's weight ahead of its MatMul), so a MatMul reads its weight directly (what
+    onnxruntime's quantizers and TensorRT's sparsity check look for). A weight read elsewhere too - a tied
+    embedding, also read by the embedding's Gather - keeps its Transpose: folding it would store it twice.
+    Returns {new initializer: the one it transposes}. `model` is the exporter's `onnx_ir.Model`."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    folded: dict[str, str] = {}
+    for node in list(graph):
+        weight = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        if weight is None or not weight.is_initializer() or len(weight.uses()) != 1 or weight.const_value is None:
+            continue
+        data = weight.const_value.numpy()
+        perm = node.attributes.get_ints("perm", list(range(data.ndim))[::-1])
+        value = ir.Value(name=f"{weight.name}.T", const_value=ir.tensor(np.ascontiguousarray(data.transpose(perm))))
+        graph.register_initializer(value)
+        node.outputs[0].replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(weight.name)
+        folded[value.name] = weight.name
+    return folded
 
 
 NOISE_SEEDS = 3
