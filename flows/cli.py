@@ -21,18 +21,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Forward the library's log lines to Prefect (UI and console); give the ephemeral server's SQLite more patience
-# than its 10 s default while compute saturates both cores.
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "llmpress")
-os.environ.setdefault("PREFECT_API_DATABASE_TIMEOUT", "60")
+from flows.prefect_api import ensure_api, set_defaults
 
-from llmpress.errors import ConfigError, LlmpressError
+set_defaults()  # before Prefect is imported
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from llmpress.errors import ConfigError, LlmpressError  # noqa: E402
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -86,16 +85,22 @@ def print_summary(s: dict[str, Any]) -> None:
         ("sparsity (targeted layers)", "-", f"{comp.get('sparsity', 0):.4f}"),
         ("size on disk", _fmt_bytes(base["bytes_on_disk"]), _fmt_bytes(comp["bytes_on_disk"])),
     ]  # fmt: skip
-    speed_rows = [
-        ("torch_b1_prefill_ms", "PyTorch prefill, batch 1 (ms)", "{:.0f}"),
-        ("torch_b1_decode_tokens_per_s", "PyTorch decode, batch 1 (tok/s)", "{:.1f}"),
-        ("torch_b4_decode_tokens_per_s", "PyTorch decode, batch 4 (tok/s)", "{:.1f}"),
-        ("torch_peak_rss_mb", "peak memory generating (MB)", "{:.0f}"),
-        ("ort_b1_prefill_ms", "ORT prefill, batch 1 (ms)", "{:.0f}"),
-    ]
-    for key, label, spec in speed_rows:
-        if key in comp:
-            rows.append((label, spec.format(base[key]) if key in base else "-", spec.format(comp[key])))
+    if "torch_b1_prefill_ms" in base:  # speed: base in PyTorch, compressed in the runtime that serves it
+        from llmpress.evaluate.speed import served
+
+        runtime = "ONNX Runtime" if comp.get("runtime") == "ort" else "PyTorch"
+        rows.append(("runtime measured", "PyTorch", runtime))
+        batches = sorted(int(m.group(1)) for k in base if (m := re.fullmatch(r"torch_b(\d+)_decode_tokens_per_s", k)))
+        for key, label, spec in (
+            ("b1_prefill_ms", "prefill, batch 1 (ms)", "{:.0f}"),
+            *((f"b{b}_decode_tokens_per_s", f"decode, batch {b} (tok/s)", "{:.1f}") for b in batches),
+            ("peak_rss_mb", "peak memory generating (MB)", "{:.0f}"),
+        ):
+            value, base_value = served(comp, key), base.get(f"torch_{key}")
+            rows.append((label, "-" if base_value is None else spec.format(base_value),
+                         "-" if value is None else spec.format(value)))  # fmt: skip
+        if "decode_speedup_b1" in comp:
+            rows.append(("decode speed-up over base, batch 1", "1", f"{comp['decode_speedup_b1']:.2f}x"))
     if "onnx_max_abs_diff" in comp:
         rows.append(("ONNX max |logit diff|", "-", f"{comp['onnx_max_abs_diff']:.2e}"))
     if "onnx_noise_max_abs_diff" in comp:
@@ -202,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
             params = load_params(project / args.params, overrides | ({"model": args.model} if args.model else {}))
             load_recipe(project / (args.recipe or params.recipe))
+            ensure_api()
             from flows.compress import compress
 
             summary = compress(recipe=args.recipe, model=args.model, params_file=args.params,
@@ -249,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 from llmpress.sources import parse_s3_uri
 
                 parse_s3_uri(args.s3.rstrip("/"))
+            ensure_api()
             from flows.promote import promote
 
             record = promote(args.model, args.version, args.s3, args.params, str(project))
@@ -302,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             load_params(project / args.params, overrides)
             for recipe in args.recipes:
                 load_recipe(project / recipe)
+            ensure_api()
             from flows.sweep import sweep
 
             result = sweep(args.recipes, args.models, args.deployment, args.cost, args.params, str(project),

@@ -15,14 +15,14 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from llmpress import tracking
+from llmpress import hashing, tracking
 from llmpress.config import load_params, load_recipe
 from llmpress.steps import recipe_info
 from llmpress.versioning import git_commit
 from tasks.compress import compress_model
 from tasks.credentials import BLOCK, load_secret_block
 from tasks.data import version_data
-from tasks.evaluate import evaluate_model, export_model, measure_speed
+from tasks.evaluate import evaluate_base, evaluate_model, export_model, measure_speed
 from tasks.model import resolve_model
 from tasks.track import close_run, log_stage, open_run, register_and_gate
 
@@ -92,6 +92,10 @@ def compress(
     try:
         log_stage(tracking_uri, run_id, "data", data, seconds["data"])
 
+        baseline = timed("baseline", evaluate_base, base["path"], data["eval"], params.eval,
+                         str(project / "models" / "baselines"), base["sha256"], data["eval_version"])  # fmt: skip
+        log_stage(tracking_uri, run_id, "baseline", baseline, seconds["baseline"])
+
         compressed = timed(
             "compress", cached_output, compress_model, "path", base["path"], recipe_path, data["calibration"],
             str(out_root / "hf"), params.data, params.eval, params.compress, lineage, data["calibration_version"],
@@ -101,14 +105,16 @@ def compress(
         files = {"recipe": str(hf / "recipe.yaml"), "report": str(hf / "llmpress.json")}
         log_stage(tracking_uri, run_id, "compress", compressed, seconds["compress"], artifacts=files)
 
-        evaluation = timed("evaluate", evaluate_model, compressed["path"], base["path"], data["eval"], params.eval,
-                           compressed["targeted_layers"], data["eval_version"], content_key=key)  # fmt: skip
+        evaluation = timed("evaluate", evaluate_model, compressed["path"], base["path"], baseline["path"],
+                           baseline["key"], data["eval"], params.eval, compressed["targeted_layers"],
+                           data["eval_version"], content_key=key)  # fmt: skip
         metrics, base_metrics = evaluation["metrics"], evaluation["base"]
         log_stage(tracking_uri, run_id, "evaluate", evaluation, seconds["evaluate"])
 
         if params.export.onnx:
             exported = timed("export", cached_output, export_model, "onnx_path", compressed["path"],
-                             str(out_root / "onnx"), data["eval"], params.export, content_key=key)  # fmt: skip
+                             str(out_root / "onnx"), data["eval"], params.export,
+                             str(project / "models" / "onnx-templates"), content_key=key)  # fmt: skip
             log_stage(tracking_uri, run_id, "export", exported, seconds["export"])
             metrics |= {k: v for k, v in exported.items() if k.startswith("onnx_")}
             summary["onnx_path"] = exported["onnx_path"]
@@ -141,16 +147,11 @@ def compress(
 
 
 def code_version() -> str:
-    """sha256 of the source that runs (llmpress, tasks, flows): unlike the git commit, it sees uncommitted edits
-    and works outside a checkout."""
+    """sha256 of the source that runs (llmpress, tasks, flows)."""
     import llmpress
     import tasks
 
-    digest = hashlib.sha256()
-    for package in (Path(llmpress.__file__).parent, Path(tasks.__file__).parent, Path(__file__).parent):
-        for path in sorted(package.rglob("*.py")):
-            digest.update(path.relative_to(package.parent).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+    return hashing.code_version(*(Path(m.__file__).parent for m in (llmpress, tasks)), Path(__file__).parent)
 
 
 def content_key(lineage: dict[str, str]) -> str:

@@ -33,3 +33,14 @@ def folder_hash(folder: str | Path, ignore: tuple[str, ...] = ()) -> str:
 def data_hash(obj: Any) -> str:
     """sha256 of a JSON-serialisable object in canonical form (sorted keys), e.g. a validated recipe."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def code_version(*packages: str | Path) -> str:
+    """sha256 of the Python source of `packages` (folders; default: the llmpress package itself). Unlike a git
+    commit it sees uncommitted edits and works outside a checkout: what a cached result's code really was."""
+    folders = [Path(p) for p in packages] or [Path(__file__).parent]
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(path.relative_to(folder.parent).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()

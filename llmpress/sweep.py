@@ -1,8 +1,9 @@
 """A recipe sweep's summary: which results are on the Pareto front of cost against perplexity, as a table and a plot.
 
 Each point is one compress run (model x recipe). Cost is bytes on disk (`weights_bytes`, smaller is better) or
-batch-1 decode latency (`1 / torch_b1_decode_tokens_per_s`); quality is perplexity (lower is better). A point is on
-the front when no other point is at least as good on both and better on one.
+batch-1 decode latency of what the run ships (`1 / gate.decode_speed`: onnxruntime's when exported); quality is
+perplexity (lower is better). A point is on the front when no other point is at least as good on both and better
+on one.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmpress.gate import decode_speed
+
 COSTS = {
     "weights_bytes": ("weights on disk (MiB)", lambda m: m.get("weights_bytes", math.nan) / 2**20),
     "decode_latency": ("batch-1 decode latency (ms/token)",
-                       lambda m: 1e3 / m["torch_b1_decode_tokens_per_s"] if m.get("torch_b1_decode_tokens_per_s")
-                       else math.nan),
+                       lambda m: 1e3 / speed if (speed := decode_speed(m)) else math.nan),
 }  # fmt: skip
 
 

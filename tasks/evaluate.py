@@ -10,17 +10,24 @@ from llmpress.config import EvalParams, ExportParams, SpeedParams
 from tasks.cache import CACHED
 
 
+@task(name="baseline", tags=["cpu"])
+def evaluate_base(base_path: str, eval_path: str, params: EvalParams, baselines_dir: str, base_sha256: str,
+                  eval_md5: str | None = None) -> dict:  # fmt: skip
+    """Not cached by Prefect: the baseline folder is its own cache, keyed by what it is a function of."""
+    return steps.baseline(base_path, eval_path, params, baselines_dir, base_sha256, eval_md5)
+
+
 @task(name="evaluate", tags=["cpu"], **CACHED)
-def evaluate_model(model_path: str, base_path: str, eval_path: str, params: EvalParams,
-                   layer_names: list[str] | None = None, eval_md5: str | None = None,
+def evaluate_model(model_path: str, base_path: str, baseline_dir: str, baseline_key: str, eval_path: str,
+                   params: EvalParams, layer_names: list[str] | None = None, eval_md5: str | None = None,
                    content_key: str | None = None) -> dict:  # fmt: skip
-    return steps.evaluate(model_path, base_path, eval_path, params, layer_names, eval_md5)
+    return steps.evaluate(model_path, base_path, baseline_dir, baseline_key, eval_path, params, layer_names, eval_md5)
 
 
 @task(name="export-onnx", tags=["cpu"], **CACHED)
 def export_model(model_path: str, out_dir: str, eval_path: str, params: ExportParams,
-                 content_key: str | None = None) -> dict:  # fmt: skip
-    return steps.export(model_path, out_dir, eval_path, params)
+                 template_dir: str | None = None, content_key: str | None = None) -> dict:  # fmt: skip
+    return steps.export(model_path, out_dir, eval_path, params, template_dir)
 
 
 @task(name="measure-speed", tags=["cpu"], **CACHED)

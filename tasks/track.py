@@ -15,6 +15,7 @@ from prefect import task
 from llmpress import steps, tracking
 from llmpress.card import model_card
 from llmpress.config import GateParams
+from llmpress.evaluate.speed import served
 from llmpress.gate import run_gate
 
 RETRY = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
@@ -88,7 +89,7 @@ def register_and_gate(tracking_uri: str, run_id: str, model_name: str, model_dir
                 metrics["sparsity_per_layer"], sparsity_target, Path(tmp) / "sparsity_per_layer.png"
             )
             c.log_artifact(run_id, str(plot), "plots")
-        if "torch_b1_prefill_ms" in metrics and "torch_b1_prefill_ms" in base_metrics:
+        if served(metrics, "b1_prefill_ms") is not None and "torch_b1_prefill_ms" in base_metrics:
             plot = steps.plot_cost(base_metrics, metrics, Path(tmp) / "cost_vs_base.png")
             c.log_artifact(run_id, str(plot), "plots")
         if onnx_path:  # the edge bundle of this version: graph, tokenizer, runner, manifest with hashes and verdict

@@ -23,6 +23,7 @@ import torch
 
 from llmpress.config import ClozeParams
 from llmpress.errors import LlmpressError
+from llmpress.evaluate.logits import head_logits, hidden_states
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -82,23 +83,25 @@ def cloze_accuracy(
     add_bos: bool,
     progress: Callable[[int, int], None] | None = None,
 ) -> float:
+    """Share of examples whose target word the model predicts exactly. Examples run in batches of similar length
+    (less padding), and the head runs only on the positions that predict target tokens."""
     if not examples:
         raise LlmpressError("no cloze example could be built from the held-out text (see eval.cloze settings)")
-    device = next(model.parameters()).device
-    encoded = [encode(tokenizer, ex, params, add_bos) for ex in examples]
+    encoded = sorted((encode(tokenizer, ex, params, add_bos) for ex in examples), key=lambda e: len(e[0]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     correct = 0
     for start in range(0, len(encoded), params.batch_size):
         batch = encoded[start : start + params.batch_size]
         width = max(len(ids) for ids, _ in batch)
         # Right padding: with causal attention, pads after a sequence cannot change its real positions.
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq, _ in batch], dtype=torch.long)
-        predicted = model(input_ids=ids.to(device), use_cache=False).logits.argmax(-1).cpu()
-        for row, (seq, n_target) in enumerate(batch):
-            end = len(seq)
-            # logits at position i predict token i + 1
-            hit = torch.equal(predicted[row, end - n_target - 1 : end - 1], ids[row, end - n_target : end])
-            correct += int(hit)
+        hidden = hidden_states(model, ids)
+        # The state at position i predicts token i + 1: the last n_target states before each sequence's end.
+        spans = [(len(seq) - n_target - 1, len(seq) - 1) for seq, n_target in batch]
+        states = torch.cat([hidden[row, a:b] for row, (a, b) in enumerate(spans)])
+        predicted = head_logits(model, states[None])[0].argmax(-1).cpu().split([b - a for a, b in spans])
+        for row, (a, b) in enumerate(spans):
+            correct += int(torch.equal(predicted[row], ids[row, a + 1 : b + 1]))
         if progress:
             progress(min(start + params.batch_size, len(encoded)), len(encoded))
     return correct / len(encoded)

@@ -1,14 +1,17 @@
 """Cost of the deployable artifact: prefill latency, decode tokens/s and peak memory, PyTorch and onnxruntime.
 
 Each model is measured in a fresh child process (`python -m llmpress.evaluate.speed`), so that the peak resident
-memory it reports (the child's ru_maxrss) is that model's footprint alone, and one model's caches never warm
-another's. Protocol (`params.yaml` → `eval.speed`):
+memory it reports is that runtime's footprint alone, and one model's caches never warm another's. A PyTorch model
+is measured in PyTorch (`--runtime torch`); an exported graph in onnxruntime (`--runtime ort`) by a child that
+imports only numpy and onnxruntime, like the edge bundle's runner, so its peak memory is the runner's. Protocol
+(`params.yaml` -> `eval.speed`):
 
-- prompts are the first `prompt_tokens` tokens of the held-out text (BOS first), repeated to the batch size;
+- prompts are the first `prompt_tokens` tokens of the held-out text (BOS first), repeated to the batch size; the
+  parent tokenizes once and hands every child the same ids;
 - prefill: one forward pass over the prompt, filling the KV cache (PyTorch, and the ONNX graph with empty pasts);
-- decode: `decode_tokens` greedy steps after the prefill, each feeding one token and reusing the cache, in PyTorch
-  and in onnxruntime (`llmpress.export.generate`);
-- `warmup` untimed runs, then `repeats` timed runs; the median is reported; torch and ORT use the same threads;
+- decode: `decode_tokens` greedy steps after the prefill, each feeding one token and reusing the cache;
+- `warmup` untimed runs, then `repeats` timed runs of prefill + decode, each part timed on its own; the medians
+  are reported; torch and ORT use the same threads;
 - peak memory is the process's VmHWM (peak resident set of its address space, which starts fresh at exec; the
   getrusage maximum is not used because Linux carries it over from the parent across exec).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -26,46 +30,54 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from llmpress.config import SpeedParams
 from llmpress.errors import LlmpressError
 
+RUNTIMES = ("torch", "ort")
 
-def _median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
+
+def served(metrics: dict[str, Any], key: str) -> Any:
+    """`key` (e.g. "b1_decode_tokens_per_s", "peak_rss_mb") in the runtime that serves the model: onnxruntime's
+    measurement when the model was exported, else PyTorch's."""
+    return metrics.get(f"ort_{key}", metrics.get(f"torch_{key}"))
+
+
+def time_generation(prefill: Callable[[], Any], step: Callable[[Any], Any], decode_tokens: int, batch: int,
+                    warmup: int, repeats: int) -> dict[str, float]:  # fmt: skip
+    """Median prefill latency and decode tokens/s over `repeats` timed runs (after `warmup` untimed ones) of one
+    prefill followed by `decode_tokens` steps; `step` takes and returns the state its runtime carries (cache, last
+    token). The prefill and the decode steps of a run are timed on their own: (total - prefill) from two separate
+    medians can come out near zero or negative when the machine is busy."""
+    prefill_times, decode_times = [], []
+    for run in range(warmup + repeats):
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        state = prefill()
+        middle = time.perf_counter()
+        for _ in range(decode_tokens):
+            state = step(state)
+        end = time.perf_counter()
+        if run >= warmup:
+            prefill_times.append(middle - start)
+            decode_times.append(end - middle)
+    tokens_per_s = batch * decode_tokens / statistics.median(decode_times)
+    return {"prefill_ms": statistics.median(prefill_times) * 1e3, "decode_tokens_per_s": tokens_per_s}
 
 
-@torch.no_grad()
-def torch_speed(model: torch.nn.Module, prompt: torch.Tensor, params: SpeedParams) -> dict[str, float]:
-    def prefill() -> None:
-        model(input_ids=prompt, use_cache=True)
+def torch_speed(model: Any, prompt: Any, params: SpeedParams) -> dict[str, float]:
+    """Prefill latency and KV-cache decode tokens/s of a PyTorch causal LM; `prompt` is a [batch, tokens] tensor."""
+    import torch
 
-    decode_times: list[float] = []
-
-    def generate() -> None:
+    @torch.no_grad()
+    def prefill() -> tuple[Any, Any]:
         out = model(input_ids=prompt, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        # The decode steps are timed on their own: (total - prefill) from two separate medians can come out near
-        # zero or negative when the machine is busy.
-        start = time.perf_counter()
-        for _ in range(params.decode_tokens):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        decode_times.append(time.perf_counter() - start)
+        return out.past_key_values, out.logits[:, -1:].argmax(-1)
 
-    prefill_s = _median_seconds(prefill, params.warmup, params.repeats)
-    _median_seconds(generate, params.warmup, params.repeats)
-    decode_s = statistics.median(decode_times[params.warmup :])
-    batch = prompt.shape[0]
-    return {"prefill_ms": prefill_s * 1e3, "decode_tokens_per_s": batch * params.decode_tokens / decode_s}
+    @torch.no_grad()
+    def step(state: tuple[Any, Any]) -> tuple[Any, Any]:
+        out = model(input_ids=state[1], past_key_values=state[0], use_cache=True)
+        return out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    return time_generation(prefill, step, params.decode_tokens, prompt.shape[0], params.warmup, params.repeats)
 
 
 def peak_rss_mb() -> float:
@@ -77,88 +89,85 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: best available
 
 
-def ort_speed(onnx_path: str, prompt: torch.Tensor, params: SpeedParams, threads: int) -> dict[str, float]:
-    """Prefill latency and KV-cache decode tokens/s of the ONNX graph in onnxruntime (same protocol as PyTorch)."""
+def ort_speed(generator: Any, prompt: Any, params: SpeedParams) -> dict[str, float]:
+    """Prefill latency and KV-cache decode tokens/s of an `OrtGenerator`'s graph (same protocol as PyTorch);
+    `prompt` is a [batch, tokens] array or tensor of ids."""
     import numpy as np
 
-    from llmpress.export.generate import OrtGenerator, onnx_session
+    ids = np.asarray(prompt, dtype=np.int64)
+    batch = ids.shape[0]
 
-    generator = OrtGenerator(onnx_session(onnx_path, threads=threads))
-    ids = prompt.numpy()
-    mask = np.ones_like(ids)
+    def prefill() -> tuple[Any, np.ndarray, np.ndarray]:
+        mask = np.ones_like(ids)
+        logits, cache = generator.forward(ids, mask, generator.empty_cache(batch))
+        return cache, logits[:, -1:].argmax(-1), mask
 
-    def prefill() -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return generator.forward(ids, mask, generator.empty_cache(ids.shape[0]))
+    def step(state: tuple[Any, np.ndarray, np.ndarray]) -> tuple[Any, np.ndarray, np.ndarray]:
+        cache, token, mask = state
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        logits, cache = generator.forward(token, mask, cache)
+        return cache, logits[:, -1:].argmax(-1), mask
 
-    decode_times: list[float] = []
-
-    def generate() -> None:
-        logits, cache = prefill()
-        token, step_mask = logits[:, -1:].argmax(-1), mask
-        start = time.perf_counter()
-        for _ in range(params.decode_tokens):  # one token per step, reusing the cache
-            step_mask = np.concatenate([step_mask, np.ones((ids.shape[0], 1), dtype=np.int64)], axis=1)
-            logits, cache = generator.forward(token, step_mask, cache)
-            token = logits[:, -1:].argmax(-1)
-        decode_times.append(time.perf_counter() - start)
-
-    prefill_s = _median_seconds(prefill, params.warmup, params.repeats)
-    _median_seconds(generate, params.warmup, params.repeats)
-    decode_s = statistics.median(decode_times[params.warmup :])
-    return {"prefill_ms": prefill_s * 1e3, "decode_tokens_per_s": ids.shape[0] * params.decode_tokens / decode_s}
+    return time_generation(prefill, step, params.decode_tokens, batch, params.warmup, params.repeats)
 
 
-def measure(model_path: str, eval_path: str, params: SpeedParams, onnx_path: str | None = None) -> dict[str, Any]:
-    """Run in this process: PyTorch (and ORT if `onnx_path`) at batch 1 and `params.batch_size`."""
-    from llmpress.sources import load_model, load_tokenizer
-
-    torch.set_num_threads(params.threads or torch.get_num_threads())
-    threads = torch.get_num_threads()
-    tokenizer = load_tokenizer(model_path)
+def prompt_ids(tokenizer, eval_path: str | Path, params: SpeedParams) -> list[int]:
+    """The protocol's prompt: BOS, then the first `prompt_tokens` held-out tokens."""
     ids = tokenizer(Path(eval_path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt = torch.tensor([bos + ids[: params.prompt_tokens]])
-    if prompt.shape[1] < params.prompt_tokens:
+    if len(ids) < params.prompt_tokens:
         raise LlmpressError(f"the held-out text has fewer than eval.speed.prompt_tokens={params.prompt_tokens} tokens")
-    result: dict[str, Any] = {
-        "threads": threads,
-        "prompt_tokens": prompt.shape[1],
-        "decode_tokens": params.decode_tokens,
-    }
-    model = load_model(model_path)
-    for batch in sorted({1, params.batch_size}):
-        for key, value in torch_speed(model, prompt.repeat(batch, 1), params).items():
-            result[f"torch_b{batch}_{key}"] = value
-    result["torch_peak_rss_mb"] = peak_rss_mb()
-    if onnx_path:
-        del model
-        for batch in sorted({1, params.batch_size}):
-            for key, value in ort_speed(onnx_path, prompt.repeat(batch, 1), params, threads).items():
-                result[f"ort_b{batch}_{key}"] = value
-    result["peak_rss_mb"] = peak_rss_mb()
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + ids[: params.prompt_tokens]
+
+
+def measure(runtime: str, path: str, prompt: list[int], params: SpeedParams) -> dict[str, Any]:
+    """Run in this process: `path` (a model folder for "torch", a graph for "ort") at batch 1 and
+    `params.batch_size`. Keys are prefixed with the runtime: torch_b1_prefill_ms, ort_b4_decode_tokens_per_s, ..."""
+    result: dict[str, Any] = {"prompt_tokens": len(prompt), "decode_tokens": params.decode_tokens}
+    batches = sorted({1, params.batch_size})
+    if runtime == "torch":
+        import torch
+
+        from llmpress.sources import load_model
+
+        torch.set_num_threads(params.threads or torch.get_num_threads())
+        result["threads"] = torch.get_num_threads()
+        model = load_model(path)
+        timings = {b: torch_speed(model, torch.tensor([prompt] * b), params) for b in batches}
+    else:
+        import numpy as np
+
+        from llmpress.export.generate import OrtGenerator, onnx_session
+
+        result["threads"] = threads = params.threads or len(os.sched_getaffinity(0))
+        generator = OrtGenerator(onnx_session(path, threads=threads))  # one session for every batch size
+        timings = {b: ort_speed(generator, np.array([prompt] * b), params) for b in batches}
+    for batch, timing in timings.items():
+        for key, value in timing.items():
+            result[f"{runtime}_b{batch}_{key}"] = value
+    result[f"{runtime}_peak_rss_mb"] = peak_rss_mb()
     return result
 
 
-def measure_in_subprocess(model_path: str, eval_path: str, params: SpeedParams,
-                          onnx_path: str | None = None) -> dict[str, Any]:  # fmt: skip
-    cmd = [sys.executable, "-m", "llmpress.evaluate.speed", model_path, eval_path, params.model_dump_json()]
-    if onnx_path:
-        cmd += ["--onnx", onnx_path]
+def measure_in_subprocess(runtime: str, path: str, prompt: list[int], params: SpeedParams) -> dict[str, Any]:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r}: one of {RUNTIMES}")
+    cmd = [sys.executable, "-m", "llmpress.evaluate.speed", runtime, path, json.dumps(prompt), params.model_dump_json()]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise LlmpressError(f"speed measurement of {model_path} failed:\n{done.stderr[-2000:]}")
+        raise LlmpressError(f"speed measurement of {path} ({runtime}) failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Measure one model's speed; prints one JSON line.")
-    parser.add_argument("model_path")
-    parser.add_argument("eval_path")
+    parser.add_argument("runtime", choices=RUNTIMES)
+    parser.add_argument("path", help="model folder (torch) or ONNX graph (ort)")
+    parser.add_argument("prompt_json", help="the prompt's token ids, a JSON list")
     parser.add_argument("params_json")
-    parser.add_argument("--onnx")
     args = parser.parse_args()
     params = SpeedParams.model_validate_json(args.params_json)
-    print(json.dumps(measure(args.model_path, args.eval_path, params, args.onnx)))
+    print(json.dumps(measure(args.runtime, args.path, json.loads(args.prompt_json), params)))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import torch
 
 from llmpress.compress import compress_
 from llmpress.config import ClozeParams, EvalParams, Recipe
-from llmpress.evaluate.agreement import compare_to_base
+from llmpress.evaluate import logits as logits_module
+from llmpress.evaluate.agreement import base_pass, compare_to_base
 from llmpress.evaluate.cloze import ClozeExample, build_examples, cloze_accuracy, encode
 from llmpress.evaluate.perplexity import perplexity
 
@@ -84,19 +85,34 @@ def test_cloze_examples_are_last_words_with_enough_context() -> None:
     assert len(build_examples(DOC, ClozeParams(min_context_words=1000))) == 0
 
 
-class Oracle(torch.nn.Module):
-    """Predicts the next input token exactly (it peeks): accuracy 1.0. With `wrong`, never right: 0.0."""
+class OracleDecoder(torch.nn.Module):
+    """A 'decoder' whose hidden state at each position is the one-hot of the next input token (it peeks)."""
 
-    def __init__(self, vocab: int, wrong: bool = False) -> None:
+    def __init__(self, vocab: int, wrong: bool) -> None:
         super().__init__()
         self.vocab, self.wrong = vocab, wrong
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
+    def forward(self, input_ids: torch.Tensor, **_kwargs) -> SimpleNamespace:
         nxt = torch.roll(input_ids, -1, dims=1)
         if self.wrong:
             nxt = (nxt + 1) % self.vocab
-        return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, self.vocab).float())
+        return SimpleNamespace(last_hidden_state=torch.nn.functional.one_hot(nxt, self.vocab).float())
+
+
+class Oracle(torch.nn.Module):
+    """Predicts the next input token exactly (its head is the identity): accuracy 1.0. With `wrong`, never: 0.0."""
+
+    def __init__(self, vocab: int, wrong: bool = False) -> None:
+        super().__init__()
+        self.model = OracleDecoder(vocab, wrong)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def get_decoder(self) -> torch.nn.Module:
+        return self.model
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                use_cache: bool = False) -> SimpleNamespace:  # fmt: skip
+        return SimpleNamespace(logits=self.model(input_ids=input_ids).last_hidden_state)
 
 
 def test_cloze_accuracy_known_answers() -> None:
@@ -116,3 +132,75 @@ def test_cloze_encoding_keeps_target_at_the_end() -> None:
     assert n_target == 1 and ids[0] == tok.bos_token_id and len(ids) == 1 + 8 + 1
     assert ids[1:-1] == tok(context)["input_ids"][-8:]
     assert ids[-1] == tok("bridge")["input_ids"][0]
+
+
+def test_cloze_scores_like_a_full_forward(tiny_llama) -> None:
+    """The head runs only where cloze reads it; the verdicts are those of the full logits' argmax."""
+    tok = WordTokenizer()
+    params = ClozeParams(min_context_words=5, per_document=10, max_examples=100, batch_size=2)
+    examples = build_examples(DOC + "\n\n" + DOC.replace("bridge", "tunnel"), params)
+    with torch.no_grad():
+        hits = []
+        for ex in examples:
+            ids, n = encode(tok, ex, params, add_bos=True)
+            predicted = tiny_llama(input_ids=torch.tensor([ids])).logits[0].argmax(-1)
+            hits.append(torch.equal(predicted[len(ids) - n - 1 : len(ids) - 1], torch.tensor(ids[len(ids) - n :])))
+    assert cloze_accuracy(tiny_llama, tok, examples, params, add_bos=True) == sum(hits) / len(hits)
+
+
+def test_cached_base_pass_gives_identical_results(tiny_llama, make_tiny_llama, calibration_ids) -> None:
+    base = make_tiny_llama()
+    compress_(tiny_llama, Recipe(name="m", stages=[{"method": "magnitude", "sparsity": 0.5}]), calibration_ids)
+    tok, params = WordTokenizer(), EvalParams(window=64, stride=48, batch_size=3)
+    direct = compare_to_base(tiny_llama, base, tok, TEXT, params)
+    passed = base_pass(base, tok, TEXT, params)
+    cached = compare_to_base(tiny_llama, base, tok, TEXT, params, base_hidden=passed.hidden)
+    assert cached == direct  # bit for bit: the head on stored hidden states is the forward's own head
+    assert passed.perplexity == direct.base_perplexity and passed.tokens == direct.tokens
+
+
+def test_chunk_size_does_not_change_results(tiny_llama, make_tiny_llama, monkeypatch) -> None:
+    base = make_tiny_llama()
+    with torch.no_grad():
+        base.lm_head.weight.mul_(0.7)
+    tok, params = WordTokenizer(), EvalParams(window=64, stride=64)
+    whole = compare_to_base(tiny_llama, base, tok, TEXT, params)
+    monkeypatch.setattr(logits_module, "CHUNK_VALUES", 3 * 256)  # 3 positions per chunk
+    assert logits_module.chunk_positions(256) == 3
+    chunked = compare_to_base(tiny_llama, base, tok, TEXT, params)
+    assert chunked.kl_to_base == pytest.approx(whole.kl_to_base, rel=1e-5)
+    assert chunked.perplexity == pytest.approx(whole.perplexity, rel=1e-6)
+    assert chunked.top1_agreement == whole.top1_agreement
+
+
+class Masked(torch.nn.Module):
+    """A causal LM whose head sets some tokens' logits to -inf (as models with a reserved vocabulary do)."""
+
+    def __init__(self, inner: torch.nn.Module, masked: list[int]) -> None:
+        super().__init__()
+        self.inner, self.masked, self.config = inner, masked, inner.config
+
+    def get_decoder(self) -> torch.nn.Module:
+        return self.inner.get_decoder()
+
+    def forward(self, **kwargs) -> SimpleNamespace:
+        logits = self.inner(**kwargs).logits.clone()
+        logits[..., self.masked] = -math.inf
+        return SimpleNamespace(logits=logits)
+
+
+def test_kl_ignores_tokens_the_base_model_masks(tiny_llama, make_tiny_llama) -> None:
+    base, other = Masked(make_tiny_llama(), [5, 9]), Masked(tiny_llama, [5, 9])
+    with torch.no_grad():
+        tiny_llama.lm_head.weight.mul_(1.3)
+    tok = WordTokenizer()
+    params = EvalParams(window=400, stride=400, max_tokens=300)
+    result = compare_to_base(other, base, tok, TEXT, params)
+    ids = torch.tensor([[tok.bos_token_id, *tok(TEXT)["input_ids"][:300]]])
+    with torch.no_grad():
+        p = torch.log_softmax(base(input_ids=ids).logits[0, :-1].double(), -1)
+        q = torch.log_softmax(other(input_ids=ids).logits[0, :-1].double(), -1)
+    keep = torch.ones(p.shape[-1], dtype=torch.bool)
+    keep[[5, 9]] = False
+    expected = (p.exp() * (p - q))[:, keep].sum(-1).mean().item()
+    assert math.isfinite(result.kl_to_base) and result.kl_to_base == pytest.approx(expected, rel=1e-4)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,50 @@ def test_run_refuses_bad_arguments_before_any_work(project: Path, capsys: pytest
 def test_unknown_model_source_is_refused(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--project", str(project), "resolve", "not a model"]) == 2
     assert "is not a local folder, a .gguf file" in capsys.readouterr().err
+
+
+def _cli(project: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", "--project", str(project), *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_prefect_that_cannot_start_is_one_error_line(project: Path, tmp_path: Path) -> None:
+    """A fresh Prefect home (its database created here, in the CLI, before the server starts) and a server that
+    cannot start in time: one line saying what failed and what to do, exit 2, no traceback, no flow run."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    done = _cli(project, env, "run", "--no-export")
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "did not start within 1 s" in errors[0]
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in errors[0] and "Traceback" not in done.stderr
+    assert (home / "prefect.db").is_file()  # created and migrated before the server was asked to start
+    assert not (project / "mlflow.db").exists()  # nothing ran
+
+
+def test_unreachable_prefect_server_is_one_error_line(project: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "home"), PREFECT_API_URL="http://127.0.0.1:9/api")
+    done = _cli(project, env, "run", "--no-export")
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "PREFECT_API_URL=http://127.0.0.1:9/api does not answer" in errors[0]
+    assert "Traceback" not in done.stderr and not (project / "mlflow.db").exists()
+
+
+def test_summary_shows_base_in_pytorch_and_the_compressed_model_in_its_runtime(capsys) -> None:
+    from flows.cli import print_summary
+
+    speed = {"prefill_ms": 300.0, "decode_tokens_per_s": 10.0}
+    base = {"perplexity": 30.0, "cloze_accuracy": 0.3, "bytes_on_disk": 2**29, "torch_peak_rss_mb": 1100.0}
+    base |= {f"torch_b{b}_{k}": v for b in (1, 2) for k, v in speed.items()}
+    comp = {"perplexity": 60.0, "kl_to_base": 0.8, "top1_agreement": 0.5, "cloze_accuracy": 0.2, "cloze_examples": 9,
+            "sparsity": 0.5, "bytes_on_disk": 2**29, "runtime": "ort", "ort_peak_rss_mb": 800.0,
+            "decode_speedup_b1": 2.5}  # fmt: skip
+    comp |= {f"ort_b{b}_{k}": v * 2.5 for b in (1, 2) for k, v in speed.items()}
+    print_summary({"base": base, "compressed": comp, "gate": {"passed": True, "failures": [], "version": "1",
+                   "champion": "1"}, "registered_model": "m", "mlflow_run_id": "r", "run_name": "n",
+                   "seconds": {"evaluate": 1.0}, "tracking_uri": "sqlite:///x.db"})  # fmt: skip
+    out = capsys.readouterr().out
+    assert "runtime measured" in out and "ONNX Runtime" in out
+    assert "decode, batch 2 (tok/s)" in out and "25.0" in out and "2.50x" in out

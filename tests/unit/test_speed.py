@@ -7,13 +7,15 @@ import math
 import torch
 
 from llmpress.config import SpeedParams
-from llmpress.evaluate.speed import _median_seconds, peak_rss_mb, torch_speed
+from llmpress.evaluate.speed import peak_rss_mb, time_generation, torch_speed
 
 
-def test_median_of_repeats_ignores_warmup() -> None:
-    calls = []
-    assert _median_seconds(lambda: calls.append(1), warmup=2, repeats=3) >= 0
-    assert len(calls) == 5
+def test_generation_timing_runs_warmup_and_repeats() -> None:
+    prefills, steps = [], []
+    result = time_generation(lambda: prefills.append(1) or 0, lambda state: steps.append(1) or state + 1,
+                             decode_tokens=4, batch=3, warmup=2, repeats=3)  # fmt: skip
+    assert len(prefills) == 5 and len(steps) == 20  # every run is one prefill and decode_tokens steps
+    assert result["prefill_ms"] > 0 and result["decode_tokens_per_s"] > 0
 
 
 def test_torch_speed_on_tiny_model(tiny_llama) -> None:
@@ -29,3 +31,23 @@ def test_peak_rss_is_this_process() -> None:
     block = bytearray(200 * 2**20)  # touch 200 MB
     block[::4096] = b"x" * len(block[::4096])
     assert peak_rss_mb() >= before and peak_rss_mb() > 200
+
+
+def test_graph_is_measured_by_a_child_without_torch(tiny_onnx) -> None:
+    """The ONNX child imports numpy and onnxruntime only, like the bundle's runner: its peak memory is the
+    runner's, not PyTorch's."""
+    import json
+    import subprocess
+    import sys
+
+    _, onnx_dir = tiny_onnx
+    params = SpeedParams(prompt_tokens=8, decode_tokens=3, batch_size=2, warmup=0, repeats=1, threads=1)
+    code = ("import json, sys; from llmpress.config import SpeedParams; from llmpress.evaluate.speed import measure; "
+            f"r = measure('ort', {str(onnx_dir / 'model.onnx')!r}, list(range(1, 10)), "
+            f"SpeedParams.model_validate_json({params.model_dump_json()!r})); "
+            "print(json.dumps([r, 'torch' in sys.modules]))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result, torch_loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not torch_loaded
+    assert set(result) >= {"ort_b1_prefill_ms", "ort_b2_decode_tokens_per_s", "ort_peak_rss_mb"}
+    assert all(result[k] > 0 for k in result if k.startswith("ort_"))

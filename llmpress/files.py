@@ -1,0 +1,70 @@
+"""Folders written whole or not at all.
+
+`atomic_folder(out)` hands out a temporary sibling of `out`; when the block ends without an error, every file in it
+is fsynced, its sha256 recorded in `checksums.json` (which `sources.load_model` verifies), and the folder renamed
+to `out` (replacing an older one). On an error, or if the process dies, nothing is at `out`: a killed writer's
+temporary `.NAME-PID-*` folder is removed by the next write into the same parent once that PID is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from llmpress.hashing import sha256_file
+from llmpress.services import alive
+
+CHECKSUMS = "checksums.json"  # sources.load_model reads it back
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | Path) -> Iterator[Path]:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-{os.getpid()}-", dir=out.parent))
+    try:
+        yield tmp
+        write_checksums(tmp)
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_checksums(folder: Path) -> None:
+    """fsync each file of `folder` and record its sha256 in `checksums.json` (itself fsynced), then the folder."""
+    sums = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        sums[path.relative_to(folder).as_posix()] = sha256_file(path)
+    with open(folder / CHECKSUMS, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(sums, indent=2))
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(parent: Path) -> None:
+    """Remove `.NAME-PID-*` folders whose writing process no longer exists (killed mid-save)."""
+    for tmp in parent.glob(".*-*-*"):
+        pid = tmp.name.rsplit("-", 2)[-2]
+        if tmp.is_dir() and pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
