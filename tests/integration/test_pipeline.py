@@ -331,7 +331,7 @@ def test_promote_publishes_the_approved_bundle_to_s3(runs: dict, tmp_path: Path,
         assert first["changed"] and first["approved_by"] == "reviewer@example.com"
         assert tracking_alias(c, "production") == wanda_v
         assert c.get_model_version(MODEL_NAME, wanda_v).tags["bundle.s3_uri"] == uri
-        # what S3 holds is the bundle, byte for byte; the graph went up in parts (over the 64 MiB threshold)
+        # what S3 holds is the bundle, byte for byte; the weights went up in parts (over the 64 MiB threshold)
         local = tmp_path / "from-s3"
         prefix = f"releases/{MODEL_NAME}/v{wanda_v}/"
         for obj in s3.client().list_objects_v2(Bucket="edge", Prefix=prefix)["Contents"]:
@@ -342,7 +342,7 @@ def test_promote_publishes_the_approved_bundle_to_s3(runs: dict, tmp_path: Path,
         assert manifest["lineage"]["version"] == wanda_v
         head = s3.client().head_object(Bucket="edge", Key=prefix + "model.onnx.data")  # the graph's weights
         assert head["ContentLength"] > 64 * 2**20 and "-" in head["ETag"]  # a multipart upload's ETag
-        assert head["Metadata"]["sha256"] == sha256_file(local / "model.onnx")
+        assert head["Metadata"]["sha256"] == sha256_file(local / "model.onnx.data")
 
         second = promote(MODEL_NAME, wanda_v, **kwargs)
         assert second["published"]["uploaded"] == 0 and not second["changed"]

@@ -104,10 +104,10 @@ def test_another_architecture_or_a_damaged_template_is_traced_again(first, tmp_p
 
 
 def test_deep_graph_stitched_from_two_traced_blocks_equals_the_traced_one(tmp_path, monkeypatch, caplog) -> None:
-    model = tiny(7, num_hidden_layers=4)
+    model = tiny(7, num_hidden_layers=3)
     with caplog.at_level(logging.INFO, logger="llmpress.export.onnx"):
         stitched = export_onnx(model, tmp_path / "stitched")
-    assert "stitched from 2 traced blocks to 4" in caplog.text
+    assert "stitched from 2 traced blocks to 3" in caplog.text
     monkeypatch.setattr(export, "uniform", lambda _model: False)  # trace every block
     traced = export_onnx(model, tmp_path / "traced")
     a, b = (OrtGenerator(onnx_session(path, threads=1)) for path in (stitched, traced))
@@ -119,14 +119,15 @@ def test_deep_graph_stitched_from_two_traced_blocks_equals_the_traced_one(tmp_pa
     parity = check_parity(model, stitched, IDS, decode_steps=8)
     assert parity.max_abs_diff < 1e-4 and parity.greedy_identical
     graph = onnx.load(str(stitched), load_external_data=False).graph
-    caches = [f"{i}.{kind}" for i in range(4) for kind in ("key", "value")]
+    caches = [f"{i}.{kind}" for i in range(3) for kind in ("key", "value")]
     assert [i.name for i in graph.input][3:] == [f"past_key_values.{c}" for c in caches]
     assert [o.name for o in graph.output] == ["logits"] + [f"present.{c}" for c in caches]
 
 
 def test_blocks_that_differ_are_traced_whole(tmp_path, caplog) -> None:
     """Blocks of different widths (structured pruning) are not stitched; a block whose behaviour differs in a way
-    its structure does not show (here a hook on block 2) fails the stitched graph's check and is traced whole."""
+    its structure does not show (here a hook on block 2, not traced; not the last, whose scale the final norm
+    would hide) fails the stitched graph's check and is traced whole."""
     model = tiny(8, num_hidden_layers=4)
     model.model.layers[2].register_forward_hook(lambda _m, _args, out: (out[0] * 0.5, *out[1:]) if isinstance(
         out, tuple) else out * 0.5)  # fmt: skip

@@ -51,3 +51,26 @@ def test_graph_is_measured_by_a_child_without_torch(tiny_onnx) -> None:
     assert not torch_loaded
     assert set(result) >= {"ort_b1_prefill_ms", "ort_b2_decode_tokens_per_s", "ort_peak_rss_mb"}
     assert all(result[k] > 0 for k in result if k.startswith("ort_"))
+
+
+def test_speed_step_measures_an_exported_model_in_onnxruntime_against_the_base_in_pytorch(tiny_onnx, tmp_path) -> None:
+    """The base model in PyTorch, the exported model in onnxruntime; the speed-up is their ratio, from the same run.
+    (A model that is not exported is measured in PyTorch: the integration test's magnitude run.)"""
+    from conftest import byte_tokenizer_json
+    from transformers import PreTrainedTokenizerFast
+
+    from llmpress import steps
+
+    model, onnx_dir = tiny_onnx
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    byte_tokenizer_json(folder)
+    PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json")).save_pretrained(folder)
+    eval_path = tmp_path / "eval.txt"
+    eval_path.write_text("the held-out text, long enough for a prompt of a few tokens " * 4)
+    params = SpeedParams(prompt_tokens=8, decode_tokens=2, batch_size=2, warmup=0, repeats=1, threads=1)
+    result = steps.speed(str(folder), str(folder), str(eval_path), params, str(onnx_dir / "model.onnx"))
+    base, comp = result["base"], result["compressed"]
+    assert comp["runtime"] == "ort" and comp["ort_b2_decode_tokens_per_s"] > 0 and comp["ort_peak_rss_mb"] > 0
+    assert not any(k.startswith("torch_") for k in comp) and not any(k.startswith("ort_") for k in base)
+    assert comp["decode_speedup_b2"] == comp["ort_b2_decode_tokens_per_s"] / base["torch_b2_decode_tokens_per_s"]
