@@ -36,6 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STEP_TIMES = re.compile(r"^step times: (.*)$", re.MULTILINE)
+SUMMARY_HEADER = re.compile(r"^\s+base\s+compressed\s*$")
 
 
 def clone(dest: Path, allow_dirty: bool) -> str:
@@ -78,6 +79,16 @@ def pipeline_steps(output: str, wall: float) -> dict[str, float]:
     return steps
 
 
+def summary(output: str) -> str:
+    """The table and lines the pipeline ends with (from its 'base  compressed' header to the MLflow UI hint)."""
+    lines = output.splitlines()
+    start = next((i for i, line in enumerate(lines) if SUMMARY_HEADER.match(line)), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("open the MLflow UI")), len(lines) - 1)
+    return "\n".join(lines[start : end + 1])
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
             "date": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
@@ -115,6 +126,8 @@ def write(result: dict, out: Path) -> None:
     if other:
         lines += ["", f"Other recipe: `{result['other_recipe']['recipe']}`, {result['other_recipe']['total_s']:.0f} s "
                   "(baseline and traced graph reused)."]  # fmt: skip
+    if fresh.get("summary"):
+        lines += ["", "The fresh run's summary, as printed:", "", "```", fresh["summary"], "```"]
     (out / "pipeline_time.md").write_text("\n".join(lines) + "\n")
 
 
@@ -139,13 +152,18 @@ def main() -> None:
         fresh["fetch"], _ = timed(["make", "fetch"], checkout, env, log)
         fresh["pipeline"], output = timed([".venv/bin/llmpress", "run"], checkout, env, log)
         fresh |= pipeline_steps(output, fresh["pipeline"])
+        fresh_summary = summary(output)
         second_wall, output = timed(["make", "run"], checkout, env, log)
         second = {"make_run": second_wall} | pipeline_steps(output, 0.0)
         second.pop("outside_steps")
         result = {
             "machine": machine(),
             "commit": commit,
-            "fresh": {"total_s": round(fresh["setup"] + fresh["fetch"] + fresh["pipeline"], 1), "steps": fresh},
+            "fresh": {
+                "total_s": round(fresh["setup"] + fresh["fetch"] + fresh["pipeline"], 1),
+                "steps": fresh,
+                "summary": fresh_summary,
+            },
             "second": {"total_s": round(second_wall, 1), "steps": second},
         }
         if args.other_recipe:

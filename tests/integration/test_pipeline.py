@@ -64,6 +64,10 @@ def _project(root: Path) -> Path:
     # The shipped model converted by `make fetch`; the default source finds it and skips the 25 s conversion.
     (root / "models").mkdir()
     (root / "models" / SHIPPED_NAME).symlink_to(REPO / "models" / SHIPPED_NAME)
+    # The checkout's graph templates (content-keyed): after `make run` the export writes weights into the traced
+    # graph of this architecture instead of tracing it again (~20 s); the first export of a checkout traces it.
+    (REPO / "models" / "onnx-templates").mkdir(parents=True, exist_ok=True)
+    (root / "models" / "onnx-templates").symlink_to(REPO / "models" / "onnx-templates")
     for args in (["init", "--no-scm"], ["remote", "add", "-d", "local", str(root / "dvc-remote")]):
         subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True, capture_output=True)
     return root
