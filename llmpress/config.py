@@ -289,6 +289,16 @@ class QuantStage(Targeted):
     group_size: int | None = Field(128, ge=8, description="weights per scale along the input; null: per output channel")
     symmetric: bool = Field(False, description="zero point fixed at 2^(bits-1) (true) or fitted per group (false)")
 
+    @field_validator("group_size")
+    @classmethod
+    def _group_fits_the_graph(cls, value: int | None) -> int | None:
+        # The exported graph holds the codes in onnxruntime's MatMulNBits, whose blocks are powers of two >= 16:
+        # a group made of whole blocks is held exactly (llmpress.export.packed), any other would be re-rounded.
+        if value is not None and value % 16:
+            raise ValueError(f"must be null (per output channel) or a multiple of 16 (16, 32, 48, 64, 128, ...), "
+                             f"got {value}")  # fmt: skip
+        return value
+
 
 class RTNStage(QuantStage):
     """Round-to-nearest: each weight to its nearest grid point."""

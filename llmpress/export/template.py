@@ -27,6 +27,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -125,23 +126,30 @@ def load_template(folder: Path, key: str) -> tuple[onnx.ModelProto, dict[str, Bi
 
 
 def write_export(template: onnx.ModelProto, bindings: dict[str, Binding], model: nn.Module, out_dir: Path) -> Path:
-    """Fill the template's bound initializers from `model` into `out_dir/model.onnx.data`; write the graph."""
+    """Fill the template's bound initializers from `model` into `out_dir/model.onnx.data`; write the graph. The
+    quantized linears of `model` become MatMulNBits nodes holding their integer codes (`llmpress.export.packed`)."""
+    from llmpress.export.packed import pack_matmuls
+
     graph = onnx.ModelProto()
     graph.CopyFrom(template)
     tensors = state(model)
+    packed = pack_matmuls(graph, {name: b.source for name, b in bindings.items() if b.transpose}, model)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / DATA, "wb") as data:
         for init in graph.graph.initializer:
             binding = bindings.get(init.name)
-            if binding is None:
+            if init.name in packed:
+                raw = np.ascontiguousarray(packed[init.name]).reshape(-1).view(np.uint8)
+            elif binding is not None:
+                tensor = tensors[binding.source].detach()
+                tensor = (tensor.T if binding.transpose else tensor).contiguous().cpu()
+                expected = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+                if list(tensor.shape) != list(init.dims) or tensor.element_size() != expected.itemsize:
+                    raise ValueError(f"{binding.source} does not fit the graph's {init.name} ({list(init.dims)})")
+                raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else np.zeros(0, np.uint8)
+            else:
                 continue
-            tensor = tensors[binding.source].detach()
-            tensor = (tensor.T if binding.transpose else tensor).contiguous().cpu()
-            expected = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-            if list(tensor.shape) != list(init.dims) or tensor.element_size() != expected.itemsize:
-                raise ValueError(f"{binding.source} does not fit the graph's {init.name} ({list(init.dims)})")
-            raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
-            size = tensor.numel() * tensor.element_size()
+            size = raw.size
             offset = -(-data.tell() // ALIGN) * ALIGN if size >= ALIGN else data.tell()
             data.write(b"\0" * (offset - data.tell()))
             data.write(memoryview(raw))
