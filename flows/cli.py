@@ -105,6 +105,15 @@ def print_summary(s: dict[str, Any]) -> None:
         rows.append(("ONNX max |logit diff|", "-", f"{comp['onnx_max_abs_diff']:.2e}"))
     if "onnx_noise_max_abs_diff" in comp:
         rows.append(("PyTorch 1-ulp noise floor, max", "-", f"{comp['onnx_noise_max_abs_diff']:.2e}"))
+    if "bundle_perplexity" in comp:  # what ships, scored on its own in onnxruntime
+        rows += [
+            (f"bundle ({comp.get('bundle_precision', '?')}): perplexity", f"{base['perplexity']:.3f}",
+             f"{comp['bundle_perplexity']:.3f}"),
+            ("bundle: KL to base", "0", f"{comp['bundle_kl_to_base']:.4f}"),
+            ("bundle: top-1 agreement with base", "1", f"{comp['bundle_top1_agreement']:.4f}"),
+            ("bundle: size (graph + weights)", _fmt_bytes(base["weights_bytes"]), _fmt_bytes(comp["bundle_bytes"])),
+            ("bundle: greedy = PyTorch compressed", "-", "yes" if comp.get("bundle_greedy_identical") else "no"),
+        ]  # fmt: skip
     width = max(len(r[0]) for r in rows)
     print()
     print(f"{'':{width}}  {'base':>14}  {'compressed':>14}")

@@ -22,7 +22,7 @@ from llmpress.versioning import git_commit
 from tasks.compress import compress_model
 from tasks.credentials import BLOCK, load_secret_block
 from tasks.data import version_data
-from tasks.evaluate import evaluate_base, evaluate_model, export_model, measure_speed
+from tasks.evaluate import evaluate_base, evaluate_bundle, evaluate_model, export_model, measure_speed
 from tasks.model import resolve_model
 from tasks.track import close_run, log_stage, open_run, register_and_gate
 
@@ -116,8 +116,15 @@ def compress(
                              str(out_root / "onnx"), data["eval"], params.export,
                              str(project / "models" / "onnx-templates"), content_key=key)  # fmt: skip
             log_stage(tracking_uri, run_id, "export", exported, seconds["export"])
-            metrics |= {k: v for k, v in exported.items() if k.startswith("onnx_")}
+            metrics |= {k: v for k, v in exported.items() if k.startswith(("onnx_", "bundle_"))}
             summary["onnx_path"] = exported["onnx_path"]
+            # What ships, scored on its own in onnxruntime at its serving settings (cached with the export's key:
+            # the graph file it rewrites is the export's).
+            bundle = timed("bundle", evaluate_bundle, exported["onnx_path"], compressed["path"], base["path"],
+                           baseline["path"], baseline["key"], data["eval"], params.eval, params.export,
+                           content_key=key)  # fmt: skip
+            log_stage(tracking_uri, run_id, "bundle", bundle, seconds["bundle"])
+            metrics |= bundle
 
         if params.eval.speed.enabled:
             cost = timed("speed", measure_speed, compressed["path"], base["path"], data["eval"], params.eval.speed,

@@ -95,8 +95,10 @@ def sha256_file(path: Path) -> str:
 
 def build_bundle(out_dir: str | Path, onnx_dir: str | Path, tokenizer_dir: str | Path, *, precision: str,
                  opset: int, metrics: dict[str, Any] | None = None, gate: dict[str, Any] | None = None,
-                 lineage: dict[str, str] | None = None) -> Path:  # fmt: skip
-    """Assemble the bundle at `out_dir` (replaced if it exists) and return it."""
+                 lineage: dict[str, str] | None = None, precision_counts: dict[str, int] | None = None,
+                 accuracy_level: int | None = None) -> Path:  # fmt: skip
+    """Assemble the bundle at `out_dir` (replaced if it exists) and return it. `precision` and `precision_counts`
+    say what the graph's weight matmuls and lookups hold (`llmpress.export.packed.precision_counts`)."""
     onnx_dir, tokenizer_dir, out_dir = Path(onnx_dir), Path(tokenizer_dir), Path(out_dir)
     if not (onnx_dir / GRAPH).is_file():
         raise BundleError(f"no {GRAPH} in {onnx_dir}: export the model to ONNX first")
@@ -122,7 +124,14 @@ def build_bundle(out_dir: str | Path, onnx_dir: str | Path, tokenizer_dir: str |
         manifest = {
             "format": FORMAT,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "model": {"graph": GRAPH, "opset": opset, "precision": precision, "kv_cache": True},
+            "model": {
+                "graph": GRAPH,
+                "opset": opset,
+                "precision": precision,
+                "kv_cache": True,
+                "precision_counts": precision_counts or {},
+                "matmul_nbits_accuracy_level": accuracy_level,
+            },
             "files": files,
             "metrics": _json_safe(metrics or {}),
             "gate": gate or {},

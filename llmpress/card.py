@@ -32,6 +32,14 @@ ROWS = [
     ("onnx_noise_max_abs_diff", "PyTorch vs itself under one-ulp input noise, max", "{:.2e}"),
     ("onnx_noise_mean_abs_diff", "PyTorch vs itself under one-ulp input noise, mean", "{:.2e}"),
     ("onnx_greedy_identical", "ONNX greedy decode identical to PyTorch (1 = yes)", "{:.0f}"),
+    ("bundle_precision", "bundle: what its weight matmuls hold", "{}"),
+    ("bundle_bytes", "bundle: graph and weights on disk", "bytes"),
+    ("bundle_perplexity", "bundle: perplexity in onnxruntime", "{:.3f}"),
+    ("bundle_kl_to_base", "bundle: KL to base (nats/token)", "{:.4f}"),
+    ("bundle_top1_agreement", "bundle: top-1 agreement with base", "{:.4f}"),
+    ("bundle_max_abs_diff", "bundle: max abs logit diff to PyTorch compressed", "{:.2e}"),
+    ("bundle_greedy_identical", "bundle: greedy decode identical to PyTorch compressed (1 = yes)", "{:.0f}"),
+    ("bundle_accuracy_level", "bundle: onnxruntime MatMulNBits accuracy level", "{}"),
 ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -109,6 +109,10 @@ class ExportParams(Strict):
     opset: int = Field(18, ge=14, le=23)
     parity_tokens: int = Field(128, ge=2, description="tokens of held-out text used to compare ONNX and PyTorch")
     parity_decode_steps: int = Field(32, ge=0, le=1024, description="greedy decode steps compared after the prefill")
+    accuracy_level: Literal[0, 1, 2, 4] = Field(
+        4, description="onnxruntime's MatMulNBits compute in the shipped graph: 0 float32 on the de-quantized weights "
+        "(exact), 4 int8 activations and integer dot products (fastest on CPU); the bundle is scored at this setting",
+    )  # fmt: skip
 
 
 class GateParams(Strict):
@@ -135,6 +139,18 @@ class GateParams(Strict):
         False, description="candidate weights smaller than the champion's, or decode (batch 1) faster by the margin"
     )
     champion_speed_margin: float = Field(0.05, ge=0, description="'faster' means by more than this fraction")
+    # What ships: the exported graph scored on its own in onnxruntime (steps.evaluate_bundle). Not checked when
+    # nothing is exported (export.onnx false), which the report says.
+    max_bundle_perplexity_ratio: float | None = Field(
+        1.6, gt=0, description="bundle perplexity in onnxruntime / base perplexity in PyTorch"
+    )
+    max_bundle_bytes_ratio: float | None = Field(
+        1.0, gt=0, description="bundle graph and weights bytes / the base model's fp32 weights bytes"
+    )
+    min_bundle_decode_speedup: float | None = Field(
+        1.0, gt=0, description="batch-1 decode tokens/s of the bundle in onnxruntime / the base model's in PyTorch"
+    )
+    max_bundle_kl_to_base: float | None = Field(None, gt=0, description="mean KL(base || bundle) per token, nats")
 
 
 class TrackingParams(Strict):
@@ -282,12 +298,27 @@ class DSnoTStage(Targeted):
     update_threshold: float = Field(0.1, ge=0.0, description="stop once the row's reconstruction error is below")
 
 
-class QuantStage(Targeted):
-    """Weight quantization settings shared by RTN, GPTQ and AWQ: integer codes with a scale per group."""
+class QuantGrid(Strict):
+    """An integer weight grid: codes with an fp16 scale and an integer zero point per row and group of inputs."""
 
     bits: int = Field(4, ge=2, le=8, description="bits per weight (2..8)")
-    group_size: int | None = Field(128, ge=8, description="weights per scale along the input; null: per output channel")
+    group_size: int | None = Field(128, ge=1, description="weights per scale along the input; null: per output channel")
     symmetric: bool = Field(False, description="zero point fixed at 2^(bits-1) (true) or fitted per group (false)")
+    offset: Literal["zero-point", "min"] = Field(
+        "zero-point", description="asymmetric grids: 'zero-point' w = s(q - z), z an integer code; 'min' w = sq + m, "
+        "m an fp16 minimum per group (llama.cpp's Q4_1 layout; rtn only)",
+    )  # fmt: skip
+    OFFSETS: ClassVar[tuple[str, ...]] = ("zero-point",)
+
+    @model_validator(mode="after")
+    def _offset_supported(self) -> QuantGrid:
+        if self.offset not in self.OFFSETS:
+            method = getattr(self, "method", "this stage")
+            raise ValueError(f"offset {self.offset!r} is not supported by {method}; allowed: "
+                             f"{', '.join(repr(o) for o in self.OFFSETS)}")  # fmt: skip
+        if self.offset == "min" and self.symmetric:
+            raise ValueError("offset 'min' is an asymmetric grid: set symmetric: false, or offset: zero-point")
+        return self
 
     @field_validator("group_size")
     @classmethod
@@ -300,10 +331,24 @@ class QuantStage(Targeted):
         return value
 
 
+class QuantStage(Targeted, QuantGrid):
+    """Weight quantization settings shared by RTN, GPTQ and AWQ: integer codes with a scale per group."""
+
+
+class EmbeddingsStage(QuantGrid):
+    """The token embedding table (and an untied head) rounded to the grid, as llama.cpp's formats do."""
+
+    method: Literal["embeddings"]
+    group_size: int | None = Field(32, ge=1, description="features per scale; null: one scale per token's row")
+    bits: int = Field(8, ge=2, le=8, description="bits per weight (2..8)")
+    head: bool = Field(True, description="also quantize an untied output head (a tied one is the table)")
+
+
 class RTNStage(QuantStage):
     """Round-to-nearest: each weight to its nearest grid point."""
 
     method: Literal["rtn"]
+    OFFSETS: ClassVar[tuple[str, ...]] = ("zero-point", "min")
 
 
 class GPTQStage(QuantStage):
@@ -396,11 +441,12 @@ Stage = Annotated[
     | StructuredStage
     | DropBlocksStage
     | LowRankStage
-    | DistillStage,
+    | DistillStage
+    | EmbeddingsStage,
     Field(discriminator="method"),
 ]
 METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot", "rtn", "gptq", "awq", "smoothquant", "structured",
-           "drop_blocks", "lowrank", "distill")  # fmt: skip
+           "drop_blocks", "lowrank", "distill", "embeddings")  # fmt: skip
 
 
 class Recipe(Strict):

@@ -75,6 +75,7 @@ def run_gate(metrics: dict[str, float], base: dict[str, float], params: GatePara
         checks.append(_onnx_parity(metrics, params))
     if params.onnx_greedy_identical and "onnx_greedy_identical" in metrics:
         checks.append(_check("onnx_greedy_identical", metrics["onnx_greedy_identical"], ">=", 1.0))
+    checks += _bundle_checks(metrics, base, params)
     if params.champion_max_perplexity_increase is not None:
         limit = 1.0 + params.champion_max_perplexity_increase
         if champion is None:
@@ -87,6 +88,38 @@ def run_gate(metrics: dict[str, float], base: dict[str, float], params: GatePara
     if params.champion_must_be_smaller_or_faster:
         checks.append(_smaller_or_faster(metrics, champion, params.champion_speed_margin))
     return GateReport(passed=all(c.passed for c in checks), checks=checks)
+
+
+def _bundle_checks(metrics: dict[str, float], base: dict[str, float], params: GateParams) -> list[Check]:
+    """The shipped graph's own numbers in onnxruntime against the base model: quality, size, speed."""
+    wanted = [(name, limit) for name, limit in (
+        ("bundle_perplexity_ratio", params.max_bundle_perplexity_ratio),
+        ("bundle_bytes_ratio", params.max_bundle_bytes_ratio),
+        ("bundle_decode_speedup", params.min_bundle_decode_speedup),
+        ("bundle_kl_to_base", params.max_bundle_kl_to_base)) if limit is not None]  # fmt: skip
+    if not wanted:
+        return []
+    if "bundle_perplexity" not in metrics:
+        return [Check(name, None, ">=" if name == "bundle_decode_speedup" else "<=", limit, True,
+                      "not checked: nothing exported (export.onnx is false)") for name, limit in wanted]  # fmt: skip
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    values = {
+        "bundle_perplexity_ratio": ratio(metrics.get("bundle_perplexity"), base.get("perplexity")),
+        "bundle_bytes_ratio": ratio(metrics.get("bundle_bytes"), base.get("weights_bytes")),
+        "bundle_decode_speedup": metrics.get("decode_speedup_b1") if metrics.get("runtime") == "ort" else None,
+        "bundle_kl_to_base": metrics.get("bundle_kl_to_base"),
+    }
+    checks = []
+    for name, limit in wanted:
+        op = ">=" if name == "bundle_decode_speedup" else "<="
+        if name == "bundle_decode_speedup" and "decode_speedup_b1" not in metrics:
+            checks.append(Check(name, None, op, limit, True, "not checked: speed not measured (eval.speed.enabled)"))
+        else:
+            checks.append(_check(name, values[name], op, limit))
+    return checks
 
 
 def _onnx_parity(metrics: dict[str, float], params: GateParams) -> Check:

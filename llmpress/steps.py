@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -266,6 +267,51 @@ def evaluate(model_path: str, base_path: str, baseline_dir: str, baseline_key: s
     return {"metrics": metrics, "base": base_out, "generations": generations}
 
 
+def evaluate_bundle(onnx_path: str, model_path: str, base_path: str, baseline_dir: str, baseline_key: str,
+                    eval_path: str, params: EvalParams, export_params: ExportParams) -> dict[str, Any]:  # fmt: skip
+    """The graph that ships, judged on its own in onnxruntime at its serving settings (`export` leaves it so),
+    scored under the pinned protocol against the base model's baseline - perplexity, KL to base, top-1 agreement
+    (its logit difference and greedy parity with the PyTorch model come from `export`, which has that model
+    loaded) - with its bytes and what its matmuls and lookups hold (`llmpress.export.packed.precision_counts`).
+
+    Returns `bundle_*` metrics."""
+    import onnx
+
+    from llmpress.export.generate import OrtGenerator, onnx_session
+    from llmpress.export.packed import precision_counts, precision_label
+
+    found = load_baseline(baseline_dir, baseline_key)
+    if found is None:
+        raise LlmpressError(f"no baseline {baseline_key[:12]} of the base model in {baseline_dir}: run the baseline "
+                            "step first")  # fmt: skip
+    _, base_hidden = found
+    graph = onnx.load(onnx_path, load_external_data=False)
+    counts = precision_counts(graph)
+    quantized = bool(counts.get("matmul_4bit") or counts.get("matmul_8bit"))
+    tokenizer = load_tokenizer(model_path)
+    text = Path(eval_path).read_text(encoding="utf-8")
+    generator = OrtGenerator(onnx_session(onnx_path, torch.get_num_threads()))
+
+    def logits_fn(batch: torch.Tensor) -> torch.Tensor:
+        ids = batch.numpy()
+        logits, _ = generator.forward(ids, np.ones_like(ids), generator.empty_cache(ids.shape[0]))
+        return torch.from_numpy(logits)
+
+    base = load_model(base_path)
+    with Progress("bundle: perplexity, KL, top-1 in onnxruntime", "window") as progress:
+        agreement = compare_to_base(None, base, tokenizer, text, params, progress=progress, base_hidden=base_hidden,
+                                    logits_fn=logits_fn)  # fmt: skip
+    return {
+        "bundle_perplexity": agreement.perplexity,
+        "bundle_kl_to_base": agreement.kl_to_base,
+        "bundle_top1_agreement": agreement.top1_agreement,
+        "bundle_bytes": folder_bytes(Path(onnx_path).parent),
+        "bundle_accuracy_level": export_params.accuracy_level if quantized else None,
+        "bundle_precision": precision_label(counts),
+        "bundle_precision_counts": counts,
+    }
+
+
 def speed(model_path: str, base_path: str, eval_path: str, params: SpeedParams,
           onnx_path: str | None) -> dict[str, Any]:  # fmt: skip
     """Latency, throughput and peak memory of the base model in PyTorch (what users would run instead) and of the
@@ -321,6 +367,10 @@ def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams,
     """ONNX export (KV cache) and parity against PyTorch: prefill of the first `parity_tokens` held-out tokens, then
     `parity_decode_steps` greedy steps. With `template_dir`, the traced graph of each architecture is kept there
     and reused (`llmpress.export.template`)."""
+    import onnx
+
+    from llmpress.export.packed import set_accuracy_level
+
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path)
     start = time.perf_counter()
@@ -333,6 +383,14 @@ def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams,
         raise LlmpressError("the held-out text is too short for the ONNX parity check")
     with phase("export: parity with PyTorch in onnxruntime"):
         parity = check_parity(model, path, torch.tensor([ids]), decode_steps=params.parity_decode_steps)
+    # Parity above is on the exact weights (accuracy level 0: float32 on the de-quantized codes); the graph that
+    # ships runs its quantized matmuls at the serving level, and is scored as it is by `evaluate_bundle`.
+    graph = onnx.load(str(path), load_external_data=False)
+    served = parity
+    if set_accuracy_level(graph, params.accuracy_level) and params.accuracy_level != 0:
+        onnx.save(graph, str(path))  # the graph file only; its weights file is untouched
+        with phase("export: the shipped graph against PyTorch in onnxruntime"):
+            served = check_parity(model, path, torch.tensor([ids]), decode_steps=params.parity_decode_steps)
     return {
         "tensorrt": tensorrt_engine(path, Path(out_dir)),
         "onnx_path": str(path.resolve()),
@@ -345,6 +403,10 @@ def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams,
         "onnx_argmax_agreement": parity.argmax_agreement,
         "onnx_decode_steps": parity.decode_steps,
         "onnx_greedy_identical": float(parity.greedy_identical),
+        # the graph as it ships (quantized matmuls at the serving accuracy level) against the PyTorch model
+        "bundle_max_abs_diff": served.max_abs_diff,
+        "bundle_mean_abs_diff": served.mean_abs_diff,
+        "bundle_greedy_identical": float(served.greedy_identical),
         "opset": params.opset,
     }
 
@@ -379,11 +441,16 @@ def edge_bundle(onnx_path: str, model_dir: str, out_dir: str | Path, metrics: di
     import onnx
 
     from llmpress.bundle import build_bundle, verify_bundle
+    from llmpress.export.packed import precision_counts, precision_label
 
     graph = onnx.load(onnx_path, load_external_data=False)
     opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), 0)
-    path = build_bundle(out_dir, Path(onnx_path).parent, model_dir, precision="fp32", opset=opset, metrics=metrics,
-                        gate=gate, lineage=lineage)  # fmt: skip
+    counts = precision_counts(graph)  # read from the graph that ships, not assumed
+    levels = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"}  # fmt: skip
+    path = build_bundle(out_dir, Path(onnx_path).parent, model_dir, precision=precision_label(counts), opset=opset,
+                        metrics=metrics, gate=gate, lineage=lineage, precision_counts=counts,
+                        accuracy_level=levels.pop() if len(levels) == 1 else None)  # fmt: skip
     verify_bundle(path, check_hashes=False)
     return path
 

@@ -1,4 +1,5 @@
-"""Evaluation tasks: perplexity, sparsity and size of a model folder; ONNX export with a parity check; speed.
+"""Evaluation tasks: perplexity, sparsity and size of a model folder; ONNX export with a parity check; the
+exported graph scored on its own in onnxruntime (the bundle); speed.
 Each is cached by content (tasks/cache.py)."""
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ def evaluate_model(model_path: str, base_path: str, baseline_dir: str, baseline_
 def export_model(model_path: str, out_dir: str, eval_path: str, params: ExportParams,
                  template_dir: str | None = None, content_key: str | None = None) -> dict:  # fmt: skip
     return steps.export(model_path, out_dir, eval_path, params, template_dir)
+
+
+@task(name="evaluate-bundle", tags=["cpu"], **CACHED)
+def evaluate_bundle(onnx_path: str, model_path: str, base_path: str, baseline_dir: str, baseline_key: str,
+                    eval_path: str, params: EvalParams, export_params: ExportParams,
+                    content_key: str | None = None) -> dict:  # fmt: skip
+    return steps.evaluate_bundle(onnx_path, model_path, base_path, baseline_dir, baseline_key, eval_path, params,
+                                 export_params)  # fmt: skip
 
 
 @task(name="measure-speed", tags=["cpu"], **CACHED)

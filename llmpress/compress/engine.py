@@ -54,6 +54,7 @@ from llmpress.compress import (
     distill,
     drop_blocks,
     dsnot,
+    embeddings,
     gptq,
     lowrank,
     magnitude,
@@ -82,6 +83,7 @@ METHOD_MODULES: dict[str, ModuleType] = {
     "drop_blocks": drop_blocks,
     "lowrank": lowrank,
     "distill": distill,
+    "embeddings": embeddings,
 }
 
 

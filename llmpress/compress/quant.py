@@ -3,6 +3,12 @@
 A quantized weight is integer codes q in [0, 2^bits - 1] with, per output row and per group of `group_size`
 consecutive inputs, an fp16 scale s and an integer zero point z:  w = s * (q - z).
 
+RTN also offers the other common asymmetric layout, an fp16 *minimum* m per group instead of z (offset "min"):
+w = s * q + m, the grid running exactly from the group's smallest to its largest weight. It is llama.cpp's
+Q4_1/Q5_1 layout; an integer zero point cannot hold it (the grid's origin would have to be a multiple of s), so
+a model that was once stored that way - the shipped SmolLM2 GGUF is Q4_1 - is re-quantized losslessly by the
+min grid at its block size and lossily by the zero-point grid.
+
 The grid is fitted as in the GPTQ reference quantizer (min-max over the group with 0 always inside the range;
 symmetric fixes z = 2^(bits-1)). Scales are rounded to fp16 *before* the codes are chosen, so the weights the
 pipeline evaluates are exactly the ones `storage.save_compressed` writes and `storage.load_compressed` reads.
@@ -28,18 +34,26 @@ class QuantizedWeight:
     bits: int
     group_size: int | None  # None: one group per row (per output channel)
     symmetric: bool
+    minimum: torch.Tensor | None = None  # fp16 [out, groups]: offset "min", w = s * q + m (zero is then all 0)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         cols = self.codes.shape[1]
         gs = self.group_size or cols
         scale = self.scale.float().repeat_interleave(gs, dim=1)[:, :cols]
+        if self.minimum is not None:
+            minimum = self.minimum.float().repeat_interleave(gs, dim=1)[:, :cols]
+            return (scale * self.codes.float() + minimum).to(dtype)
         zero = self.zero.float().repeat_interleave(gs, dim=1)[:, :cols]
         return (scale * (self.codes.float() - zero)).to(dtype)
+
+    @property
+    def offset(self) -> str:
+        return "zero-point" if self.minimum is None else "min"
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         return QuantizedWeight(
             self.codes.to(device), self.scale.to(device), self.zero.to(device), self.bits, self.group_size,
-            self.symmetric,
+            self.symmetric, None if self.minimum is None else self.minimum.to(device),
         )  # fmt: skip
 
 
@@ -81,21 +95,48 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return scale * (quantize_codes(w, scale, zero, bits) - zero)
 
 
-def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> QuantizedWeight:
-    """Round-to-nearest quantization of a [out, in] weight, group-wise along the input."""
+def fit_min_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and minimum per row of `w` [rows, cols] for offset "min": the grid from min(w) to max(w).
+
+    Returns (scale [rows, 1], minimum [rows, 1]), both float32 holding fp16 values. The minimum is rounded to
+    fp16 and the scale to the nearest fp16 of (max - minimum) / maxq, so a group that already lies on such a
+    grid (a Q4_1 block: fp16 d and m, codes 0..15 used at both ends) gets back exactly its d, m and codes."""
+    maxq = 2**bits - 1
+    w = w.float()
+    minimum = w.min(dim=1, keepdim=True).values.half().float()
+    span = w.max(dim=1, keepdim=True).values - minimum
+    scale = (span / maxq).half().float()
+    scale = torch.where(span > 0, scale, torch.ones_like(scale)).clamp(min=torch.finfo(torch.float16).tiny)
+    return scale, minimum
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                 offset: str = "zero-point") -> QuantizedWeight:  # fmt: skip
+    """Round-to-nearest quantization of a [out, in] weight, group-wise along the input (offset "zero-point":
+    w = s * (q - z); "min": w = s * q + m)."""
+    if offset not in ("zero-point", "min") or (offset == "min" and symmetric):
+        raise ValueError(f"offset must be 'zero-point', or 'min' when not symmetric; got {offset!r}")
     rows, cols = weight.shape
     gs = group_size or cols
+    maxq = 2**bits - 1
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=weight.device)
-    scales, zeros = [], []
+    scales, offsets = [], []
     for start in range(0, cols, gs):
-        part = weight[:, start : start + gs]
-        scale, zero = fit_grid(part, bits, symmetric)
-        codes[:, start : start + gs] = quantize_codes(part, scale, zero, bits).to(torch.uint8)
+        part = weight[:, start : start + gs].float()
+        if offset == "min":
+            scale, minimum = fit_min_grid(part, bits)
+            codes[:, start : start + gs] = torch.clamp(torch.round((part - minimum) / scale), 0, maxq).to(torch.uint8)
+            offsets.append(minimum)
+        else:
+            scale, zero = fit_grid(part, bits, symmetric)
+            codes[:, start : start + gs] = quantize_codes(part, scale, zero, bits).to(torch.uint8)
+            offsets.append(zero)
         scales.append(scale)
-        zeros.append(zero)
-    return QuantizedWeight(
-        codes, torch.cat(scales, 1).half(), torch.cat(zeros, 1).to(torch.uint8), bits, group_size, symmetric
-    )
+    scale16, offset_all = torch.cat(scales, 1).half(), torch.cat(offsets, 1)
+    if offset == "min":
+        zeros = torch.zeros_like(scale16, dtype=torch.uint8)
+        return QuantizedWeight(codes, scale16, zeros, bits, group_size, symmetric, offset_all.half())
+    return QuantizedWeight(codes, scale16, offset_all.to(torch.uint8), bits, group_size, symmetric)
 
 
 @torch.no_grad()
@@ -145,6 +186,14 @@ def remove_act_quant(layer: nn.Module) -> None:
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes < 2^bits into a 1-D uint8 tensor of ceil(numel * bits / 8) bytes."""
+    if 8 % bits == 0:  # 1, 2, 4, 8 bits: whole codes per byte, in uint8 arithmetic (the layout below, faster)
+        per = 8 // bits
+        flat = codes.flatten().to(torch.uint8)
+        flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % per)]).view(-1, per)
+        packed = torch.zeros(flat.shape[0], dtype=torch.uint8)
+        for i in range(per):
+            packed |= flat[:, i] << (i * bits)
+        return packed
     flat = codes.flatten().to(torch.int64)
     shifts = torch.arange(bits, dtype=torch.int64)
     bitplanes = ((flat.unsqueeze(1) >> shifts) & 1).flatten()
@@ -155,6 +204,11 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of `pack_bits`: the first `numel` codes as uint8."""
+    if 8 % bits == 0:
+        per, mask = 8 // bits, (1 << bits) - 1
+        packed = packed.to(torch.uint8)
+        codes = torch.stack([(packed >> (i * bits)) & mask for i in range(per)], dim=1)
+        return codes.flatten()[:numel].contiguous()
     bitplanes = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1).flatten()
     bitplanes = bitplanes[: numel * bits].view(numel, bits)
     return (bitplanes << torch.arange(bits, dtype=torch.int64)).sum(dim=1).to(torch.uint8)

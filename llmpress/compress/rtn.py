@@ -7,10 +7,14 @@ This is the "RTN" row of GPTQ (Frantar et al. 2023, Tables 2-4) and AWQ (Lin et 
 reference quantizer's, shared with GPTQ and AWQ in `llmpress.compress.quant`, so the three differ only in how
 they choose the codes.
 
+`offset: min` uses llama.cpp's Q4_1-style grid instead (w = s * q + m, from the group's minimum to its maximum,
+fp16 s and m): it spends no grid point on reaching 0 and, on a model that was stored that way, gives back the
+stored weights. GPTQ and AWQ keep the zero-point grid.
+
 The layer's weight becomes the dequantized values (the model evaluates exactly what is stored) and the codes are
 kept on the layer for `storage.save_compressed`, which packs them to `bits` bits.
 
-Recipe example (`recipes/rtn-w4g128.yaml`):
+Recipe example (`recipes/rtn-w4g128.yaml`; `recipes/edge-int4.yaml` for the min grid):
 
     name: rtn-w4g128
     stages:
@@ -41,6 +45,6 @@ NEEDS = None
 @torch.no_grad()
 def apply_(layer: nn.Linear, stage: RTNStage, stats: LayerStats | None = None) -> dict:
     """Round `layer`'s weight to the nearest grid point in place; keep the codes for saving."""
-    qw = quantize_rtn(layer.weight.detach().float(), stage.bits, stage.group_size, stage.symmetric)
+    qw = quantize_rtn(layer.weight.detach().float(), stage.bits, stage.group_size, stage.symmetric, stage.offset)
     attach_(layer, qw)
-    return {"bits": stage.bits, "group_size": stage.group_size, "symmetric": stage.symmetric}
+    return {"bits": stage.bits, "group_size": stage.group_size, "symmetric": stage.symmetric, "offset": stage.offset}

@@ -4,7 +4,7 @@
 
     - every quantized linear `name` has, instead of `name.weight`, `name.weight_packed` (the integer codes
       bit-packed, `bits` bits each), `name.weight_scale` (fp16, [out, groups]) and, when asymmetric,
-      `name.weight_zero` (uint8, [out, groups]);
+      `name.weight_zero` (uint8, [out, groups]), or with offset "min" `name.weight_min` (fp16, [out, groups]);
     - every factorised linear (low-rank) is two linears `name.down` [rank, in] and `name.up` [out, rank];
 
 and `llmpress_compression.json` says which layers are which. So the bytes on disk are the bytes of what was
@@ -62,7 +62,7 @@ def compression_manifest(model: nn.Module) -> dict[str, Any]:
         qw = quantization_of(module)
         if qw is not None:
             quantized[name] = {"bits": qw.bits, "group_size": qw.group_size, "symmetric": qw.symmetric,
-                               "shape": list(qw.codes.shape)}  # fmt: skip
+                               "offset": qw.offset, "shape": list(qw.codes.shape)}  # fmt: skip
         if isinstance(module, LowRankLinear):
             low_rank[name] = {"in_features": module.in_features, "out_features": module.out_features,
                               "rank": module.rank, "bias": module.up.bias is not None}  # fmt: skip
@@ -97,11 +97,13 @@ def save_compressed(model: nn.Module, folder: Path) -> None:
             del tensors[key]
             tensors[f"{name}.weight_packed"] = pack_bits(qw.codes, qw.bits)
             tensors[f"{name}.weight_scale"] = qw.scale.contiguous()
-            if not qw.symmetric:
+            if qw.minimum is not None:
+                tensors[f"{name}.weight_min"] = qw.minimum.contiguous()
+            elif not qw.symmetric:
                 tensors[f"{name}.weight_zero"] = qw.zero.contiguous()
             if index is not None:
                 del index["weight_map"][key]
-                for suffix in ("weight_packed", "weight_scale", "weight_zero"):
+                for suffix in ("weight_packed", "weight_scale", "weight_zero", "weight_min"):
                     if f"{name}.{suffix}" in tensors:
                         index["weight_map"][f"{name}.{suffix}"] = shard.name
             changed = True
@@ -141,11 +143,15 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
             scale = state.pop(f"{name}.weight_scale")
         except KeyError as exc:
             raise LlmpressError(f"{folder}: packed weights of {name} are missing ({exc})") from None
+        minimum = state.pop(f"{name}.weight_min", None) if spec.get("offset") == "min" else None
+        if spec.get("offset") == "min" and minimum is None:
+            raise LlmpressError(f"{folder}: the minimums of {name} (offset 'min') are missing")
         zero = state.pop(f"{name}.weight_zero", None)
         if zero is None:
-            zero = torch.full_like(scale, 2 ** (spec["bits"] - 1), dtype=torch.uint8)
+            fill = 0 if minimum is not None else 2 ** (spec["bits"] - 1)
+            zero = torch.full_like(scale, fill, dtype=torch.uint8)
         codes = unpack_bits(packed, spec["bits"], out * cols).view(out, cols)
-        qw = QuantizedWeight(codes, scale, zero, spec["bits"], spec["group_size"], spec["symmetric"])
+        qw = QuantizedWeight(codes, scale, zero, spec["bits"], spec["group_size"], spec["symmetric"], minimum)
         state[f"{name}.weight"] = qw.dequantize(dtype)
         quantized[name] = qw
     missing, unexpected = model.load_state_dict(state, strict=False)

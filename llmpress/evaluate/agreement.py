@@ -91,30 +91,37 @@ def base_pass(base: torch.nn.Module, tokenizer, text: str, params: EvalParams,
 
 @torch.no_grad()
 def compare_to_base(
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     base: torch.nn.Module,
     tokenizer,
     text: str,
     params: EvalParams,
     progress: Callable[[int, int], None] | None = None,
     base_hidden: list[torch.Tensor] | None = None,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> AgreementResult:
     """Perplexity of both models, KL(base || model) and top-1 agreement on the protocol's windows. With
-    `base_hidden` (a `BasePass`'s), the base model's decoder does not run again."""
+    `base_hidden` (a `BasePass`'s), the base model's decoder does not run again. With `logits_fn` ([B, T] ids ->
+    [B, T, V] logits, e.g. an onnxruntime session's), the compared model is that function and `model` is unused
+    (pass None)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     windows = make_windows(ids, params, tokenizer.bos_token_id)
     batches = list(window_batches(windows, params.batch_size))
     if base_hidden is not None and [h.shape[:2] for h in base_hidden] != [b.shape for b, _ in batches]:
         raise LlmpressError("the cached base-model pass does not match these evaluation windows; recompute it")
-    size = chunk_positions(max(model.config.vocab_size, base.config.vocab_size))
+    size = chunk_positions(max(model.config.vocab_size if model is not None else 0, base.config.vocab_size))
     nll, base_nll, kl, agree, count, done = 0.0, 0.0, 0.0, 0, 0, 0
     for index, (batch, first_scored) in enumerate(batches):
-        states, targets = _scored(batch, hidden_states(model, batch), first_scored)
+        if logits_fn is None:
+            states, targets = _scored(batch, hidden_states(model, batch), first_scored)
+        else:  # logits of the scored positions, selected like hidden states
+            scored_logits, targets = _scored(batch, logits_fn(batch), first_scored)
         cached = base_hidden[index] if base_hidden is not None else None
         base_states, _ = _scored(batch, cached if cached is not None else hidden_states(base, batch), first_scored)
         base_states = base_states.to(next(base.parameters()).device)
         for part in chunks(len(targets), size):
-            z, zb = head_logits(model, states[None, part])[0], head_logits(base, base_states[None, part])[0]
+            z = head_logits(model, states[None, part])[0] if logits_fn is None else scored_logits[part].float()
+            zb = head_logits(base, base_states[None, part])[0]
             lse, lse_b = torch.logsumexp(z, -1), torch.logsumexp(zb, -1)
             t = targets[part]
             nll += _nll(z, lse, t)

@@ -14,6 +14,10 @@ How llmpress's grids map onto it, exactly:
 
 - bits: 2, 3 and 4 go in 4-bit containers, 5 to 8 in 8-bit ones (a 3-bit code 0..7 with its zero point is the
   same number in a 4-bit field); onnxruntime's CPU kernels take 4 and 8 bits with uint8 zero points.
+- offset "min" (w = s * q + m, llama.cpp's Q4_1 layout, `quant.fit_min_grid`): MatMulNBits holds s and q with
+  zero points 0, and the minimums are added after the product as x m^T = sum over blocks of m times the block's
+  sum of x (Reshape, ReduceSum, a [blocks, N] MatMul, Add) - what llama.cpp's Q4_1 dot product computes. Needs
+  whole blocks (in_features a multiple of the block size); otherwise the layer stays float32, with a warning.
 - groups: `block_size` must be a power of two >= 16. A group size that is a multiple of 16 is cut into blocks of
   its largest power-of-two divisor (<= 256), each repeating its group's scale and zero point; per-output-channel
   quantization (group_size None) repeats the row's scale over blocks of 128. A ragged last group (576 inputs at
@@ -31,17 +35,22 @@ graph is packed whichever way it was made (traced, stitched or from a template).
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 from torch import nn
 
 from llmpress.compress.quant import QuantizedWeight, quantization_of
 
+log = logging.getLogger(__name__)
+
 DOMAIN = "com.microsoft"
 PER_CHANNEL_BLOCK = 128
+MIN_SUFFIX = ".minimum"  # an offset-"min" layer's minimums, [blocks, N] (fp16; "...minimum32" cast to float32)
 MAX_BLOCK = 256
 
 
@@ -80,6 +89,7 @@ class PackedWeight:
     n: int
     bits: int
     block_size: int
+    minimum: np.ndarray | None = None  # float32 [N, blocks]: offset "min" (zero points are then 0)
 
     def dequantize(self) -> np.ndarray:
         """[N, K] float32 as the kernel computes it at accuracy level 0: (q - z) * s."""
@@ -95,7 +105,10 @@ class PackedWeight:
             codes, zeros = self.b.reshape(n, -1), self.zero_points.reshape(n, -1)
         zeros = np.repeat(zeros[:, :blocks], self.block_size, axis=1).astype(np.float32)
         scales = np.repeat(self.scales.reshape(n, blocks), self.block_size, axis=1)
-        return ((codes.astype(np.float32) - zeros) * scales)[:, : self.k]
+        weight = (codes.astype(np.float32) - zeros) * scales
+        if self.minimum is not None:  # the graph adds the minimums through block sums, after the product
+            weight = weight + np.repeat(self.minimum, self.block_size, axis=1)
+        return weight[:, : self.k]
 
 
 def pack(qw: QuantizedWeight) -> PackedWeight:
@@ -118,43 +131,148 @@ def pack(qw: QuantizedWeight) -> PackedWeight:
         zero_points = _pack_nibbles(padded).reshape(-1)
     else:
         b, zero_points = codes.reshape(n, blocks, block), zeros.reshape(-1)
-    return PackedWeight(b, scales.reshape(-1), zero_points, k, n, bits, block)
+    minimum = None if qw.minimum is None else qw.minimum.float().numpy()[:, owner].astype(np.float32)
+    return PackedWeight(b, scales.reshape(-1), zero_points, k, n, bits, block, minimum)
 
 
-def pack_matmuls(graph: onnx.ModelProto, sources: dict[str, str], model: nn.Module,
-                 accuracy_level: int = 0) -> dict[str, np.ndarray]:  # fmt: skip
-    """Rewrite, in place, every MatMul whose weight initializer holds a quantized linear's transposed weight into
-    a MatMulNBits node; `sources` maps initializer names to the parameter names they hold transposed. Returns the
-    new initializers' data by name (their protos are in the graph, without data, for the caller to write)."""
-    modules = dict(model.named_modules())
-    consumers: dict[str, list[onnx.NodeProto]] = {}
+def _consumers(graph: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    found: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.graph.node:
         for name in node.input:
-            consumers.setdefault(name, []).append(node)
+            found.setdefault(name, []).append(node)
+    return found
+
+
+def _matmul_nbits(user: onnx.NodeProto, inputs: list[str], p: PackedWeight, accuracy_level: int) -> onnx.NodeProto:
+    return onnx.helper.make_node("MatMulNBits", [user.input[0], *inputs], list(user.output), name=user.name,
+                                 domain=DOMAIN, K=p.k, N=p.n, bits=p.bits, block_size=p.block_size,
+                                 accuracy_level=accuracy_level)  # fmt: skip
+
+
+def pack_matmuls(graph: onnx.ModelProto, bindings: dict[str, tuple[str, bool]], model: nn.Module,
+                 accuracy_level: int = 0) -> dict[str, np.ndarray]:  # fmt: skip
+    """Rewrite `graph` in place so that every quantized weight of `model` is held as its codes:
+
+    - a MatMul reading a quantized linear's transposed weight becomes MatMulNBits;
+    - a Gather reading a quantized embedding table becomes GatherBlockQuantized, and a head tied to that table
+      (a MatMul reading the table through a Transpose) becomes MatMulNBits on the same codes, reshaped (one
+      copy on disk; onnxruntime folds the reshape when it loads the graph).
+
+    `bindings` maps initializer names to (parameter name, held transposed). Returns the new initializers' data by
+    name; their protos are in the graph without data, for the caller to write."""
+    modules = dict(model.named_modules())
+    consumers = _consumers(graph)
     arrays: dict[str, np.ndarray] = {}
-    packed_inits: set[str] = set()
-    for init_name, source in sources.items():
-        module = modules.get(source.removesuffix(".weight")) if source.endswith(".weight") else None
-        qw = quantization_of(module) if module is not None else None
+    replaced: set[str] = set()
+    new_nodes: list[onnx.NodeProto] = []
+    shape_inits: list[onnx.TensorProto] = []  # small, kept in the graph: shape inference reads them
+    dropped: set[str] = set()
+    follow: dict[str, list[onnx.NodeProto]] = {}  # nodes to place right after the node making this output
+
+    # by tensor, not by name: a tied head's weight is the table's, and the graph may bind it under either name
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    codes = {id(m.weight): quantization_of(m) for m in modules.values() if quantization_of(m) is not None}
+
+    def quantized(source: str) -> QuantizedWeight | None:
+        return codes.get(id(parameters[source])) if source in parameters else None
+
+    for init_name, (source, transposed) in bindings.items():
+        qw = quantized(source)
         users = consumers.get(init_name, [])
-        if qw is None or not users or any(u.op_type != "MatMul" or list(u.input)[1:] != [init_name] for u in users):
+        if qw is None or not users:
+            continue
+        if transposed:  # a linear's weight, [in, out] as MatMul reads it
+            if any(u.op_type != "MatMul" or list(u.input)[1:] != [init_name] for u in users):
+                continue
+            p = pack(qw)
+            if p.minimum is not None and p.k % p.block_size:
+                log.warning("%s: offset 'min' with a ragged last group is exported in float32", source)
+                continue
+            names = [f"{source}.q{p.bits}", f"{source}.scales", f"{source}.zero_points"]
+            arrays |= dict(zip(names, (p.b, p.scales, p.zero_points), strict=True))
+            for user in users:
+                output = user.output[0]
+                if p.minimum is None:
+                    user.CopyFrom(_matmul_nbits(user, names, p, accuracy_level))
+                    continue
+                # w = s q + m: MatMulNBits computes x (s q)^T, and x m^T is the sum over blocks of m times the sum
+                # of x over the block (llama.cpp's Q4_1 dot product does the same): a small extra matmul.
+                blocks = p.k // p.block_size
+                minimum, sums_shape, axes = f"{source}{MIN_SUFFIX}", f"{source}.block_shape", f"{source}.block_axes"
+                # fp16 on disk (the minimums are fp16 values), float32 in the session: onnxruntime folds the Cast
+                arrays[minimum] = np.ascontiguousarray(p.minimum.T).astype(np.float16)  # [blocks, N]
+                shape_inits.append(onnx.numpy_helper.from_array(np.array([0, 0, blocks, p.block_size], np.int64),
+                                                                sums_shape))  # fmt: skip
+                shape_inits.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), axes))
+                stem = f"{user.name or output}.offset"
+                product = f"{stem}.product"
+                follow[product] = [
+                    onnx.helper.make_node("Reshape", [user.input[0], sums_shape], [f"{stem}.blocks"]),
+                    onnx.helper.make_node("ReduceSum", [f"{stem}.blocks", axes], [f"{stem}.sums"], keepdims=0),
+                    onnx.helper.make_node("Cast", [minimum], [f"{stem}{MIN_SUFFIX}32"], to=onnx.TensorProto.FLOAT),
+                    onnx.helper.make_node("MatMul", [f"{stem}.sums", f"{stem}{MIN_SUFFIX}32"], [f"{stem}.offset"]),
+                    onnx.helper.make_node("Add", [product, f"{stem}.offset"], [output]),
+                ]  # fmt: skip
+                user.CopyFrom(_matmul_nbits(user, names, p, accuracy_level))
+                del user.output[:]
+                user.output.append(product)
+            replaced.add(init_name)
+            continue
+        # an embedding table [vocab, hidden]: looked up by Gather, maybe read by a tied head through a Transpose
+        if qw.minimum is not None:
+            continue  # GatherBlockQuantized has integer zero points only (the embeddings stage uses those)
+        gathers = [u for u in users if u.op_type == "Gather" and u.input[0] == init_name]
+        transposes = [u for u in users if u.op_type == "Transpose" and u.input[0] == init_name]
+        if len(gathers) + len(transposes) != len(users) or not gathers:
+            continue
+        heads = [c for t in transposes for c in consumers.get(t.output[0], [])]
+        if any(h.op_type != "MatMul" or list(h.input)[1:] != [t.output[0]] for t in transposes
+               for h in consumers.get(t.output[0], [])):  # fmt: skip
+            continue
+        if any(a.name == "axis" and a.i != 0 for g in gathers for a in g.attribute):
             continue
         p = pack(qw)
-        names = {"b": f"{source}.q{p.bits}", "scales": f"{source}.scales", "zp": f"{source}.zero_points"}
-        arrays |= {names["b"]: p.b, names["scales"]: p.scales, names["zp"]: p.zero_points}
-        for user in users:
-            replacement = onnx.helper.make_node(
-                "MatMulNBits", [user.input[0], names["b"], names["scales"], names["zp"]], list(user.output),
-                name=user.name, domain=DOMAIN, K=p.k, N=p.n, bits=p.bits, block_size=p.block_size,
-                accuracy_level=accuracy_level,
-            )  # fmt: skip
-            user.CopyFrom(replacement)
-        packed_inits.add(init_name)
-    if not packed_inits:
+        if p.k % p.block_size or (p.k * p.bits) % 8:
+            continue  # the lookup's rows and the head's blocks would not share one layout
+        vocab, blocks = p.n, p.k // p.block_size
+        names = {"data": f"{source}.q{p.bits}", "scales": f"{source}.scales", "zp": f"{source}.zero_points"}
+        arrays[names["data"]] = p.b.reshape(vocab, p.k * p.bits // 8)
+        arrays[names["scales"]] = p.scales.reshape(vocab, blocks)
+        arrays[names["zp"]] = p.zero_points.reshape(vocab, -1)
+        for gather in gathers:
+            gather.CopyFrom(onnx.helper.make_node(
+                "GatherBlockQuantized", [names["data"], gather.input[1], names["scales"], names["zp"]],
+                list(gather.output), name=gather.name, domain=DOMAIN, gather_axis=0, quantize_axis=1,
+                block_size=p.block_size, bits=p.bits))  # fmt: skip
+        reshapes = []
+        if heads:
+            shapes = {"b": [vocab, blocks, p.block_size * p.bits // 8], "scales": [-1], "zp": [-1]}
+            head_inputs = []
+            for key, stored in (("b", names["data"]), ("scales", names["scales"]), ("zp", names["zp"])):
+                shape_name, out = f"{source}.head_{key}_shape", f"{source}.head_{key}"
+                shape_inits.append(onnx.numpy_helper.from_array(np.array(shapes[key], np.int64), shape_name))
+                reshapes.append(onnx.helper.make_node("Reshape", [stored, shape_name], [out]))
+                head_inputs.append(out)
+            for head in heads:
+                head.CopyFrom(_matmul_nbits(head, head_inputs, p, accuracy_level))
+        new_nodes += reshapes
+        dropped |= {t.output[0] for t in transposes}
+        replaced.add(init_name)
+    if not replaced:
         return {}
-    kept = [i for i in graph.graph.initializer if i.name not in packed_inits]
+    # (rebuilt once, at the end: the nodes edited above are the graph's own messages until then)
+    ordered = list(new_nodes)  # the reshapes of initializers first: the graph stays in topological order
+    for node in graph.graph.node:
+        if node.op_type == "Transpose" and node.output[0] in dropped:
+            continue
+        ordered.append(node)
+        ordered += follow.get(node.output[0], [])
+    del graph.graph.node[:]
+    graph.graph.node.extend(ordered)
+    kept_inits = [i for i in graph.graph.initializer if i.name not in replaced]
     del graph.graph.initializer[:]
-    graph.graph.initializer.extend(kept)
+    graph.graph.initializer.extend(kept_inits)
+    graph.graph.initializer.extend(shape_inits)
     for name, array in arrays.items():
         proto = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
         proto.dims.extend(array.shape)
@@ -189,6 +307,8 @@ def precision_counts(graph: onnx.ModelProto) -> dict[str, int]:
             counts[f"matmul_{bits}bit"] += 1
         elif node.op_type == "MatMulInteger":
             counts["matmul_int8"] += 1
+        elif node.op_type == "MatMul" and any(name.endswith(MIN_SUFFIX + "32") for name in node.input):
+            continue  # the minimums of an offset-"min" MatMulNBits: part of that quantized matmul
         elif node.op_type == "MatMul" and any(name in weights or name in transposed for name in node.input):
             counts["matmul_fp32"] += 1
         elif node.op_type == "GatherBlockQuantized":
@@ -199,10 +319,12 @@ def precision_counts(graph: onnx.ModelProto) -> dict[str, int]:
 
 
 def precision_label(counts: dict[str, int]) -> str:
-    """One word for what the weight matmuls hold: fp32, int8, int4 or mixed (4- and 8-bit); `-full` when the
-    embedding table is quantized too. Float matmuls left beside quantized ones (a tied head) are in the counts."""
-    kinds = {k for k in counts if k in ("matmul_4bit", "matmul_8bit", "matmul_int8")}
-    if not kinds:
+    """A short name for what the weight matmuls hold: fp32, int8, int4 or mixed (as many 4- as 8-bit ones),
+    by the majority of quantized matmuls (a head may differ from the blocks), and `-emb8` / `-emb4` when the
+    embedding table is quantized. The counts themselves go in the manifest."""
+    four, eight = counts.get("matmul_4bit", 0), counts.get("matmul_8bit", 0) + counts.get("matmul_int8", 0)
+    if not four and not eight:
         return "fp32"
-    label = "int4" if kinds == {"matmul_4bit"} else "int8" if "matmul_4bit" not in kinds else "mixed"
-    return f"{label}-full" if counts.get("gather_4bit") or counts.get("gather_8bit") else label
+    label = "int4" if four > eight else "int8" if eight > four else "mixed"
+    table = "-emb4" if counts.get("gather_4bit") else "-emb8" if counts.get("gather_8bit") else ""
+    return label + table

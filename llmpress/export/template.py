@@ -133,7 +133,7 @@ def write_export(template: onnx.ModelProto, bindings: dict[str, Binding], model:
     graph = onnx.ModelProto()
     graph.CopyFrom(template)
     tensors = state(model)
-    packed = pack_matmuls(graph, {name: b.source for name, b in bindings.items() if b.transpose}, model)
+    packed = pack_matmuls(graph, {name: (b.source, b.transpose) for name, b in bindings.items()}, model)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / DATA, "wb") as data:
         for init in graph.graph.initializer:

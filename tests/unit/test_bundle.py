@@ -45,7 +45,8 @@ def test_manifest_lists_every_file_with_hash_and_size(built) -> None:
     for entry in manifest["files"]:
         assert entry["bytes"] == (path / entry["path"]).stat().st_size
         assert entry["sha256"] == edge_bundle.sha256_file(path / entry["path"])
-    assert manifest["model"] == {"graph": "model.onnx", "opset": 18, "precision": "fp32", "kv_cache": True}
+    assert manifest["model"] == {"graph": "model.onnx", "opset": 18, "precision": "fp32", "kv_cache": True,
+                                 "precision_counts": {}, "matmul_nbits_accuracy_level": None}  # fmt: skip
     assert manifest["metrics"] == {"perplexity": 12.5}  # scalars only
     assert manifest["gate"]["passed"] is True and manifest["lineage"]["git_commit"] == "abc"
 

@@ -14,6 +14,9 @@ NONE = {
     "min_sparsity": None,
     "max_onnx_logit_diff": None,
     "champion_max_perplexity_increase": None,
+    "max_bundle_perplexity_ratio": None,
+    "max_bundle_bytes_ratio": None,
+    "min_bundle_decode_speedup": None,
 }
 
 
@@ -158,7 +161,9 @@ def test_default_gate_params_and_to_dict() -> None:
     json.dumps(data)  # serialisable as written to disk
     assert data["passed"] is True
     by_name = {c["name"]: c for c in data["checks"]}
-    assert set(by_name) == {"perplexity_ratio", "onnx_max_abs_diff", "perplexity_vs_champion"}
+    bundle = {"bundle_perplexity_ratio", "bundle_bytes_ratio", "bundle_decode_speedup"}  # on by default
+    assert set(by_name) == {"perplexity_ratio", "onnx_max_abs_diff", "perplexity_vs_champion"} | bundle
+    assert all(by_name[name]["note"].startswith("not checked: nothing exported") for name in bundle)
     assert by_name["perplexity_vs_champion"]["note"] == "no champion yet"
     assert by_name["perplexity_ratio"]["value"] == pytest.approx(1.5)
     assert by_name["perplexity_ratio"]["threshold"] == 1.6
@@ -211,3 +216,40 @@ def test_smaller_or_faster_than_champion() -> None:
     assert not noise.passed  # 4 % faster is within the margin: not faster
     unmeasured = run_gate({}, {}, params, champion)
     assert not unmeasured.passed and unmeasured.checks[0].note == "size and speed not measured"
+
+
+BUNDLE = {"bundle_perplexity": 33.0, "bundle_bytes": 100e6, "bundle_kl_to_base": 0.05, "decode_speedup_b1": 3.2,
+          "runtime": "ort"}  # fmt: skip
+BASE = {"perplexity": 30.0, "weights_bytes": 500e6}
+
+
+@pytest.mark.parametrize(
+    ("limits", "failing"),
+    [
+        ({"max_bundle_perplexity_ratio": 1.1, "max_bundle_bytes_ratio": 0.2, "min_bundle_decode_speedup": 3.2}, []),
+        ({"max_bundle_perplexity_ratio": 1.09}, ["bundle_perplexity_ratio"]),
+        ({"max_bundle_bytes_ratio": 0.19}, ["bundle_bytes_ratio"]),
+        ({"min_bundle_decode_speedup": 3.3}, ["bundle_decode_speedup"]),
+        ({"max_bundle_kl_to_base": 0.04, "max_bundle_bytes_ratio": 0.1}, ["bundle_bytes_ratio", "bundle_kl_to_base"]),
+    ],
+)
+def test_the_bundle_is_gated_on_its_own_numbers(limits: dict, failing: list[str]) -> None:
+    report = run_gate({"perplexity": 31.0} | BUNDLE, BASE, _params(**limits))
+    assert sorted(c.name for c in report.checks if not c.passed) == failing
+    assert report.passed is (not failing)
+    assert all(c.value is not None for c in report.checks)
+
+
+def test_bundle_checks_say_why_they_are_not_checked() -> None:
+    limits = {"max_bundle_perplexity_ratio": 1.1, "min_bundle_decode_speedup": 2.0}
+    report = run_gate({"perplexity": 31.0}, BASE, _params(**limits))  # nothing exported
+    assert report.passed and all("nothing exported" in c.note for c in report.checks)
+    no_speed = {k: v for k, v in BUNDLE.items() if k not in ("decode_speedup_b1", "runtime")}
+    check = _only_check(run_gate(no_speed, BASE, _params(**limits)), "bundle_decode_speedup")
+    assert check.passed and "speed not measured" in check.note
+    # a bundle whose perplexity is missing or NaN fails
+    nan = BUNDLE | {"bundle_perplexity": math.nan}
+    assert not _only_check(run_gate(nan, BASE, _params(**limits)), "bundle_perplexity_ratio").passed
+    # the speed-up that counts is the served runtime's: a PyTorch-only measurement is not the bundle's
+    torch_only = BUNDLE | {"runtime": "torch"}
+    assert not _only_check(run_gate(torch_only, BASE, _params(**limits)), "bundle_decode_speedup").passed

@@ -20,6 +20,10 @@ STAGES = {
     "sparsegpt": [{"method": "sparsegpt", "sparsity": 0.5, "block_size": 16}],
     "sparsegpt-2of4-dsnot": [{"method": "sparsegpt", "pattern": "2:4"}, {"method": "dsnot"}],
     "rtn-w4": [{"method": "rtn", "bits": 4, "group_size": 32}],
+    "edge-int4": [
+        {"method": "rtn", "bits": 4, "group_size": 32, "offset": "min"},
+        {"method": "embeddings", "bits": 8, "group_size": 16},
+    ],
     "gptq-w3-act-order": [{"method": "gptq", "bits": 3, "group_size": 32, "act_order": True}],
     "sparsegpt-gptq": [{"method": "sparsegpt", "pattern": "2:4"}, {"method": "gptq", "bits": 4, "group_size": 32}],
     "awq-w4": [{"method": "awq", "bits": 4, "group_size": 32, "grid": 5}],
@@ -62,7 +66,7 @@ def test_saved_folder_reloads_to_the_evaluated_model(make_tiny_llama, calibratio
         got = reloaded(ids).logits
     assert (got - expected).abs().max().item() < 1e-5
     assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
-    quantized = any(s["method"] in ("rtn", "gptq", "awq", "smoothquant") for s in STAGES[key])
+    quantized = any(s["method"] in ("rtn", "gptq", "awq", "smoothquant", "embeddings") for s in STAGES[key])
     assert (tmp_path / MANIFEST).is_file() == (quantized or key == "lowrank")
 
 
@@ -74,10 +78,10 @@ def test_every_shipped_recipe_is_valid() -> None:
         recipe = load_recipe(file)
         methods |= {s.method for s in recipe.stages}
     assert methods >= {"magnitude", "wanda", "sparsegpt", "rtn", "gptq", "awq", "smoothquant", "structured",
-                       "drop_blocks", "lowrank", "distill", "dsnot"}  # fmt: skip
+                       "drop_blocks", "lowrank", "distill", "dsnot", "embeddings"}  # fmt: skip
 
 
-@pytest.mark.parametrize("key", ["gptq-w3-act-order", "lowrank", "sparsegpt-gptq"])
+@pytest.mark.parametrize("key", ["gptq-w3-act-order", "lowrank", "sparsegpt-gptq", "edge-int4"])
 def test_plain_folder_from_compressed_loads_in_stock_transformers(make_tiny_llama, calibration_ids, tmp_path,
                                                                    key) -> None:  # fmt: skip
     from transformers import AutoModelForCausalLM
