@@ -105,6 +105,7 @@ def register_and_gate(tracking_uri: str, run_id: str, model_name: str, model_dir
         "version": version,
         "passed": report.passed,
         "failures": report.failures,
+        "checks": report.to_dict()["checks"],
         "champion_before": champion_before,
         "champion": tracking.alias_version(c, model_name, tracking.ALIAS_CHAMPION),
         "reused": False,

@@ -171,6 +171,26 @@ def test_onnx_matches_pytorch(runs: dict) -> None:
     assert parity.max_abs_diff < 1e-3 and parity.argmax_agreement == 1.0 and parity.greedy_identical
 
 
+def test_the_bundle_is_scored_on_its_own_and_gated(runs: dict) -> None:
+    """Wanda's bundle is the fp32 graph: onnxruntime scores it as PyTorch scores the model, and the gate judges it."""
+    comp, base, gate = runs["wanda"]["compressed"], runs["wanda"]["base"], runs["wanda"]["gate"]
+    assert comp["bundle_precision"] == "fp32" and comp["bundle_accuracy_level"] is None
+    assert comp["bundle_precision_counts"] == {"gather_fp32": 1, "matmul_fp32": 30 * 7 + 1}
+    # the same weights in another runtime: perplexity, KL and agreement equal to PyTorch's within summation order
+    assert comp["bundle_perplexity"] == pytest.approx(comp["perplexity"], rel=1e-4)
+    assert comp["bundle_kl_to_base"] == pytest.approx(comp["kl_to_base"], rel=1e-3, abs=1e-5)
+    assert abs(comp["bundle_top1_agreement"] - comp["top1_agreement"]) < 2e-3
+    assert comp["bundle_greedy_identical"] == 1.0 and comp["bundle_max_abs_diff"] == comp["onnx_max_abs_diff"]
+    # graph and weights: the fp32 weights plus the graph, no smaller than the base's safetensors
+    assert 0.99 < comp["bundle_bytes"] / base["weights_bytes"] < 1.02
+    checks = {c["name"]: c for c in gate["checks"]}
+    assert checks["bundle_perplexity_ratio"]["passed"] and checks["bundle_decode_speedup"]["passed"]
+    assert checks["bundle_perplexity_ratio"]["value"] == pytest.approx(comp["bundle_perplexity"] / base["perplexity"])
+    assert "bundle_bytes_ratio" not in checks  # switched off in this project's params (pruning stores dense zeros)
+    magnitude = {c["name"]: c for c in runs["magnitude"]["gate"]["checks"]}
+    assert "not checked: nothing exported" in magnitude["bundle_perplexity_ratio"]["note"]  # --no-export
+
+
 def test_registry_versions_tags_and_aliases(runs: dict) -> None:
     project = runs["project"]
     c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
@@ -213,7 +233,8 @@ def test_mlflow_run_contents(runs: dict) -> None:
     } <= artifacts
     assert "onnx" not in artifacts  # the graph is logged once, inside the bundle
     children = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
-    assert {r.info.run_name for r in children} == {"data", "baseline", "compress", "evaluate", "export", "speed"}
+    assert {r.info.run_name for r in children} == {"data", "baseline", "compress", "evaluate", "export", "bundle",
+                                                   "speed"}  # fmt: skip
     plots = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/sparsity_per_layer.png", "plots/cost_vs_base.png"}
 
