@@ -172,7 +172,7 @@ def test_rtn_apply_rounds_to_nearest() -> None:
     w, _ = _problem()
     layer = _layer(w)
     details = rtn.apply_(layer, RTNStage(method="rtn", bits=4, group_size=48, symmetric=False), LayerStats(tokens=0))
-    assert details == {"bits": 4, "group_size": 48, "symmetric": False}
+    assert details == {"bits": 4, "group_size": 48, "symmetric": False, "offset": "zero-point"}
     qw = quantization_of(layer)
     assert qw is not None and torch.equal(qw.codes, quantize_rtn(w, 4, 48, False).codes)
     assert torch.equal(layer.weight.data, qw.dequantize())
