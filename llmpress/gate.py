@@ -146,13 +146,16 @@ def decode_speed(metrics: dict[str, Any]) -> float | None:
 
 
 def _smaller_or_faster(metrics: dict[str, float], champion: dict[str, float] | None, margin: float) -> Check:
-    """Passes if the weights are smaller than the champion's, or decode is faster by more than `margin`.
+    """Passes if the bundle (else the weights) is smaller than the champion's, or decode - each in the runtime it
+    ships in - is faster by more than `margin`.
     The value is the better of the two gains (size ratio champion/candidate, speed ratio candidate/champion)."""
     if champion is None:
         return Check("smaller_or_faster_than_champion", None, ">", 1.0, True, "no champion yet")
     gains = []
-    if metrics.get("weights_bytes") and champion.get("weights_bytes"):
-        gains.append((champion["weights_bytes"] / metrics["weights_bytes"], 1.0))
+    # sizes of what ships when both shipped a bundle, else of the PyTorch weights
+    size_key = "bundle_bytes" if metrics.get("bundle_bytes") and champion.get("bundle_bytes") else "weights_bytes"
+    if metrics.get(size_key) and champion.get(size_key):
+        gains.append((champion[size_key] / metrics[size_key], 1.0))
     speed, champion_speed = decode_speed(metrics), decode_speed(champion)
     if speed and champion_speed:
         gains.append((speed / champion_speed, 1.0 + margin))

@@ -216,6 +216,13 @@ def test_smaller_or_faster_than_champion() -> None:
     assert not noise.passed  # 4 % faster is within the margin: not faster
     unmeasured = run_gate({}, {}, params, champion)
     assert not unmeasured.passed and unmeasured.checks[0].note == "size and speed not measured"
+    # both shipped bundles: their bytes decide, not the PyTorch folders' (packed codes are not what ships)
+    shipped = champion | {"bundle_bytes": 100.0}
+    bigger_bundle = run_gate({"weights_bytes": 500.0, "bundle_bytes": 120.0, "torch_b1_decode_tokens_per_s": 9.0}, {},
+                             params, shipped)  # fmt: skip
+    assert not bigger_bundle.passed  # 100/120 smaller, 0.9x as fast: neither
+    smaller_bundle = run_gate({"weights_bytes": 2000.0, "bundle_bytes": 80.0}, {}, params, shipped)
+    assert smaller_bundle.passed and smaller_bundle.checks[0].value == pytest.approx(1.25)
 
 
 BUNDLE = {"bundle_perplexity": 33.0, "bundle_bytes": 100e6, "bundle_kl_to_base": 0.05, "decode_speedup_b1": 3.2,
