@@ -101,11 +101,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None, help="held-out tokens (default: params.yaml)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    threads = torch.get_num_threads()
     overrides = {"eval.max_tokens": args.max_tokens} if args.max_tokens else {}
     params = load_params(REPO / "params.yaml", overrides)
-    threads = params.eval.speed.threads or threads
-    params = load_params(REPO / "params.yaml", overrides | {"eval.speed.threads": threads})
+    threads = params.eval.speed.threads or torch.get_num_threads()
+    # one thread count for torch and onnxruntime, stated in the results (params are frozen: a new copy)
+    speed = params.eval.speed.model_copy(update={"threads": threads})
+    params = params.model_copy(update={"eval": params.eval.model_copy(update={"speed": speed})})
     base = resolve("default", REPO / "models")
     tokenizer = load_tokenizer(base.path)
     text = (REPO / "data" / "eval.txt").read_text(encoding="utf-8")

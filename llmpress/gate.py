@@ -92,33 +92,29 @@ def run_gate(metrics: dict[str, float], base: dict[str, float], params: GatePara
 
 def _bundle_checks(metrics: dict[str, float], base: dict[str, float], params: GateParams) -> list[Check]:
     """The shipped graph's own numbers in onnxruntime against the base model: quality, size, speed."""
-    wanted = [(name, limit) for name, limit in (
-        ("bundle_perplexity_ratio", params.max_bundle_perplexity_ratio),
-        ("bundle_bytes_ratio", params.max_bundle_bytes_ratio),
-        ("bundle_decode_speedup", params.min_bundle_decode_speedup),
-        ("bundle_kl_to_base", params.max_bundle_kl_to_base)) if limit is not None]  # fmt: skip
-    if not wanted:
-        return []
-    if "bundle_perplexity" not in metrics:
-        return [Check(name, None, ">=" if name == "bundle_decode_speedup" else "<=", limit, True,
-                      "not checked: nothing exported (export.onnx is false)") for name, limit in wanted]  # fmt: skip
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
 
-    values = {
-        "bundle_perplexity_ratio": ratio(metrics.get("bundle_perplexity"), base.get("perplexity")),
-        "bundle_bytes_ratio": ratio(metrics.get("bundle_bytes"), base.get("weights_bytes")),
-        "bundle_decode_speedup": metrics.get("decode_speedup_b1") if metrics.get("runtime") == "ort" else None,
-        "bundle_kl_to_base": metrics.get("bundle_kl_to_base"),
-    }
+    served = metrics.get("decode_speedup_b1") if metrics.get("runtime") == "ort" else None
+    wanted = [  # name, op, threshold, value
+        ("bundle_perplexity_ratio", "<=", params.max_bundle_perplexity_ratio,
+         ratio(metrics.get("bundle_perplexity"), base.get("perplexity"))),
+        ("bundle_bytes_ratio", "<=", params.max_bundle_bytes_ratio,
+         ratio(metrics.get("bundle_bytes"), base.get("weights_bytes"))),
+        ("bundle_decode_speedup", ">=", params.min_bundle_decode_speedup, served),
+        ("bundle_kl_to_base", "<=", params.max_bundle_kl_to_base, metrics.get("bundle_kl_to_base")),
+    ]  # fmt: skip
     checks = []
-    for name, limit in wanted:
-        op = ">=" if name == "bundle_decode_speedup" else "<="
-        if name == "bundle_decode_speedup" and "decode_speedup_b1" not in metrics:
+    for name, op, limit, value in wanted:
+        if limit is None:
+            continue
+        if "bundle_perplexity" not in metrics:
+            checks.append(Check(name, None, op, limit, True, "not checked: nothing exported (export.onnx is false)"))
+        elif name == "bundle_decode_speedup" and "decode_speedup_b1" not in metrics:
             checks.append(Check(name, None, op, limit, True, "not checked: speed not measured (eval.speed.enabled)"))
         else:
-            checks.append(_check(name, values[name], op, limit))
+            checks.append(_check(name, value, op, limit))
     return checks
 
 
