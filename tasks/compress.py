@@ -9,6 +9,9 @@ from llmpress.config import CompressParams, DataParams, EvalParams
 from tasks.cache import CACHED
 
 
+# The only tagged task: a tag costs a concurrency-lease round trip to the API at the start and end of every run of
+# the task (~2 s each on a busy 2-core machine), so tags are kept for what uses them - `gpu`'s concurrency limit
+# (flows/deploy.py).
 @task(name="compress", tags=["gpu"], **CACHED)
 def compress_model(model_path: str, recipe_path: str, calibration_path: str, out_dir: str, data: DataParams,
                    eval_params: EvalParams, params: CompressParams, lineage: dict, calibration_md5: str | None = None,

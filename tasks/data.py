@@ -9,7 +9,7 @@ from prefect import task
 from llmpress import versioning
 
 
-@task(name="version-data", tags=["cpu", "io"], retries=1, retry_delay_seconds=5)
+@task(name="version-data", retries=1, retry_delay_seconds=5)
 def version_data(project_dir: str, push: bool = True) -> dict:
     versions = versioning.reproduce(project_dir, push=push)
     root = Path(project_dir)

@@ -7,6 +7,6 @@ from prefect import task
 from llmpress import sources
 
 
-@task(name="resolve-model", tags=["cpu", "io"], retries=1, retry_delay_seconds=5)
+@task(name="resolve-model", retries=1, retry_delay_seconds=5)
 def resolve_model(source: str, models_dir: str) -> dict:
     return sources.resolve(source, models_dir).to_dict()

@@ -23,7 +23,7 @@ def _transient(_task: Any, _run: Any, state: Any) -> bool:
 RETRY = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": _transient}
 
 
-@task(name="check-version", tags=["io"], **RETRY)
+@task(name="check-version", **RETRY)
 def check_version(tracking_uri: str, name: str, version_or_alias: str) -> dict[str, str]:
     c = tracking.client(tracking_uri)
     version = promote.resolve_version(c, name, version_or_alias)
@@ -31,7 +31,7 @@ def check_version(tracking_uri: str, name: str, version_or_alias: str) -> dict[s
     return {"version": str(version.version), "run_id": version.run_id}
 
 
-@task(name="publish-bundle", tags=["io"], **RETRY)
+@task(name="publish-bundle", **RETRY)
 def publish_bundle(tracking_uri: str, run_id: str, uri: str) -> dict[str, Any]:
     """Fetch the run's bundle, verify it, upload it to `uri` and check what S3 stored."""
     import mlflow
@@ -47,6 +47,6 @@ def publish_bundle(tracking_uri: str, run_id: str, uri: str) -> dict[str, Any]:
     return vars(published)
 
 
-@task(name="move-production", tags=["io"], **RETRY)
+@task(name="move-production", **RETRY)
 def move_production(tracking_uri: str, name: str, version: str, published: dict[str, Any]) -> dict[str, Any]:
     return promote.move_production(tracking.client(tracking_uri), name, version, promote.Published(**published))

@@ -21,7 +21,7 @@ from llmpress.gate import run_gate
 RETRY = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
 
 
-@task(name="open-run", tags=["io"], **RETRY)
+@task(name="open-run", **RETRY)
 def open_run(tracking_uri: str, experiment: str, project_dir: str, run_name: str, tags: dict[str, str],
              params: dict[str, Any]) -> str:  # fmt: skip
     c = tracking.client(tracking_uri)
@@ -31,7 +31,7 @@ def open_run(tracking_uri: str, experiment: str, project_dir: str, run_name: str
     return run_id
 
 
-@task(name="log-stage", tags=["io"], **RETRY)
+@task(name="log-stage", **RETRY)
 def log_stage(tracking_uri: str, parent_id: str, stage: str, metrics: dict[str, Any], seconds: float,
               artifacts: dict[str, str] | None = None) -> str:  # fmt: skip
     """A nested run for one stage: its scalar metrics, its wall time, the files it made worth keeping."""
@@ -47,7 +47,7 @@ def log_stage(tracking_uri: str, parent_id: str, stage: str, metrics: dict[str, 
     return run_id
 
 
-@task(name="register-and-gate", tags=["io"], **RETRY)
+@task(name="register-and-gate", **RETRY)
 def register_and_gate(tracking_uri: str, run_id: str, model_name: str, model_dir: str, metrics: dict[str, Any],
                       base_metrics: dict[str, Any], gate: GateParams, version_tags: dict[str, str],
                       sparsity_target: float | None, generations: list[dict[str, str]],
@@ -112,7 +112,7 @@ def register_and_gate(tracking_uri: str, run_id: str, model_name: str, model_dir
     }
 
 
-@task(name="close-run", tags=["io"], **RETRY)
+@task(name="close-run", **RETRY)
 def close_run(tracking_uri: str, run_id: str, ok: bool, summary: dict[str, Any]) -> None:
     c = tracking.client(tracking_uri)
     tracking.log_json(c, run_id, summary, "summary.json")
