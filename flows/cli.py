@@ -74,6 +74,10 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
+def _fmt_rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def print_summary(s: dict[str, Any]) -> None:
     base, comp, gate = s["base"], s["compressed"], s["gate"]
     rows = [
@@ -82,6 +86,8 @@ def print_summary(s: dict[str, Any]) -> None:
         ("top-1 agreement with base", "1", f"{comp['top1_agreement']:.4f}"),
         (f"cloze accuracy ({comp['cloze_examples']} examples)", f"{base['cloze_accuracy']:.3f}",
          f"{comp['cloze_accuracy']:.3f}"),
+        ("repeated n-grams, greedy (share)", _fmt_rate(base.get("repeated_ngram_rate")),
+         _fmt_rate(comp.get("repeated_ngram_rate"))),
         ("sparsity (targeted layers)", "-", f"{comp.get('sparsity', 0):.4f}"),
         ("size on disk", _fmt_bytes(base["bytes_on_disk"]), _fmt_bytes(comp["bytes_on_disk"])),
     ]  # fmt: skip
@@ -113,6 +119,8 @@ def print_summary(s: dict[str, Any]) -> None:
             ("bundle: top-1 agreement with base", "1", f"{comp['bundle_top1_agreement']:.4f}"),
             ("bundle: size (graph + weights)", _fmt_bytes(base["weights_bytes"]), _fmt_bytes(comp["bundle_bytes"])),
             ("bundle: greedy = PyTorch compressed", "-", "yes" if comp.get("bundle_greedy_identical") else "no"),
+            ("bundle: repeated n-grams, greedy", _fmt_rate(base.get("repeated_ngram_rate")),
+             _fmt_rate(comp.get("bundle_repeated_ngram_rate"))),
         ]  # fmt: skip
     width = max(len(r[0]) for r in rows)
     print()

@@ -15,6 +15,7 @@ ROWS = [
     ("kl_to_base", "KL to base (nats/token)", "{:.4f}"),
     ("top1_agreement", "top-1 agreement with base", "{:.4f}"),
     ("cloze_accuracy", "cloze accuracy", "{:.3f}"),
+    ("repeated_ngram_rate", "repeated n-gram share of greedy continuations", "{:.3f}"),
     ("sparsity", "sparsity of targeted layers", "{:.4f}"),
     ("weights_bytes", "weights on disk", "bytes"),
     ("torch_b1_prefill_ms", "PyTorch prefill, batch 1 (ms)", "{:.1f}"),
@@ -39,6 +40,7 @@ ROWS = [
     ("bundle_top1_agreement", "bundle: top-1 agreement with base", "{:.4f}"),
     ("bundle_max_abs_diff", "bundle: max abs logit diff to PyTorch compressed", "{:.2e}"),
     ("bundle_greedy_identical", "bundle: greedy decode identical to PyTorch compressed (1 = yes)", "{:.0f}"),
+    ("bundle_repeated_ngram_rate", "bundle: repeated n-gram share of greedy continuations", "{:.3f}"),
     ("bundle_accuracy_level", "bundle: onnxruntime MatMulNBits accuracy level", "{}"),
 ]
 

@@ -68,6 +68,16 @@ class GenerationParams(Strict):
     max_new_tokens: int = Field(32, ge=1, le=512)
 
 
+class RepetitionParams(Strict):
+    """Greedy continuations of held-out prompts, scored by their repeated n-gram rate
+    (llmpress/evaluate/repetition.py): what catches a model that loops."""
+
+    prompts: int = Field(16, ge=1, le=64, description="evenly spaced slices of the held-out text")
+    prompt_tokens: int = Field(32, ge=4, le=512, description="tokens per prompt, BOS included")
+    new_tokens: int = Field(32, ge=8, le=512, description="greedy tokens generated per prompt")
+    ngram: int = Field(4, ge=2, le=8, description="n of the repeated n-grams counted")
+
+
 class SpeedParams(Strict):
     """Latency and throughput protocol (llmpress/evaluate/speed.py)."""
 
@@ -90,6 +100,7 @@ class EvalParams(Strict):
     batch_size: int = Field(4, ge=1)
     cloze: ClozeParams = ClozeParams()
     generation: GenerationParams = GenerationParams()
+    repetition: RepetitionParams = RepetitionParams()
     speed: SpeedParams = SpeedParams()
 
     @model_validator(mode="after")
@@ -151,6 +162,10 @@ class GateParams(Strict):
         1.0, gt=0, description="batch-1 decode tokens/s of the bundle in onnxruntime / the base model's in PyTorch"
     )
     max_bundle_kl_to_base: float | None = Field(None, gt=0, description="mean KL(base || bundle) per token, nats")
+    max_repetition_increase: float | None = Field(
+        0.1, ge=0, le=1, description="repeated 4-gram rate of greedy continuations of held-out prompts (the "
+        "bundle's in onnxruntime, else the PyTorch model's) minus the base model's",
+    )  # fmt: skip
 
 
 class TrackingParams(Strict):

@@ -76,6 +76,8 @@ def run_gate(metrics: dict[str, float], base: dict[str, float], params: GatePara
     if params.onnx_greedy_identical and "onnx_greedy_identical" in metrics:
         checks.append(_check("onnx_greedy_identical", metrics["onnx_greedy_identical"], ">=", 1.0))
     checks += _bundle_checks(metrics, base, params)
+    if params.max_repetition_increase is not None:
+        checks.append(_repetition(metrics, base, params.max_repetition_increase))
     if params.champion_max_perplexity_increase is not None:
         limit = 1.0 + params.champion_max_perplexity_increase
         if champion is None:
@@ -116,6 +118,15 @@ def _bundle_checks(metrics: dict[str, float], base: dict[str, float], params: Ga
         else:
             checks.append(_check(name, value, op, limit))
     return checks
+
+
+def _repetition(metrics: dict[str, float], base: dict[str, float], limit: float) -> Check:
+    """How much more the model repeats itself than the base model in greedy continuations of held-out prompts:
+    the shipped graph's continuations when there is one, else the PyTorch model's."""
+    rate = metrics.get("bundle_repeated_ngram_rate", metrics.get("repeated_ngram_rate"))
+    base_rate = base.get("repeated_ngram_rate")
+    increase = rate - base_rate if rate is not None and base_rate is not None else None
+    return _check("repetition_increase", increase, "<=", limit)
 
 
 def _onnx_parity(metrics: dict[str, float], params: GateParams) -> Check:

@@ -28,6 +28,7 @@ from llmpress.evaluate.agreement import compare_to_base
 from llmpress.evaluate.baseline import baseline_key, compute_baseline, load_baseline
 from llmpress.evaluate.cloze import build_examples, cloze_accuracy
 from llmpress.evaluate.generate import greedy_generations
+from llmpress.evaluate.repetition import repeated_ngram_rate, text_prompts, torch_continuations, until_eos
 from llmpress.evaluate.speed import measure_in_subprocess, peak_rss_mb, prompt_ids, served
 from llmpress.export.onnx import check_parity, export_onnx
 from llmpress.files import atomic_folder
@@ -242,12 +243,17 @@ def evaluate(model_path: str, base_path: str, baseline_dir: str, baseline_key: s
         texts = greedy_generations(model, tokenizer, prompts, new)
     generations = [{"prompt": p, "base": b, "compressed": c}
                    for p, b, c in zip(prompts, base_metrics["generations"], texts, strict=True)]  # fmt: skip
+    rep = params.repetition
+    with phase("evaluate: greedy continuations of held-out prompts"):
+        continuations = torch_continuations(model, text_prompts(tokenizer, text, params), rep.new_tokens,
+                                            tokenizer.eos_token_id)  # fmt: skip
     metrics: dict[str, Any] = {
         "perplexity": agreement.perplexity,
         "kl_to_base": agreement.kl_to_base,
         "top1_agreement": agreement.top1_agreement,
         "cloze_accuracy": cloze,
         "cloze_examples": len(examples),
+        "repeated_ngram_rate": repeated_ngram_rate(continuations, rep.ngram),
         "eval_tokens": agreement.tokens,
         "eval_seconds": time.perf_counter() - start,
         "bytes_on_disk": folder_bytes(model_path),
@@ -262,7 +268,8 @@ def evaluate(model_path: str, base_path: str, baseline_dir: str, baseline_key: s
         metrics["sparsity_min_layer"] = min(per_layer.values())
         metrics["sparsity_max_layer"] = max(per_layer.values())
         metrics["sparsity_per_layer"] = per_layer
-    base_out = {k: base_metrics[k] for k in ("cloze_accuracy", "bytes_on_disk", "weights_bytes", "parameters")}
+    base_out = {k: base_metrics[k] for k in ("cloze_accuracy", "bytes_on_disk", "weights_bytes", "parameters",
+                                             "repeated_ngram_rate")}  # fmt: skip
     base_out["perplexity"] = agreement.base_perplexity  # on the very windows the compressed model was scored on
     return {"metrics": metrics, "base": base_out, "generations": generations}
 
@@ -301,8 +308,15 @@ def evaluate_bundle(onnx_path: str, model_path: str, base_path: str, baseline_di
     with Progress("bundle: perplexity, KL, top-1 in onnxruntime", "window") as progress:
         agreement = compare_to_base(None, base, tokenizer, text, params, progress=progress, base_hidden=base_hidden,
                                     logits_fn=logits_fn)  # fmt: skip
+    del base
+    rep = params.repetition
+    with phase("bundle: greedy continuations of held-out prompts in onnxruntime"):
+        prompts = text_prompts(tokenizer, text, params).numpy()
+        rows = generator.generate(prompts, rep.new_tokens, eos_token_id=tokenizer.eos_token_id)
+        continuations = [until_eos(row[prompts.shape[1] :], tokenizer.eos_token_id) for row in rows]
     return {
         "bundle_perplexity": agreement.perplexity,
+        "bundle_repeated_ngram_rate": repeated_ngram_rate(continuations, rep.ngram),
         "bundle_kl_to_base": agreement.kl_to_base,
         "bundle_top1_agreement": agreement.top1_agreement,
         "bundle_bytes": folder_bytes(Path(onnx_path).parent),

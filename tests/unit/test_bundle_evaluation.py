@@ -73,5 +73,10 @@ def test_a_quantized_bundle_is_scored_as_it_ships(tmp_path, level) -> None:
     report = run_gate(measured, evaluation["base"], gate)
     checks = {c.name: c for c in report.checks}
     assert checks["bundle_bytes_ratio"].passed and checks["bundle_decode_speedup"].passed
+    # the bundle's own greedy continuations of held-out prompts, against the base model's
+    rate, base_rate = bundle["bundle_repeated_ngram_rate"], evaluation["base"]["repeated_ngram_rate"]
+    assert 0 <= rate <= 1 and checks["repetition_increase"].value == pytest.approx(rate - base_rate)
+    if level == 0:  # float32 arithmetic on the same weights: PyTorch's greedy text, so the same rate
+        assert rate == pytest.approx(evaluation["metrics"]["repeated_ngram_rate"], abs=0.02)
     assert checks["bundle_perplexity_ratio"].value == pytest.approx(bundle["bundle_perplexity"]
                                                                      / evaluation["base"]["perplexity"])  # fmt: skip

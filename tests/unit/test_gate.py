@@ -17,6 +17,7 @@ NONE = {
     "max_bundle_perplexity_ratio": None,
     "max_bundle_bytes_ratio": None,
     "min_bundle_decode_speedup": None,
+    "max_repetition_increase": None,
 }
 
 
@@ -155,14 +156,17 @@ def test_one_failure_fails_the_gate_and_only_it_is_listed() -> None:
 
 
 def test_default_gate_params_and_to_dict() -> None:
-    report = run_gate({"perplexity": 15.0, "onnx_max_abs_diff": 2e-4}, {"perplexity": 10.0}, GateParams())
+    measured = {"perplexity": 15.0, "onnx_max_abs_diff": 2e-4, "repeated_ngram_rate": 0.2}
+    report = run_gate(measured, {"perplexity": 10.0, "repeated_ngram_rate": 0.12}, GateParams())
     assert report.passed is True
     data = report.to_dict()
     json.dumps(data)  # serialisable as written to disk
     assert data["passed"] is True
     by_name = {c["name"]: c for c in data["checks"]}
     bundle = {"bundle_perplexity_ratio", "bundle_bytes_ratio", "bundle_decode_speedup"}  # on by default
-    assert set(by_name) == {"perplexity_ratio", "onnx_max_abs_diff", "perplexity_vs_champion"} | bundle
+    on = {"perplexity_ratio", "onnx_max_abs_diff", "perplexity_vs_champion", "repetition_increase"}
+    assert set(by_name) == on | bundle
+    assert by_name["repetition_increase"]["value"] == pytest.approx(0.08) and by_name["repetition_increase"]["passed"]
     assert all(by_name[name]["note"].startswith("not checked: nothing exported") for name in bundle)
     assert by_name["perplexity_vs_champion"]["note"] == "no champion yet"
     assert by_name["perplexity_ratio"]["value"] == pytest.approx(1.5)

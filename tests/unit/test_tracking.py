@@ -32,7 +32,12 @@ def _candidate(c, exp, folder, ppl: float, base_ppl: float = 15.0):
     tracking.log_metrics(c, run_id, {"perplexity": ppl})
     champion_version = tracking.alias_version(c, NAME, tracking.ALIAS_CHAMPION)
     champion = tracking.version_metrics(c, NAME, champion_version) if champion_version else None
-    report = run_gate({"perplexity": ppl}, {"perplexity": base_ppl}, GateParams(max_onnx_logit_diff=None), champion)
+    report = run_gate(
+        {"perplexity": ppl},
+        {"perplexity": base_ppl},
+        GateParams(max_onnx_logit_diff=None, max_repetition_increase=None),
+        champion,
+    )
     version = tracking.register_model(c, run_id, folder, NAME, {"recipe_hash": "abc"})
     tracking.apply_gate(c, NAME, version, report)
     return run_id, version, report
