@@ -74,7 +74,7 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def _fmt_rate(value: float | None) -> str:
+def _three_places(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
@@ -84,13 +84,17 @@ def print_summary(s: dict[str, Any]) -> None:
         ("perplexity", f"{base['perplexity']:.3f}", f"{comp['perplexity']:.3f}"),
         ("KL to base (nats/token)", "0", f"{comp['kl_to_base']:.4f}"),
         ("top-1 agreement with base", "1", f"{comp['top1_agreement']:.4f}"),
-        (f"cloze accuracy ({comp['cloze_examples']} examples)", f"{base['cloze_accuracy']:.3f}",
-         f"{comp['cloze_accuracy']:.3f}"),
-        ("repeated n-grams, greedy (share)", _fmt_rate(base.get("repeated_ngram_rate")),
-         _fmt_rate(comp.get("repeated_ngram_rate"))),
         ("sparsity (targeted layers)", "-", f"{comp.get('sparsity', 0):.4f}"),
         ("size on disk", _fmt_bytes(base["bytes_on_disk"]), _fmt_bytes(comp["bytes_on_disk"])),
     ]  # fmt: skip
+    if "cloze_accuracy" in comp:  # else measured on the bundle (rows below)
+        cloze = (f"cloze accuracy ({comp['cloze_examples']} examples)", f"{base['cloze_accuracy']:.3f}",
+                 f"{comp['cloze_accuracy']:.3f}")  # fmt: skip
+        rows.insert(len(rows) - 2, cloze)
+    if "repeated_ngram_rate" in comp:
+        repeats = ("repeated n-grams, greedy (share)", _three_places(base.get("repeated_ngram_rate")),
+                   _three_places(comp["repeated_ngram_rate"]))  # fmt: skip
+        rows.insert(len(rows) - 2, repeats)
     if "torch_b1_prefill_ms" in base:  # speed: base in PyTorch, compressed in the runtime that serves it
         from llmpress.evaluate.speed import served
 
@@ -117,10 +121,12 @@ def print_summary(s: dict[str, Any]) -> None:
              f"{comp['bundle_perplexity']:.3f}"),
             ("bundle: KL to base", "0", f"{comp['bundle_kl_to_base']:.4f}"),
             ("bundle: top-1 agreement with base", "1", f"{comp['bundle_top1_agreement']:.4f}"),
+            (f"bundle: cloze accuracy ({comp['bundle_cloze_examples']} examples)", f"{base['cloze_accuracy']:.3f}",
+             f"{comp['bundle_cloze_accuracy']:.3f}"),
             ("bundle: size (graph + weights)", _fmt_bytes(base["weights_bytes"]), _fmt_bytes(comp["bundle_bytes"])),
             ("bundle: greedy = PyTorch compressed", "-", "yes" if comp.get("bundle_greedy_identical") else "no"),
-            ("bundle: repeated n-grams, greedy", _fmt_rate(base.get("repeated_ngram_rate")),
-             _fmt_rate(comp.get("bundle_repeated_ngram_rate"))),
+            ("bundle: repeated n-grams, greedy", _three_places(base.get("repeated_ngram_rate")),
+             _three_places(comp.get("bundle_repeated_ngram_rate"))),
         ]  # fmt: skip
     width = max(len(r[0]) for r in rows)
     print()
@@ -220,10 +226,11 @@ def main(argv: list[str] | None = None) -> int:
                 check_corpus(args.data, load_params(project / args.params, overrides).data)
                 _set_corpus(project / args.params, args.data)
             # Validate everything before Prefect starts: a typo costs a second, not a server start-up.
-            from llmpress.config import load_params, load_recipe
+            from llmpress.config import export_recipe, load_params, load_recipe
 
             params = load_params(project / args.params, overrides | ({"model": args.model} if args.model else {}))
-            load_recipe(project / (args.recipe or params.recipe))
+            recipe = load_recipe(project / (args.recipe or params.recipe))
+            export_recipe(recipe, params.export.precision, params.export.quantizer)
             ensure_api()
             from flows.compress import compress
 
@@ -247,11 +254,13 @@ def main(argv: list[str] | None = None) -> int:
             resolved = resolve_source(source, project / "models")
             print(f"{resolved.path}\nsha256 {resolved.sha256}")
         elif args.command == "check":
-            from llmpress.config import load_params, load_recipe
+            from llmpress.config import export_recipe, load_params, load_recipe
 
             params = load_params(project / args.params)
             print(f"{args.params}: ok")
             recipes = {file: load_recipe(file) for file in args.files}
+            for recipe in recipes.values():  # with the quantization params.yaml's export.precision adds
+                export_recipe(recipe, params.export.precision, params.export.quantizer)
             model = None
             if args.model:  # targets and context length against a real model's layers (weights not needed)
                 from llmpress.compress.engine import check_targets
@@ -320,12 +329,12 @@ def main(argv: list[str] | None = None) -> int:
             cmd, env = worker_command(args.pool)
             os.execve(cmd[0], cmd, env)
         elif args.command == "sweep":
-            from llmpress.config import load_params, load_recipe
+            from llmpress.config import export_recipe, load_params, load_recipe
 
             overrides = _parse_set(args.set)
-            load_params(project / args.params, overrides)
+            params = load_params(project / args.params, overrides)
             for recipe in args.recipes:
-                load_recipe(project / recipe)
+                export_recipe(load_recipe(project / recipe), params.export.precision, params.export.quantizer)
             ensure_api()
             from flows.sweep import sweep
 

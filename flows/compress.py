@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from llmpress import hashing, tracking
-from llmpress.config import load_params, load_recipe
+from llmpress.config import export_recipe, load_params, load_recipe
 from llmpress.steps import recipe_info
 from llmpress.versioning import git_commit
 from tasks.compress import compress_model
@@ -51,7 +51,8 @@ def compress(
         overrides["model"] = model
     params = load_params(project / params_file, overrides)
     recipe_path = str((project / params.recipe).resolve())
-    recipe_obj = load_recipe(recipe_path)  # validate before any work
+    # validate before any work: the recipe, and the quantization export.precision adds to it
+    recipe_obj = export_recipe(load_recipe(recipe_path), params.export.precision, params.export.quantizer)
     info = recipe_info(recipe_obj)
     tracking_uri = tracking.resolve_tracking_uri(params.tracking.tracking_uri, project)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -99,7 +100,7 @@ def compress(
         compressed = timed(
             "compress", cached_output, compress_model, "path", base["path"], recipe_path, data["calibration"],
             str(out_root / "hf"), params.data, params.eval, params.compress, lineage, data["calibration_version"],
-            content_key=key,
+            params.export.precision, params.export.quantizer, content_key=key,
         )  # fmt: skip
         hf = out_root / "hf"
         files = {"recipe": str(hf / "recipe.yaml"), "report": str(hf / "llmpress.json")}
@@ -107,7 +108,7 @@ def compress(
 
         evaluation = timed("evaluate", evaluate_model, compressed["path"], base["path"], baseline["path"],
                            baseline["key"], data["eval"], params.eval, compressed["targeted_layers"],
-                           data["eval_version"], content_key=key)  # fmt: skip
+                           data["eval_version"], params.export.onnx, content_key=key)  # fmt: skip
         metrics, base_metrics = evaluation["metrics"], evaluation["base"]
         log_stage(tracking_uri, run_id, "evaluate", evaluation, seconds["evaluate"])
 

@@ -38,6 +38,7 @@ ROWS = [
     ("bundle_perplexity", "bundle: perplexity in onnxruntime", "{:.3f}"),
     ("bundle_kl_to_base", "bundle: KL to base (nats/token)", "{:.4f}"),
     ("bundle_top1_agreement", "bundle: top-1 agreement with base", "{:.4f}"),
+    ("bundle_cloze_accuracy", "bundle: cloze accuracy in onnxruntime", "{:.3f}"),
     ("bundle_max_abs_diff", "bundle: max abs logit diff to PyTorch compressed", "{:.2e}"),
     ("bundle_greedy_identical", "bundle: greedy decode identical to PyTorch compressed (1 = yes)", "{:.0f}"),
     ("bundle_repeated_ngram_rate", "bundle: repeated n-gram share of greedy continuations", "{:.3f}"),

@@ -124,6 +124,14 @@ class ExportParams(Strict):
         4, description="onnxruntime's MatMulNBits compute in the shipped graph: 0 float32 on the de-quantized weights "
         "(exact), 4 int8 activations and integer dot products (fastest on CPU); the bundle is scored at this setting",
     )  # fmt: skip
+    precision: Literal["recipe", "fp32", "int8", "int4", "int4-full"] = Field(
+        "recipe", description="what the bundle's weight matmuls hold for a recipe that does not quantize: 'recipe' "
+        "as it comes, 'int8' 8-bit per output channel, 'int4' 4-bit in groups of 32, 'int4-full' also the embedding "
+        "table (and tied head) 4-bit; quantized by `quantizer` after the recipe's stages, pruned zeros kept",
+    )  # fmt: skip
+    quantizer: Literal["rtn", "gptq"] = Field(
+        "rtn", description="llmpress's quantizer for export.precision: round-to-nearest, or GPTQ on the calibration set"
+    )
 
 
 class GateParams(Strict):
@@ -468,6 +476,31 @@ class Recipe(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     description: str = ""
     stages: list[Stage] = Field(min_length=1)
+
+
+QUANTIZING = ("rtn", "gptq", "awq", "smoothquant", "embeddings")
+
+
+def export_recipe(recipe: Recipe, precision: str = "recipe", quantizer: str = "rtn") -> Recipe:
+    """The recipe that runs: `recipe`, followed by the quantization `export.precision` asks for when the recipe only
+    prunes (or factorises, distils...). Quantization comes last, on an asymmetric zero-point grid (0 is a grid point),
+    so pruned zeros stay exactly zero; GPTQ keeps them too (llmpress/compress/gptq.py). A recipe that quantizes
+    already decides its own precision: asking for another is refused."""
+    if precision == "recipe":
+        return recipe
+    quantizing = [f"{i} ({s.method})" for i, s in enumerate(recipe.stages) if s.method in QUANTIZING]
+    if quantizing:
+        raise ConfigError(f"export.precision: {precision!r} is for recipes that do not quantize, and recipe "
+                          f"{recipe.name!r} quantizes (stage {quantizing[0]}); allowed with it: 'recipe'")  # fmt: skip
+    if precision == "fp32":
+        return recipe
+    bits, group = (8, None) if precision == "int8" else (4, 32)
+    added: list[dict[str, Any]] = [{"method": quantizer, "bits": bits, "group_size": group, "symmetric": False}]
+    if precision == "int4-full":
+        added.append({"method": "embeddings", "bits": 4, "group_size": 32})
+    data = recipe.model_dump(mode="json")  # nulls kept: a null group_size means per channel, not the default
+    data["stages"] += added
+    return validate(Recipe, data, f"recipe {recipe.name!r} with export.precision {precision!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,16 @@ from tqdm.auto import tqdm
 
 from llmpress.compress import compress_
 from llmpress.compress.storage import LowRankLinear, save_compressed
-from llmpress.config import CompressParams, DataParams, EvalParams, ExportParams, Recipe, SpeedParams, load_recipe
+from llmpress.config import (
+    CompressParams,
+    DataParams,
+    EvalParams,
+    ExportParams,
+    Recipe,
+    SpeedParams,
+    export_recipe,
+    load_recipe,
+)
 from llmpress.data import calibration_windows
 from llmpress.errors import LlmpressError
 from llmpress.evaluate.agreement import compare_to_base
@@ -30,7 +39,7 @@ from llmpress.evaluate.cloze import build_examples, cloze_accuracy
 from llmpress.evaluate.generate import greedy_generations
 from llmpress.evaluate.repetition import repeated_ngram_rate, text_prompts, torch_continuations, until_eos
 from llmpress.evaluate.speed import measure_in_subprocess, peak_rss_mb, prompt_ids, served
-from llmpress.export.onnx import check_parity, export_onnx
+from llmpress.export.onnx import check_parity, export_onnx, torch_trajectory
 from llmpress.files import atomic_folder
 from llmpress.hashing import data_hash
 from llmpress.progress import Progress, phase
@@ -57,11 +66,13 @@ def recipe_info(recipe: Recipe) -> dict[str, Any]:
 
 def compress(model_path: str, recipe_path: str, calibration_path: str, out_dir: str, data: DataParams,
              eval_params: EvalParams, params: CompressParams, lineage: dict[str, str],
-             calibration_md5: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """Compress the model at `model_path` with the recipe; write an HF folder to `out_dir`. With `calibration_md5`
-    (the data version DVC recorded), the calibration file must still be that version."""
+             calibration_md5: str | None = None, precision: str = "recipe", quantizer: str = "rtn"
+             ) -> dict[str, Any]:  # fmt: skip
+    """Compress the model at `model_path` with the recipe (followed by the quantization `precision` asks for, see
+    `config.export_recipe`); write an HF folder to `out_dir`. With `calibration_md5` (the data version DVC
+    recorded), the calibration file must still be that version."""
     check_data_version(calibration_path, calibration_md5)
-    recipe = load_recipe(recipe_path)
+    recipe = export_recipe(load_recipe(recipe_path), precision, quantizer)
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path)
     max_len = getattr(model.config, "max_position_embeddings", None)
@@ -83,7 +94,7 @@ def compress(model_path: str, recipe_path: str, calibration_path: str, out_dir: 
     meta = {"recipe": recipe.name, "recipe_hash": recipe_info(recipe)["hash"], **lineage,
             "report": report.to_dict()}  # fmt: skip
     save_model(model, tokenizer, Path(out_dir), extra_files={
-        "recipe.yaml": yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False),
+        "recipe.yaml": yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),  # what ran, nulls too
         METADATA: json.dumps(meta, indent=2),
     })  # fmt: skip
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear | LowRankLinear)}
@@ -215,10 +226,13 @@ def baseline(base_path: str, eval_path: str, params: EvalParams, baselines_dir: 
 
 
 def evaluate(model_path: str, base_path: str, baseline_dir: str, baseline_key: str, eval_path: str,
-             params: EvalParams, layer_names: list[str] | None = None, eval_md5: str | None = None
-             ) -> dict[str, Any]:  # fmt: skip
+             params: EvalParams, layer_names: list[str] | None = None, eval_md5: str | None = None,
+             bundle_follows: bool = False) -> dict[str, Any]:  # fmt: skip
     """Everything measured on the held-out text, the compressed model against the base model's baseline (README,
-    "Evaluation"), whose side comes from `baseline_dir` (`steps.baseline`).
+    "Evaluation"), whose side comes from `baseline_dir` (`steps.baseline`). With `bundle_follows` (the model is
+    exported, and `evaluate_bundle` scores the graph that ships), cloze accuracy and the repetition of greedy
+    continuations are measured on that graph instead: what the PyTorch model keeps is the reference the bundle is
+    checked against - perplexity, KL, top-1 agreement, generations - and its sparsity and size.
 
     Returns {"metrics": compressed model's, "base": base model's, "generations": [{prompt, base, compressed}]}.
     """
@@ -235,25 +249,28 @@ def evaluate(model_path: str, base_path: str, baseline_dir: str, baseline_key: s
     with Progress("evaluate: perplexity, KL, top-1", "window") as progress:
         agreement = compare_to_base(model, base, tokenizer, text, params, progress=progress, base_hidden=base_hidden)
     del base, base_hidden  # the base model's head was all this pass needed of it
-    examples = build_examples(text, params.cloze)
-    with Progress("evaluate: cloze", "example") as progress:
-        cloze = cloze_accuracy(model, tokenizer, examples, params.cloze, params.add_bos, progress)
+    metrics: dict[str, Any] = {}
+    if not bundle_follows:
+        examples = build_examples(text, params.cloze)
+        with Progress("evaluate: cloze", "example") as progress:
+            metrics["cloze_accuracy"] = cloze_accuracy(model, tokenizer, examples, params.cloze, params.add_bos,
+                                                       progress)  # fmt: skip
+        metrics["cloze_examples"] = len(examples)
     prompts, new = params.generation.prompts, params.generation.max_new_tokens
     with phase("evaluate: greedy generations"):
         texts = greedy_generations(model, tokenizer, prompts, new)
     generations = [{"prompt": p, "base": b, "compressed": c}
                    for p, b, c in zip(prompts, base_metrics["generations"], texts, strict=True)]  # fmt: skip
-    rep = params.repetition
-    with phase("evaluate: greedy continuations of held-out prompts"):
-        continuations = torch_continuations(model, text_prompts(tokenizer, text, params), rep.new_tokens,
-                                            tokenizer.eos_token_id)  # fmt: skip
-    metrics: dict[str, Any] = {
+    if not bundle_follows:
+        rep = params.repetition
+        with phase("evaluate: greedy continuations of held-out prompts"):
+            continuations = torch_continuations(model, text_prompts(tokenizer, text, params), rep.new_tokens,
+                                                tokenizer.eos_token_id)  # fmt: skip
+        metrics["repeated_ngram_rate"] = repeated_ngram_rate(continuations, rep.ngram)
+    metrics |= {
         "perplexity": agreement.perplexity,
         "kl_to_base": agreement.kl_to_base,
         "top1_agreement": agreement.top1_agreement,
-        "cloze_accuracy": cloze,
-        "cloze_examples": len(examples),
-        "repeated_ngram_rate": repeated_ngram_rate(continuations, rep.ngram),
         "eval_tokens": agreement.tokens,
         "eval_seconds": time.perf_counter() - start,
         "bytes_on_disk": folder_bytes(model_path),
@@ -277,9 +294,10 @@ def evaluate(model_path: str, base_path: str, baseline_dir: str, baseline_key: s
 def evaluate_bundle(onnx_path: str, model_path: str, base_path: str, baseline_dir: str, baseline_key: str,
                     eval_path: str, params: EvalParams, export_params: ExportParams) -> dict[str, Any]:  # fmt: skip
     """The graph that ships, judged on its own in onnxruntime at its serving settings (`export` leaves it so),
-    scored under the pinned protocol against the base model's baseline - perplexity, KL to base, top-1 agreement
-    (its logit difference and greedy parity with the PyTorch model come from `export`, which has that model
-    loaded) - with its bytes and what its matmuls and lookups hold (`llmpress.export.packed.precision_counts`).
+    scored under the pinned protocol against the base model's baseline - perplexity, KL to base, top-1 agreement,
+    cloze accuracy, the repeated n-gram rate of its greedy continuations (its logit difference and greedy parity
+    with the PyTorch model come from `export`, which has that model loaded) - with its bytes and what its matmuls
+    and lookups hold (`llmpress.export.packed.precision_counts`).
 
     Returns `bundle_*` metrics."""
     import onnx
@@ -309,6 +327,9 @@ def evaluate_bundle(onnx_path: str, model_path: str, base_path: str, baseline_di
         agreement = compare_to_base(None, base, tokenizer, text, params, progress=progress, base_hidden=base_hidden,
                                     logits_fn=logits_fn)  # fmt: skip
     del base
+    examples = build_examples(text, params.cloze)
+    with Progress("bundle: cloze in onnxruntime", "example") as progress:
+        cloze = cloze_accuracy(None, tokenizer, examples, params.cloze, params.add_bos, progress, logits_fn=logits_fn)
     rep = params.repetition
     with phase("bundle: greedy continuations of held-out prompts in onnxruntime"):
         prompts = text_prompts(tokenizer, text, params).numpy()
@@ -316,6 +337,8 @@ def evaluate_bundle(onnx_path: str, model_path: str, base_path: str, baseline_di
         continuations = [until_eos(row[prompts.shape[1] :], tokenizer.eos_token_id) for row in rows]
     return {
         "bundle_perplexity": agreement.perplexity,
+        "bundle_cloze_accuracy": cloze,
+        "bundle_cloze_examples": len(examples),
         "bundle_repeated_ngram_rate": repeated_ngram_rate(continuations, rep.ngram),
         "bundle_kl_to_base": agreement.kl_to_base,
         "bundle_top1_agreement": agreement.top1_agreement,
@@ -395,8 +418,10 @@ def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams,
     ids = ids[: params.parity_tokens]
     if len(ids) < 2:
         raise LlmpressError("the held-out text is too short for the ONNX parity check")
+    ids = torch.tensor([ids])
     with phase("export: parity with PyTorch in onnxruntime"):
-        parity = check_parity(model, path, torch.tensor([ids]), decode_steps=params.parity_decode_steps)
+        reference = torch_trajectory(model, ids, params.parity_decode_steps)  # PyTorch's side, for both checks
+        parity = check_parity(model, path, ids, params.parity_decode_steps, reference=reference)
     # Parity above is on the exact weights (accuracy level 0: float32 on the de-quantized codes); the graph that
     # ships runs its quantized matmuls at the serving level, and is scored as it is by `evaluate_bundle`.
     graph = onnx.load(str(path), load_external_data=False)
@@ -404,8 +429,8 @@ def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams,
     if params.accuracy_level != 0 and set_accuracy_level(graph, params.accuracy_level):
         onnx.save(graph, str(path))  # the graph file only; its weights file is untouched
         with phase("export: the shipped graph against PyTorch in onnxruntime"):
-            served = check_parity(model, path, torch.tensor([ids]), decode_steps=params.parity_decode_steps,
-                                  noise=False)  # the model's noise floor was measured just above  # fmt: skip
+            # the model's noise floor and its trajectory were measured just above
+            served = check_parity(model, path, ids, params.parity_decode_steps, noise=False, reference=reference)
     return {
         "tensorrt": tensorrt_engine(path, Path(out_dir)),
         "onnx_path": str(path.resolve()),

@@ -15,6 +15,7 @@ from tasks.cache import CACHED
 @task(name="compress", tags=["gpu"], **CACHED)
 def compress_model(model_path: str, recipe_path: str, calibration_path: str, out_dir: str, data: DataParams,
                    eval_params: EvalParams, params: CompressParams, lineage: dict, calibration_md5: str | None = None,
-                   content_key: str | None = None) -> dict:  # fmt: skip
+                   precision: str = "recipe", quantizer: str = "rtn", content_key: str | None = None
+                   ) -> dict:  # fmt: skip
     return steps.compress(model_path, recipe_path, calibration_path, out_dir, data, eval_params, params, lineage,
-                          calibration_md5)  # fmt: skip
+                          calibration_md5, precision, quantizer)  # fmt: skip

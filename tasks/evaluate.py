@@ -21,8 +21,9 @@ def evaluate_base(base_path: str, eval_path: str, params: EvalParams, baselines_
 @task(name="evaluate", **CACHED)
 def evaluate_model(model_path: str, base_path: str, baseline_dir: str, baseline_key: str, eval_path: str,
                    params: EvalParams, layer_names: list[str] | None = None, eval_md5: str | None = None,
-                   content_key: str | None = None) -> dict:  # fmt: skip
-    return steps.evaluate(model_path, base_path, baseline_dir, baseline_key, eval_path, params, layer_names, eval_md5)
+                   bundle_follows: bool = False, content_key: str | None = None) -> dict:  # fmt: skip
+    return steps.evaluate(model_path, base_path, baseline_dir, baseline_key, eval_path, params, layer_names, eval_md5,
+                          bundle_follows)  # fmt: skip
 
 
 @task(name="export-onnx", **CACHED)

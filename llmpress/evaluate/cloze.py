@@ -76,15 +76,17 @@ def encode(tokenizer, example: ClozeExample, params: ClozeParams, add_bos: bool)
 
 @torch.no_grad()
 def cloze_accuracy(
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     tokenizer,
     examples: list[ClozeExample],
     params: ClozeParams,
     add_bos: bool,
     progress: Callable[[int, int], None] | None = None,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """Share of examples whose target word the model predicts exactly. Examples run in batches of similar length
-    (less padding), and the head runs only on the positions that predict target tokens."""
+    (less padding), and the head runs only on the positions that predict target tokens. With `logits_fn` ([B, T]
+    ids -> [B, T, V] logits, e.g. an onnxruntime session's) the model scored is that function (pass model=None)."""
     if not examples:
         raise LlmpressError("no cloze example could be built from the held-out text (see eval.cloze settings)")
     encoded = sorted((encode(tokenizer, ex, params, add_bos) for ex in examples), key=lambda e: len(e[0]))
@@ -95,11 +97,16 @@ def cloze_accuracy(
         width = max(len(ids) for ids, _ in batch)
         # Right padding: with causal attention, pads after a sequence cannot change its real positions.
         ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq, _ in batch], dtype=torch.long)
-        hidden = hidden_states(model, ids)
         # The state at position i predicts token i + 1: the last n_target states before each sequence's end.
         spans = [(len(seq) - n_target - 1, len(seq) - 1) for seq, n_target in batch]
-        states = torch.cat([hidden[row, a:b] for row, (a, b) in enumerate(spans)])
-        predicted = head_logits(model, states[None])[0].argmax(-1).cpu().split([b - a for a, b in spans])
+        if logits_fn is None:
+            hidden = hidden_states(model, ids)
+            states = torch.cat([hidden[row, a:b] for row, (a, b) in enumerate(spans)])
+            best = head_logits(model, states[None])[0].argmax(-1)
+        else:
+            logits = logits_fn(ids)
+            best = torch.cat([logits[row, a:b].argmax(-1) for row, (a, b) in enumerate(spans)])
+        predicted = best.cpu().split([b - a for a, b in spans])
         for row, (a, b) in enumerate(spans):
             correct += int(torch.equal(predicted[row], ids[row, a + 1 : b + 1]))
         if progress:

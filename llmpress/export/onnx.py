@@ -306,25 +306,44 @@ def noise_floor(model: nn.Module, input_ids: torch.Tensor, seeds: int = NOISE_SE
 
 
 @torch.no_grad()
+def torch_trajectory(model: nn.Module, input_ids: torch.Tensor, decode_steps: int) -> list[torch.Tensor]:
+    """PyTorch's side of a parity check: the prefill logits [batch, sequence, vocab] of `input_ids`, then those
+    [batch, vocab] of each of `decode_steps` greedy steps, each fed PyTorch's own previous token. It does not depend
+    on the graph, so one serves every graph checked against the same model."""
+    model = model.eval()
+    out = model(input_ids=input_ids, use_cache=True)
+    logits, cache = [out.logits.float()], out.past_key_values
+    token = logits[0][:, -1].argmax(-1)
+    for _ in range(decode_steps):
+        out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1].float())
+        cache, token = out.past_key_values, logits[-1].argmax(-1)
+    return logits
+
+
+@torch.no_grad()
 def check_parity(model: nn.Module, onnx_path: str | Path, input_ids: torch.Tensor, decode_steps: int = 32,
-                 threads: int | None = None, noise: bool = True) -> ParityResult:  # fmt: skip
+                 threads: int | None = None, noise: bool = True,
+                 reference: list[torch.Tensor] | None = None) -> ParityResult:  # fmt: skip
     """Prefill `input_ids` ([batch, sequence]) and decode `decode_steps` greedy tokens in PyTorch and onnxruntime.
-    With `noise` false, PyTorch's noise floor (a property of the model, not of the graph) is not measured: NaN."""
+    With `noise` false, PyTorch's noise floor (a property of the model, not of the graph) is not measured: NaN.
+    `reference`: PyTorch's side computed before (`torch_trajectory` of the same ids and steps)."""
     generator = OrtGenerator(onnx_session(onnx_path, threads))
     model = model.eval()
+    reference = reference if reference is not None else torch_trajectory(model, input_ids, decode_steps)
+    if len(reference) != decode_steps + 1 or reference[0].shape[:2] != input_ids.shape:
+        raise ValueError("the reference trajectory is not of these ids and decode steps")
     ids = input_ids.numpy()
     mask = np.ones_like(ids)
-    out = model(input_ids=input_ids, use_cache=True)
-    ref_logits, cache = out.logits.float(), out.past_key_values
+    ref_logits = reference[0]
     got_logits, ort_cache = generator.forward(ids, mask, generator.empty_cache(ids.shape[0]))
     got = torch.from_numpy(got_logits).float()
     diffs = [(got - ref_logits).abs().flatten()]
     agreement = (got.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
     ref_token, ort_token = ref_logits[:, -1].argmax(-1), got[:, -1].argmax(-1)
     identical = bool(torch.equal(ref_token, ort_token))
-    for _ in range(decode_steps):
-        out = model(input_ids=ref_token[:, None], past_key_values=cache, use_cache=True)
-        ref_logits, cache = out.logits[:, -1].float(), out.past_key_values
+    for step in range(decode_steps):
+        ref_logits = reference[step + 1]
         mask = np.concatenate([mask, np.ones((ids.shape[0], 1), dtype=np.int64)], axis=1)
         step_logits, ort_cache = generator.forward(ort_token[:, None].numpy(), mask, ort_cache)
         got = torch.from_numpy(step_logits[:, -1]).float()

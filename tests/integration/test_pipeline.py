@@ -151,9 +151,11 @@ def test_agreement_cloze_and_generations(runs: dict) -> None:
     # Pruning half the weights must cost some agreement, and Wanda must keep more of it than magnitude.
     assert 0 < comp["kl_to_base"] < magnitude["kl_to_base"]
     assert magnitude["top1_agreement"] < comp["top1_agreement"] < 1.0
-    assert comp["cloze_examples"] >= 50
-    assert 0 < base["cloze_accuracy"] <= 1 and 0 <= comp["cloze_accuracy"] <= 1
-    assert magnitude["cloze_accuracy"] <= comp["cloze_accuracy"]
+    assert comp["bundle_cloze_examples"] >= 50 and magnitude["cloze_examples"] == comp["bundle_cloze_examples"]
+    # cloze of the exported Wanda model is measured on its bundle; magnitude is not exported: on the PyTorch model
+    assert 0 < base["cloze_accuracy"] <= 1 and 0 <= comp["bundle_cloze_accuracy"] <= 1
+    assert "cloze_accuracy" not in comp and "repeated_ngram_rate" not in comp
+    assert magnitude["cloze_accuracy"] <= comp["bundle_cloze_accuracy"]
     generations = runs["wanda"]["generations"]
     assert len(generations) == 5 and all(g["base"].strip() and g["compressed"].strip() for g in generations)
     assert any(g["base"] != g["compressed"] for g in generations)
@@ -192,15 +194,14 @@ def test_the_bundle_is_scored_on_its_own_and_gated(runs: dict) -> None:
     assert "bundle_bytes_ratio" not in checks  # switched off in this project's params (pruning stores dense zeros)
     magnitude = {c["name"]: c for c in runs["magnitude"]["gate"]["checks"]}
     assert "not checked: nothing exported" in magnitude["bundle_perplexity_ratio"]["note"]  # --no-export
-    # Greedy continuations of held-out prompts: the fp32 bundle talks as the PyTorch model does; both pruned models
-    # repeat themselves more than the base model, magnitude (16x the perplexity) far more. Without a bundle the
-    # PyTorch model's continuations are judged.
-    assert comp["bundle_repeated_ngram_rate"] == pytest.approx(comp["repeated_ngram_rate"], abs=0.05)
+    # Greedy continuations of held-out prompts, the bundle's own: both pruned models repeat themselves more than the
+    # base model, magnitude (16x the perplexity) far more. Without a bundle the PyTorch model's are judged.
     increase = checks["repetition_increase"]["value"]
     assert increase == pytest.approx(comp["bundle_repeated_ngram_rate"] - base["repeated_ngram_rate"])
     assert 0.03 < increase < magnitude["repetition_increase"]["value"]
     assert magnitude["repetition_increase"]["value"] == pytest.approx(
-        runs["magnitude"]["compressed"]["repeated_ngram_rate"] - base["repeated_ngram_rate"])
+        runs["magnitude"]["compressed"]["repeated_ngram_rate"] - base["repeated_ngram_rate"]
+    )
 
 
 def test_registry_versions_tags_and_aliases(runs: dict) -> None:

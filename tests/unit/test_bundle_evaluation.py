@@ -5,16 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
 from conftest import build_tiny_llama, byte_tokenizer_json
 from transformers import PreTrainedTokenizerFast
 
+from flows.cli import main as cli
 from llmpress import steps
+from llmpress.bundle import run as bundle_run
+from llmpress.bundle import verify_bundle
 from llmpress.compress import compress_
 from llmpress.compress.storage import save_compressed
 from llmpress.config import EvalParams, ExportParams, GateParams, Recipe
+from llmpress.export.generate import OrtGenerator, onnx_session
 from llmpress.gate import run_gate
 
 TEXT = " ".join(f"the market near the bridge was quiet on day {i} of the council's long meeting." for i in range(40))
@@ -61,6 +66,7 @@ def test_a_quantized_bundle_is_scored_as_it_ships(tmp_path, level) -> None:
         assert bundle["bundle_perplexity"] == pytest.approx(torch_ppl, rel=1e-4)
         assert bundle["bundle_kl_to_base"] == pytest.approx(evaluation["metrics"]["kl_to_base"], rel=1e-3, abs=1e-6)
         assert exported["bundle_max_abs_diff"] == exported["onnx_max_abs_diff"]
+        assert bundle["bundle_cloze_accuracy"] == evaluation["metrics"]["cloze_accuracy"]
     else:  # int8 activations: close to, not equal to, PyTorch
         assert bundle["bundle_perplexity"] == pytest.approx(torch_ppl, rel=0.05)
         assert exported["bundle_max_abs_diff"] > exported["onnx_max_abs_diff"]
@@ -80,3 +86,20 @@ def test_a_quantized_bundle_is_scored_as_it_ships(tmp_path, level) -> None:
         assert rate == pytest.approx(evaluation["metrics"]["repeated_ngram_rate"], abs=0.02)
     assert checks["bundle_perplexity_ratio"].value == pytest.approx(bundle["bundle_perplexity"]
                                                                      / evaluation["base"]["perplexity"])  # fmt: skip
+    # Downstream follows the artifact: the edge bundle carries this graph, says what it holds, verifies, and its
+    # runner (numpy + onnxruntime only) generates what the scored graph generates - at level 0, what PyTorch does.
+    built = steps.edge_bundle(exported["onnx_path"], model_dir, tmp_path / "bundle", measured, report.to_dict(),
+                              {"git_commit": "abc"})  # fmt: skip
+    manifest = verify_bundle(built)
+    assert manifest["model"]["precision"] == "int4-emb8" and manifest["model"]["matmul_nbits_accuracy_level"] == level
+    assert manifest["model"]["precision_counts"] == bundle["bundle_precision_counts"]
+    assert cli(["bundle", "verify", str(built)]) == 0
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    prompt = "the market near the bridge"
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    generator = OrtGenerator(onnx_session(exported["onnx_path"], 1))
+    scored = generator.generate(np.array([ids]), 10)[0, len(ids) :]
+    assert bundle_run(built, prompt, max_new_tokens=10) == tokenizer.decode(scored.tolist(), skip_special_tokens=True)
+    if level == 0:
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert scored.tolist() == expected[0, len(ids) :].tolist()
