@@ -29,6 +29,13 @@ with PyTorch: the weights are equal bit for bit, `tests/unit/test_export_packed.
 block to int8 at run time and uses integer dot products, several times faster on CPU at some extra rounding - the
 edge bundle's setting, judged on its own in onnxruntime.
 
+W8A8 (SmoothQuant: 8-bit symmetric weights per output channel, inputs quantized per token at run time,
+`quant.install_act_quant`): the traced graph already computes each token's codes round(x / s) clamped to int8
+and its scale s, as PyTorch does; the matmul becomes `MatMulInteger` of those codes (Cast to int8) with the weight
+codes q - 128 (int8 [K, N]), exact in int32, then times s per token and the weight scale per channel. The
+smoothing itself is folded into the RMSNorm weights before export. Where the input is anything else, the layer
+falls back to an 8-bit MatMulNBits.
+
 Usage: `llmpress.export.template.write_export` calls `pack_matmuls` on every export, so a quantized model's
 graph is packed whichever way it was made (traced, stitched or from a template).
 """
@@ -42,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx.numpy_helper
+import torch
 from torch import nn
 
 from llmpress.compress.quant import QuantizedWeight, quantization_of
@@ -149,11 +157,40 @@ def _matmul_nbits(user: onnx.NodeProto, inputs: list[str], p: PackedWeight, accu
                                  accuracy_level=accuracy_level)  # fmt: skip
 
 
+def _w8a8_weight(qw: QuantizedWeight) -> bool:
+    """8-bit, symmetric (zero point 128, so code - 128 is an int8), one scale per output channel: what an int8
+    matmul followed by a per-channel rescale computes exactly."""
+    return (
+        qw.bits == 8 and qw.symmetric and qw.group_size is None and qw.minimum is None and bool((qw.zero == 128).all())
+    )
+
+
+def _per_token_codes(matmul: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> tuple[str, str] | None:
+    """(integer-valued codes, per-token scale) when the MatMul's input is the traced per-token fake quantization
+    `clamp(round(x / s), -128, 127) * s` (`quant.fake_quantize_per_token`): Mul(clamped, s) over Min/Max or Clip over
+    Round over Div(x, s) with the same s. None when it is anything else."""
+    mul = producers.get(matmul.input[0])
+    if mul is None or mul.op_type != "Mul":
+        return None
+    for codes, scale in ((mul.input[0], mul.input[1]), (mul.input[1], mul.input[0])):
+        node = producers.get(codes)
+        while node is not None and node.op_type in ("Min", "Max", "Clip"):
+            node = producers.get(node.input[0])
+        if node is None or node.op_type != "Round":
+            continue
+        div = producers.get(node.input[0])
+        if div is not None and div.op_type == "Div" and div.input[1] == scale:
+            return codes, scale
+    return None
+
+
 def pack_matmuls(graph: onnx.ModelProto, bindings: dict[str, tuple[str, bool]], model: nn.Module,
                  accuracy_level: int = 0) -> dict[str, np.ndarray]:  # fmt: skip
     """Rewrite `graph` in place so that every quantized weight of `model` is held as its codes:
 
-    - a MatMul reading a quantized linear's transposed weight becomes MatMulNBits;
+    - a MatMul reading a quantized linear's transposed weight becomes MatMulNBits; for a W8A8 linear (8-bit
+      symmetric per-channel weights, inputs quantized per token, SmoothQuant's) it becomes MatMulInteger on the
+      activation codes the graph computes at run time and the weight codes, rescaled per token and per channel;
     - a Gather reading a quantized embedding table becomes GatherBlockQuantized, and a head tied to that table
       (a MatMul reading the table through a Transpose) becomes MatMulNBits on the same codes, reshaped (one
       copy on disk; onnxruntime folds the reshape when it loads the graph).
@@ -168,6 +205,8 @@ def pack_matmuls(graph: onnx.ModelProto, bindings: dict[str, tuple[str, bool]], 
     shape_inits: list[onnx.TensorProto] = []  # small, kept in the graph: shape inference reads them
     dropped: set[str] = set()
     follow: dict[str, list[onnx.NodeProto]] = {}  # nodes to place right after the node making this output
+    before: dict[str, list[onnx.NodeProto]] = {}  # nodes to place right before the node of this name
+    producers = {o: n for n in graph.graph.node for o in n.output}
 
     # by tensor, not by name: a tied head's weight is the table's, and the graph may bind it under either name
     parameters = dict(model.named_parameters(remove_duplicate=False))
@@ -184,6 +223,29 @@ def pack_matmuls(graph: onnx.ModelProto, bindings: dict[str, tuple[str, bool]], 
         if transposed:  # a linear's weight, [in, out] as MatMul reads it
             if any(u.op_type != "MatMul" or list(u.input)[1:] != [init_name] for u in users):
                 continue
+            layer = modules.get(source.removesuffix(".weight"))
+            if getattr(layer, "llmpress_act_bits", None) == 8 and _w8a8_weight(qw):
+                chains = [_per_token_codes(user, producers) for user in users]
+                if all(chains):  # W8A8: int8 activations times int8 weights, in integers
+                    weight, scale = f"{source}.w_int8", f"{source}.w_scale"
+                    arrays[weight] = (qw.codes.to(torch.int16) - qw.zero.to(torch.int16)).T.numpy().astype(np.int8)
+                    arrays[scale] = qw.scale.float()[:, 0].numpy()
+                    for user, (act_codes, token_scale) in zip(users, chains, strict=True):
+                        stem, output = user.name or user.output[0], user.output[0]
+                        to_float = onnx.TensorProto.FLOAT
+                        follow[f"{stem}.int32"] = [
+                            onnx.helper.make_node("Cast", [f"{stem}.int32"], [f"{stem}.float"], to=to_float),
+                            onnx.helper.make_node("Mul", [f"{stem}.float", token_scale], [f"{stem}.per_token"]),
+                            onnx.helper.make_node("Mul", [f"{stem}.per_token", scale], [output]),
+                        ]  # fmt: skip
+                        name = user.name or f"{stem}.matmul"
+                        user.CopyFrom(onnx.helper.make_node("MatMulInteger", [f"{stem}.codes", weight],
+                                                            [f"{stem}.int32"], name=name))  # fmt: skip
+                        before[name] = [
+                            onnx.helper.make_node("Cast", [act_codes], [f"{stem}.codes"], to=onnx.TensorProto.INT8)
+                        ]
+                    replaced.add(init_name)
+                    continue
             p = pack(qw)
             if p.minimum is not None and p.k % p.block_size:
                 log.warning("%s: offset 'min' with a ragged last group is exported in float32", source)
@@ -265,6 +327,7 @@ def pack_matmuls(graph: onnx.ModelProto, bindings: dict[str, tuple[str, bool]], 
     for node in graph.graph.node:
         if node.op_type == "Transpose" and node.output[0] in dropped:
             continue
+        ordered += before.get(node.name, [])
         ordered.append(node)
         ordered += follow.get(node.output[0], [])
     del graph.graph.node[:]

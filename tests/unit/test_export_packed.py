@@ -190,3 +190,32 @@ def test_quantized_embeddings_and_head_export_their_codes(tied, bits, tmp_path) 
                                    providers=["CPUExecutionProvider"])  # fmt: skip
     rows = session.run(None, {gather.input[1]: np.arange(256, dtype=np.int64)})[0]
     assert np.array_equal(rows.view(np.uint32), table.weight.detach().numpy().view(np.uint32))
+
+
+def test_smoothquant_w8a8_runs_its_matmuls_in_int8(tmp_path) -> None:
+    """SmoothQuant W8A8: every projection becomes MatMulInteger on the per-token int8 codes the graph computes at run
+    time and the int8 weight codes - no float weight left - and computes what PyTorch's W8A8 emulation does."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).float().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    stage = {"method": "smoothquant", "alpha": 0.5, "weight_bits": 8, "activation_bits": 8, "targets": [".*_proj"]}
+    compress_(model, Recipe(name="sq", stages=[stage]), ids, batch_size=4)
+    graph_path = export_onnx(model, tmp_path / "onnx")
+    graph = onnx.load(str(graph_path))
+    counts = precision_counts(graph)
+    assert counts == {"gather_fp32": 1, "matmul_fp32": 1, "matmul_int8": 2 * 7} and precision_label(counts) == "int8"
+    initializers = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    assert not any(name.endswith("_proj.weight") for name in initializers)
+    modules = dict(model.named_modules())
+    for node in (n for n in graph.graph.node if n.op_type == "MatMulInteger"):
+        weight = initializers[node.input[1]]
+        layer = modules[node.input[1].removesuffix(".weight.w_int8")]
+        qw = quantization_of(layer)
+        assert weight.dtype == np.int8 and np.array_equal(weight.T.astype(np.int32), qw.codes.int().numpy() - 128)
+        scale = initializers[node.input[1].replace(".w_int8", ".w_scale")]
+        # codes times the channel scale: the weight PyTorch evaluates, bit for bit
+        assert np.array_equal(weight.T.astype(np.float32) * scale[:, None], layer.weight.detach().numpy())
+    parity = check_parity(model, graph_path, ids[:2, :12], decode_steps=8)
+    assert parity.max_abs_diff < 1e-4 and parity.greedy_identical
