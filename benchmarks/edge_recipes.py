@@ -1,6 +1,7 @@
 """Which recipe ships: edge bundles of several recipes, each scored as it ships, in onnxruntime, on one machine.
 
-    .venv/bin/python benchmarks/edge_recipes.py [--recipes recipes/edge-int4.yaml ...] [--max-tokens N]
+    .venv/bin/python benchmarks/edge_recipes.py [--recipes recipes/edge-int4.yaml recipes/wanda-50.yaml@int4 ...]
+                                                [--max-tokens N]
                                                 [--out benchmarks/results]
 
 For each recipe: compress the shipped model (params.yaml's calibration set), export it (quantized layers as
@@ -10,6 +11,9 @@ protocol, and time it in a child process that imports only numpy and onnxruntime
 Besides the recipes: the base model in PyTorch fp32 (what users would run instead), its fp32 graph, and
 onnxruntime's own int4 quantizer on that graph (`int4-full`: symmetric round-to-nearest, embeddings too) - what a
 user of onnxruntime's tooling would ship. Same held-out text, threads and prompt for every row.
+
+A recipe written `path@precision` is shipped at that `export.precision` (`config.export_recipe`: a prune-only
+recipe followed by llmpress's RTN quantizer, e.g. `recipes/wanda-50.yaml@int4`).
 
 Writes edge_recipes.json ({"machine", "settings", "rows": [{"system", "recipe", "precision", "bytes",
 "bytes_ratio", "perplexity_torch", "perplexity", "perplexity_ratio", "prefill_ms", "decode_b1", "decode_b4",
@@ -36,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llmpress.compress import compress_  # noqa: E402
-from llmpress.config import load_params, load_recipe  # noqa: E402
+from llmpress.config import export_recipe, load_params, load_recipe  # noqa: E402
 from llmpress.data import calibration_windows  # noqa: E402
 from llmpress.evaluate.perplexity import perplexity  # noqa: E402
 from llmpress.evaluate.speed import measure_in_subprocess, prompt_ids  # noqa: E402
@@ -46,7 +50,7 @@ from llmpress.export.variants import make_variant, ort_perplexity  # noqa: E402
 from llmpress.sources import load_model, load_tokenizer, resolve  # noqa: E402
 
 DEFAULT_RECIPES = ["recipes/edge-int4.yaml", "recipes/rtn-w4g32-emb8.yaml", "recipes/gptq-w4g32-emb8.yaml",
-                   "recipes/wanda-50.yaml"]  # fmt: skip
+                   "recipes/smoothquant-w8a8.yaml", "recipes/wanda-50.yaml", "recipes/wanda-50.yaml@int4"]  # fmt: skip
 
 
 def graph_row(system: str, recipe: str, graph: Path, tokenizer, text: str, params, prompt: list[int]) -> dict:
@@ -133,16 +137,18 @@ def main() -> None:
                               prompt))  # fmt: skip
         del base_model
         for recipe_path in args.recipes:
-            recipe = load_recipe(REPO / recipe_path)
+            path, _, precision = recipe_path.partition("@")
+            recipe = export_recipe(load_recipe(REPO / path), precision or "recipe")
             model = load_model(base.path)
             compress_(model, recipe, windows, batch_size=params.compress.batch_size)
             torch_ppl = perplexity(model, tokenizer, text, params.eval).perplexity
-            graph = export_onnx(model, work / recipe.name, cache_dir=templates)
+            name = recipe.name + (f" @ {precision}" if precision else "")
+            graph = export_onnx(model, work / name.replace(" @ ", "-"), cache_dir=templates)
             proto = onnx.load(str(graph), load_external_data=False)
             if set_accuracy_level(proto, params.export.accuracy_level):
                 onnx.save(proto, str(graph))
             del model
-            row = graph_row("llmpress default" if recipe_path == DEFAULT_RECIPES[0] else "llmpress", recipe.name,
+            row = graph_row("llmpress default" if recipe_path == DEFAULT_RECIPES[0] else "llmpress", name,
                             graph, tokenizer, text, params, prompt)  # fmt: skip
             rows.append(row | {"perplexity_torch": torch_ppl})
             print(json.dumps(rows[-1]), flush=True)

@@ -49,7 +49,7 @@ def test_bad_precision_values_name_the_field_and_the_choices(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("precision", "quantizer", "bits", "label"),
-                         [("int4", "rtn", 4, "int4"), ("int4", "gptq", 4, "int4"), ("int8", "rtn", 8, "int8"),
+                         [("int4", "gptq", 4, "int4"), ("int8", "rtn", 8, "int8"),
                           ("int4-full", "rtn", 4, "int4-emb4")])  # fmt: skip
 def test_a_pruned_model_ships_quantized_with_its_zeros(precision, quantizer, bits, label, tmp_path) -> None:
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
