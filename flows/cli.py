@@ -84,17 +84,17 @@ def print_summary(s: dict[str, Any]) -> None:
         ("perplexity", f"{base['perplexity']:.3f}", f"{comp['perplexity']:.3f}"),
         ("KL to base (nats/token)", "0", f"{comp['kl_to_base']:.4f}"),
         ("top-1 agreement with base", "1", f"{comp['top1_agreement']:.4f}"),
-        ("sparsity (targeted layers)", "-", f"{comp.get('sparsity', 0):.4f}"),
-        ("size on disk", _fmt_bytes(base["bytes_on_disk"]), _fmt_bytes(comp["bytes_on_disk"])),
     ]  # fmt: skip
     if "cloze_accuracy" in comp:  # else measured on the bundle (rows below)
-        cloze = (f"cloze accuracy ({comp['cloze_examples']} examples)", f"{base['cloze_accuracy']:.3f}",
-                 f"{comp['cloze_accuracy']:.3f}")  # fmt: skip
-        rows.insert(len(rows) - 2, cloze)
+        rows.append((f"cloze accuracy ({comp['cloze_examples']} examples)", f"{base['cloze_accuracy']:.3f}",
+                     f"{comp['cloze_accuracy']:.3f}"))  # fmt: skip
     if "repeated_ngram_rate" in comp:
-        repeats = ("repeated n-grams, greedy (share)", _three_places(base.get("repeated_ngram_rate")),
-                   _three_places(comp["repeated_ngram_rate"]))  # fmt: skip
-        rows.insert(len(rows) - 2, repeats)
+        rows.append(("repeated n-grams, greedy (share)", _three_places(base.get("repeated_ngram_rate")),
+                     _three_places(comp["repeated_ngram_rate"])))  # fmt: skip
+    rows += [
+        ("sparsity (targeted layers)", "-", f"{comp.get('sparsity', 0):.4f}"),
+        ("size on disk", _fmt_bytes(base["bytes_on_disk"]), _fmt_bytes(comp["bytes_on_disk"])),
+    ]
     if "torch_b1_prefill_ms" in base:  # speed: base in PyTorch, compressed in the runtime that serves it
         from llmpress.evaluate.speed import served
 

@@ -478,9 +478,6 @@ class Recipe(Strict):
     stages: list[Stage] = Field(min_length=1)
 
 
-QUANTIZING = ("rtn", "gptq", "awq", "smoothquant", "embeddings")
-
-
 def export_recipe(recipe: Recipe, precision: str = "recipe", quantizer: str = "rtn") -> Recipe:
     """The recipe that runs: `recipe`, followed by the quantization `export.precision` asks for when the recipe only
     prunes (or factorises, distils...). Quantization comes last, on an asymmetric zero-point grid (0 is a grid point),
@@ -488,7 +485,8 @@ def export_recipe(recipe: Recipe, precision: str = "recipe", quantizer: str = "r
     already decides its own precision: asking for another is refused."""
     if precision == "recipe":
         return recipe
-    quantizing = [f"{i} ({s.method})" for i, s in enumerate(recipe.stages) if s.method in QUANTIZING]
+    quantizing = [f"{i} ({s.method})" for i, s in enumerate(recipe.stages)
+                  if isinstance(s, QuantGrid | SmoothQuantStage)]  # fmt: skip
     if quantizing:
         raise ConfigError(f"export.precision: {precision!r} is for recipes that do not quantize, and recipe "
                           f"{recipe.name!r} quantizes (stage {quantizing[0]}); allowed with it: 'recipe'")  # fmt: skip

@@ -68,8 +68,7 @@ def run_gate(metrics: dict[str, float], base: dict[str, float], params: GatePara
     if params.min_top1_agreement is not None:
         checks.append(_check("top1_agreement", metrics.get("top1_agreement"), ">=", params.min_top1_agreement))
     if params.min_cloze_ratio is not None:
-        # the shipped graph's cloze when there is one (then the PyTorch model's is not measured), else the model's
-        cloze = metrics.get("bundle_cloze_accuracy", metrics.get("cloze_accuracy"))
+        cloze = as_shipped(metrics, "cloze_accuracy")
         base_cloze = base.get("cloze_accuracy")
         ratio = cloze / base_cloze if cloze is not None and base_cloze else None
         checks.append(_check("cloze_ratio", ratio, ">=", params.min_cloze_ratio))
@@ -122,10 +121,16 @@ def _bundle_checks(metrics: dict[str, float], base: dict[str, float], params: Ga
     return checks
 
 
+def as_shipped(metrics: dict[str, float], name: str) -> float | None:
+    """The bundle's `bundle_<name>` when the graph that ships was scored (then the PyTorch model's is not measured,
+    `steps.evaluate`), else the model's `name`."""
+    return metrics.get(f"bundle_{name}", metrics.get(name))
+
+
 def _repetition(metrics: dict[str, float], base: dict[str, float], limit: float) -> Check:
     """How much more the model repeats itself than the base model in greedy continuations of held-out prompts:
     the shipped graph's continuations when there is one, else the PyTorch model's."""
-    rate = metrics.get("bundle_repeated_ngram_rate", metrics.get("repeated_ngram_rate"))
+    rate = as_shipped(metrics, "repeated_ngram_rate")
     base_rate = base.get("repeated_ngram_rate")
     increase = rate - base_rate if rate is not None and base_rate is not None else None
     return _check("repetition_increase", increase, "<=", limit)

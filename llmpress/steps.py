@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from llmpress.evaluate.agreement import compare_to_base
 from llmpress.evaluate.baseline import baseline_key, compute_baseline, load_baseline
 from llmpress.evaluate.cloze import build_examples, cloze_accuracy
 from llmpress.evaluate.generate import greedy_generations
-from llmpress.evaluate.repetition import repeated_ngram_rate, text_prompts, torch_continuations, until_eos
+from llmpress.evaluate.repetition import repetition_rate, torch_continuations, until_eos
 from llmpress.evaluate.speed import measure_in_subprocess, peak_rss_mb, prompt_ids, served
 from llmpress.export.onnx import check_parity, export_onnx, torch_trajectory
 from llmpress.files import atomic_folder
@@ -262,11 +263,9 @@ def evaluate(model_path: str, base_path: str, baseline_dir: str, baseline_key: s
     generations = [{"prompt": p, "base": b, "compressed": c}
                    for p, b, c in zip(prompts, base_metrics["generations"], texts, strict=True)]  # fmt: skip
     if not bundle_follows:
-        rep = params.repetition
         with phase("evaluate: greedy continuations of held-out prompts"):
-            continuations = torch_continuations(model, text_prompts(tokenizer, text, params), rep.new_tokens,
-                                                tokenizer.eos_token_id)  # fmt: skip
-        metrics["repeated_ngram_rate"] = repeated_ngram_rate(continuations, rep.ngram)
+            metrics["repeated_ngram_rate"] = repetition_rate(partial(torch_continuations, model), tokenizer, text,
+                                                             params)  # fmt: skip
     metrics |= {
         "perplexity": agreement.perplexity,
         "kl_to_base": agreement.kl_to_base,
@@ -330,16 +329,18 @@ def evaluate_bundle(onnx_path: str, model_path: str, base_path: str, baseline_di
     examples = build_examples(text, params.cloze)
     with Progress("bundle: cloze in onnxruntime", "example") as progress:
         cloze = cloze_accuracy(None, tokenizer, examples, params.cloze, params.add_bos, progress, logits_fn=logits_fn)
-    rep = params.repetition
+
+    def ort_continuations(prompts: torch.Tensor, new_tokens: int, eos: int | None) -> list[list[int]]:
+        rows = generator.generate(prompts.numpy(), new_tokens, eos_token_id=eos)
+        return [until_eos(row[prompts.shape[1] :], eos) for row in rows]
+
     with phase("bundle: greedy continuations of held-out prompts in onnxruntime"):
-        prompts = text_prompts(tokenizer, text, params).numpy()
-        rows = generator.generate(prompts, rep.new_tokens, eos_token_id=tokenizer.eos_token_id)
-        continuations = [until_eos(row[prompts.shape[1] :], tokenizer.eos_token_id) for row in rows]
+        repetition = repetition_rate(ort_continuations, tokenizer, text, params)
     return {
         "bundle_perplexity": agreement.perplexity,
         "bundle_cloze_accuracy": cloze,
         "bundle_cloze_examples": len(examples),
-        "bundle_repeated_ngram_rate": repeated_ngram_rate(continuations, rep.ngram),
+        "bundle_repeated_ngram_rate": repetition,
         "bundle_kl_to_base": agreement.kl_to_base,
         "bundle_top1_agreement": agreement.top1_agreement,
         "bundle_bytes": folder_bytes(Path(onnx_path).parent),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from llmpress.config import EvalParams
 from llmpress.evaluate.agreement import base_pass
 from llmpress.evaluate.cloze import build_examples, cloze_accuracy
 from llmpress.evaluate.generate import greedy_generations
-from llmpress.evaluate.repetition import repeated_ngram_rate, text_prompts, torch_continuations
+from llmpress.evaluate.repetition import repetition_rate, torch_continuations
 from llmpress.files import atomic_folder
 from llmpress.hashing import code_version, data_hash
 from llmpress.progress import Progress, phase
@@ -67,10 +68,8 @@ def compute_baseline(base: torch.nn.Module, tokenizer, text: str, params: EvalPa
     with Progress("baseline: cloze (base)", "example") as progress:
         cloze = cloze_accuracy(base, tokenizer, examples, params.cloze, params.add_bos, progress)
     generations = greedy_generations(base, tokenizer, params.generation.prompts, params.generation.max_new_tokens)
-    rep = params.repetition
     with phase("baseline: greedy continuations of held-out prompts (base)"):
-        continuations = torch_continuations(base, text_prompts(tokenizer, text, params), rep.new_tokens,
-                                            tokenizer.eos_token_id)  # fmt: skip
+        repetition = repetition_rate(partial(torch_continuations, base), tokenizer, text, params)
     metrics = {
         "key": key,
         "perplexity": passed.perplexity,
@@ -78,7 +77,7 @@ def compute_baseline(base: torch.nn.Module, tokenizer, text: str, params: EvalPa
         "cloze_accuracy": cloze,
         "cloze_examples": len(examples),
         "generations": generations,
-        "repeated_ngram_rate": repeated_ngram_rate(continuations, rep.ngram),
+        "repeated_ngram_rate": repetition,
         "parameters": sum(p.numel() for p in base.parameters()),
         **sizes,
     }

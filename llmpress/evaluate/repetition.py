@@ -17,7 +17,7 @@ model's greedy text more than that); the gate bounds how much compression may ra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ def held_out_prompts(ids: Sequence[int], params: RepetitionParams, bos_token_id:
         raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than one repetition prompt "
                          f"(eval.repetition.prompt_tokens = {params.prompt_tokens})")  # fmt: skip
     count = min(params.prompts, len(ids) // width)
-    step = (len(ids) - width) // max(count - 1, 1) if count > 1 else 0
+    step = (len(ids) - width) // (count - 1) if count > 1 else 0
     return torch.tensor([bos + list(ids[i * step : i * step + width]) for i in range(count)], dtype=torch.long)
 
 
@@ -71,5 +71,17 @@ def torch_continuations(model: torch.nn.Module, prompts: torch.Tensor, new_token
     ids = prompts.to(device)
     pad = eos_token_id if eos_token_id is not None else 0
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=0, do_sample=False, pad_token_id=pad)  # fmt: skip
+                         do_sample=False, pad_token_id=pad)  # fmt: skip
     return [until_eos(row[ids.shape[1] :].tolist(), eos_token_id) for row in out.cpu()]
+
+
+Continuations = Callable[[torch.Tensor, int, int | None], list[list[int]]]
+
+
+def repetition_rate(continuations: Continuations, tokenizer, text: str, params: EvalParams) -> float:
+    """The repeated n-gram rate of a model's greedy continuations of the held-out prompts. `continuations`:
+    (prompts [P, T], new tokens, EOS id) -> each prompt's continuation, cut at EOS (`torch_continuations` with its
+    model bound, or an onnxruntime generator's)."""
+    rep = params.repetition
+    made = continuations(text_prompts(tokenizer, text, params), rep.new_tokens, tokenizer.eos_token_id)
+    return repeated_ngram_rate(made, rep.ngram)

@@ -160,9 +160,7 @@ def _matmul_nbits(user: onnx.NodeProto, inputs: list[str], p: PackedWeight, accu
 def _w8a8_weight(qw: QuantizedWeight) -> bool:
     """8-bit, symmetric (zero point 128, so code - 128 is an int8), one scale per output channel: what an int8
     matmul followed by a per-channel rescale computes exactly."""
-    return (
-        qw.bits == 8 and qw.symmetric and qw.group_size is None and qw.minimum is None and bool((qw.zero == 128).all())
-    )
+    return qw.bits == 8 and qw.symmetric and qw.group_size is None and qw.minimum is None
 
 
 def _per_token_codes(matmul: onnx.NodeProto, producers: dict[str, onnx.NodeProto]) -> tuple[str, str] | None:
@@ -205,7 +203,6 @@ def pack_matmuls(graph: onnx.ModelProto, bindings: dict[str, tuple[str, bool]], 
     shape_inits: list[onnx.TensorProto] = []  # small, kept in the graph: shape inference reads them
     dropped: set[str] = set()
     follow: dict[str, list[onnx.NodeProto]] = {}  # nodes to place right after the node making this output
-    before: dict[str, list[onnx.NodeProto]] = {}  # nodes to place right before the node of this name
     producers = {o: n for n in graph.graph.node for o in n.output}
 
     # by tensor, not by name: a tied head's weight is the table's, and the graph may bind it under either name
@@ -241,9 +238,9 @@ def pack_matmuls(graph: onnx.ModelProto, bindings: dict[str, tuple[str, bool]], 
                         name = user.name or f"{stem}.matmul"
                         user.CopyFrom(onnx.helper.make_node("MatMulInteger", [f"{stem}.codes", weight],
                                                             [f"{stem}.int32"], name=name))  # fmt: skip
-                        before[name] = [
+                        follow.setdefault(act_codes, []).append(
                             onnx.helper.make_node("Cast", [act_codes], [f"{stem}.codes"], to=onnx.TensorProto.INT8)
-                        ]
+                        )
                     replaced.add(init_name)
                     continue
             p = pack(qw)
@@ -327,7 +324,6 @@ def pack_matmuls(graph: onnx.ModelProto, bindings: dict[str, tuple[str, bool]], 
     for node in graph.graph.node:
         if node.op_type == "Transpose" and node.output[0] in dropped:
             continue
-        ordered += before.get(node.name, [])
         ordered.append(node)
         ordered += follow.get(node.output[0], [])
     del graph.graph.node[:]
