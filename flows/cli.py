@@ -4,7 +4,7 @@
     llmpress data                     reproduce and push the DVC data sets, print their versions
     llmpress resolve SOURCE           resolve a model source to a local folder, print its content hash
     llmpress check FILE ... [--model SOURCE]  validate recipes and params.yaml (and targets against a model)
-    llmpress dequantize SRC DST       a compressed folder (packed ints, low-rank) -> a plain HF safetensors folder
+    llmpress dequantize SRC DST       a compressed folder (packed ints, low-rank) -> a plain HF folder (--overwrite)
     llmpress promote NAME [VERSION]   publish an approved version's bundle to S3 and move alias production
     llmpress bundle verify PATH       check an edge bundle's files against its manifest
     llmpress bundle run PATH PROMPT   generate with an edge bundle (needs only onnxruntime and tokenizers)
@@ -35,7 +35,7 @@ from llmpress.errors import ConfigError, LlmpressError  # noqa: E402
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
-    import yaml
+    from llmpress.loading import parse_yaml
 
     out = {}
     for item in items:
@@ -47,7 +47,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
                 f"--set {key}: data settings are DVC parameters read from params.yaml by `dvc repro`; edit "
                 "params.yaml (or use --data for the corpus) so the data version follows them"
             )
-        out[key] = yaml.safe_load(value)
+        out[key] = parse_yaml(value, f"--set {key}")
     return out
 
 
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     deq = sub.add_parser("dequantize", help="compressed folder -> plain Hugging Face folder (float weights)")
     deq.add_argument("src")
     deq.add_argument("dst")
+    deq.add_argument("--overwrite", action="store_true", help="replace DST if it is a model folder llmpress wrote")
     prom = sub.add_parser("promote", help="publish an approved version's edge bundle to S3, move alias production")
     prom.add_argument("model", help="registered model name")
     prom.add_argument("version", nargs="?", default="champion", help="version number or alias (default: champion)")
@@ -215,22 +216,31 @@ def main(argv: list[str] | None = None) -> int:
 
     project = Path(args.project).resolve()
     try:
+        if not project.is_dir():
+            raise LlmpressError(f"--project {args.project}: no such folder")
+        if args.command in ("run", "check", "sweep", "promote") and not (project / args.params).is_file():
+            raise LlmpressError(f"--params {args.params}: no such file in {project} (the defaults are not guessed)")
         if args.command == "run":
             overrides = _parse_set(args.set)
             if args.no_export:
                 overrides["export.onnx"] = False
+            # Validate everything before anything is written or Prefect starts: a typo costs a second, not a
+            # server start-up, and a refused run leaves params.yaml as it was.
+            from llmpress.config import export_recipe, load_params, load_recipe
+            from llmpress.sources import check_source
+
+            source = {"model": args.model} if args.model else {}
+            corpus = {"data.corpus": args.data} if args.data else {}
+            params = load_params(project / args.params, overrides | source | corpus)
             if args.data:
-                from llmpress.config import load_params
                 from llmpress.data import check_corpus
 
-                check_corpus(args.data, load_params(project / args.params, overrides).data)
-                _set_corpus(project / args.params, args.data)
-            # Validate everything before Prefect starts: a typo costs a second, not a server start-up.
-            from llmpress.config import export_recipe, load_params, load_recipe
-
-            params = load_params(project / args.params, overrides | ({"model": args.model} if args.model else {}))
+                check_corpus(args.data, params.data)
             recipe = load_recipe(project / (args.recipe or params.recipe))
             export_recipe(recipe, params.export.precision, params.export.quantizer)
+            check_source(params.model)
+            if args.data:
+                _set_corpus(project / args.params, args.data)
             ensure_api()
             from flows.compress import compress
 
@@ -299,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.path}: ok ({len(manifest['files'])} files, {_fmt_bytes(size)}, "
                       f"{model.get('precision', '?')}, opset {model.get('opset', '?')})")  # fmt: skip
             else:
+                if not args.prompt.strip():
+                    raise LlmpressError("bundle run: the prompt is empty")
+                if args.max_new_tokens < 1:
+                    raise LlmpressError(f"bundle run: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
                 print(edge_bundle.run(args.path, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
                                       args.top_p, args.seed))  # fmt: skip
         elif args.command == "services":
@@ -307,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             root = (project / args.dir) if not Path(args.dir).is_absolute() else Path(args.dir)
             if args.action == "up":
                 ports = {"s3": args.s3_port, "mlflow": args.mlflow_port, "prefect": args.prefect_port}
+                for name, port in ports.items():
+                    if not 0 <= port <= 65535:
+                        raise LlmpressError(f"--{name}-port {port}: a port is 0 (any free one) to 65535")
                 svc.up(root, ports, tuple(args.only or svc.SERVICES))
                 print(f"environment for clients: source {root / 'env.sh'}")
             elif args.action == "down":
@@ -349,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "dequantize":
             from llmpress.steps import dequantize
 
-            print(dequantize(args.src, args.dst))
+            print(dequantize(args.src, args.dst, args.overwrite))
     except LlmpressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

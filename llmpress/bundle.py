@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from llmpress.errors import LlmpressError
+from llmpress.errors import ConfigError, LlmpressError
 
 FORMAT = "llmpress-bundle/1"
 MANIFEST = "manifest.json"
@@ -155,12 +155,14 @@ def verify_bundle(path: str | Path, check_hashes: bool = True) -> dict[str, Any]
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"{root} is not a bundle folder")
+    if not (root / MANIFEST).exists():
+        raise BundleError(f"{root} has no {MANIFEST}")
+    from llmpress.loading import read_json
+
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{root} has no {MANIFEST}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{root / MANIFEST} is not valid JSON: {exc}") from None
+        manifest = read_json(root / MANIFEST)
+    except ConfigError as exc:
+        raise BundleError(str(exc)) from None
     if (
         not isinstance(manifest, dict)
         or manifest.get("format") != FORMAT

@@ -9,16 +9,42 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmpress.errors import ConfigError
 
 
+def _number_kinds(annotation: Any) -> tuple[bool, bool]:
+    """(takes a number, takes a bool or a string) for a field's annotation, unions and Annotated unwrapped."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _number_kinds(get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        kinds = [_number_kinds(a) for a in get_args(annotation)]
+        return any(k[0] for k in kinds), any(k[1] for k in kinds)
+    if annotation in (int, float):
+        return True, False
+    return False, annotation in (bool, str, Any) or origin is Literal
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, data: Any) -> Any:
+        """A number field takes numbers only: YAML's `false` or a quoted "0.5" there is a mistake, not 0 or 0.5."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                if field is not None and isinstance(value, bool | str):
+                    number, other = _number_kinds(field.annotation)
+                    if number and not other:
+                        raise ValueError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+        return data
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -492,13 +518,21 @@ def export_recipe(recipe: Recipe, precision: str = "recipe", quantizer: str = "r
                           f"{recipe.name!r} quantizes (stage {quantizing[0]}); allowed with it: 'recipe'")  # fmt: skip
     if precision == "fp32":
         return recipe
-    bits, group = (8, None) if precision == "int8" else (4, 32)
-    added: list[dict[str, Any]] = [{"method": quantizer, "bits": bits, "group_size": group, "symmetric": False}]
-    if precision == "int4-full":
-        added.append({"method": "embeddings", "bits": 4, "group_size": 32})
     data = recipe.model_dump(mode="json")  # nulls kept: a null group_size means per channel, not the default
-    data["stages"] += added
+    data["stages"] += precision_stages(precision, quantizer)
     return validate(Recipe, data, f"recipe {recipe.name!r} with export.precision {precision!r}")
+
+
+def precision_stages(precision: str, quantizer: str = "rtn") -> list[dict[str, Any]]:
+    """The stages `export.precision` appends (none for fp32): `quantizer` at 8 bits per channel or 4 bits per 32
+    inputs, asymmetric; `int4-full` rounds the embedding table (and a tied head) to 4 bits too."""
+    if precision == "fp32":
+        return []
+    bits, group = (8, None) if precision == "int8" else (4, 32)
+    stages: list[dict[str, Any]] = [{"method": quantizer, "bits": bits, "group_size": group, "symmetric": False}]
+    if precision == "int4-full":
+        stages.append({"method": "embeddings", "bits": 4, "group_size": 32})
+    return stages
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,12 +568,9 @@ def validate(model: type[M], data: Any, source: str) -> M:
 
 
 def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    from llmpress.loading import read_yaml
+
+    return read_yaml(path)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:

@@ -68,3 +68,28 @@ def remove_stale_temporaries(parent: Path) -> None:
         pid = tmp.name.rsplit("-", 2)[-2]
         if tmp.is_dir() and pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_destination(dst: str | Path, sources: list[str | Path], overwrite: bool = False) -> Path:
+    """Refuse a folder a command would write before anything is read: one that holds or is inside a source (writing
+    it would change or delete the source), an existing one unless `overwrite`, and with `overwrite` anything but a
+    model folder llmpress wrote or an empty folder (so a mistyped path never deletes someone's files)."""
+    from llmpress.errors import LlmpressError
+
+    out = Path(dst).resolve()
+    for source in sources:
+        src = Path(source).resolve()
+        if out == src or src in out.parents:
+            raise LlmpressError(f"destination {dst} is inside the source {source}: writing it would change the source")
+        if out in src.parents:
+            raise LlmpressError(f"destination {dst} contains the source {source}: replacing it would delete the source")
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise LlmpressError(f"destination {dst} exists and is not a folder")
+    if not overwrite:
+        raise LlmpressError(f"destination {dst} already exists; pass --overwrite to replace it")
+    if any(out.iterdir()) and not ((out / CHECKSUMS).is_file() and (out / "config.json").is_file()):
+        raise LlmpressError(f"destination {dst} is not a model folder llmpress wrote (no {CHECKSUMS} and "
+                            "config.json); refusing to replace it even with --overwrite")  # fmt: skip
+    return out

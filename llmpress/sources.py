@@ -81,6 +81,31 @@ def resolve(source: str, models_dir: str | Path = "models") -> ResolvedModel:
     return ResolvedModel(source=source, name=name, path=str(folder.resolve()), sha256=folder_hash(folder))
 
 
+def check_source(source: str) -> None:
+    """What can be checked of a model source without loading or downloading it, before any server starts: the
+    form of a URI (no credentials or signatures in it), a local folder's files, a GGUF file's presence."""
+    if "://" in source and not source.startswith("s3://"):
+        raise LlmpressError(f"model source {redact(source)!r}: only s3:// URIs are model sources")
+    if source.startswith("s3://"):
+        parse_s3_uri(source)
+    elif source != "default" and source.endswith(".gguf"):
+        if not Path(source).is_file():
+            raise LlmpressError(f"model source {source!r}: GGUF file not found")
+    elif source != "default" and Path(source).exists():
+        check_hf_folder(Path(source))
+    elif source != "default" and not HUB_ID.match(source):
+        raise LlmpressError(
+            f"model source {source!r} is not a local folder, a .gguf file, an s3:// URI or a hub id (org/name); "
+            "use 'default' for the shipped SmolLM2-135M"
+        )
+
+
+def redact(text: str) -> str:
+    """`text` with URI user info and query strings masked: what may be shown, logged or recorded."""
+    text = re.sub(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]*@", r"\1***@", text)
+    return re.sub(r"(://[^\s?'\"]*)\?[^\s'\"]*", r"\1?***", text)
+
+
 def check_hf_folder(folder: Path) -> None:
     """Refuse folders that are not loadable safely: no config, no safetensors, pickles only, remote code."""
     if not folder.is_dir():
@@ -88,10 +113,9 @@ def check_hf_folder(folder: Path) -> None:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise LlmpressError(f"model folder {folder} has no config.json: not a Hugging Face model folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LlmpressError(f"{config_path} is not valid JSON: {exc}") from None
+    from llmpress.loading import read_json_object
+
+    config = read_json_object(config_path, "model config")
     if "auto_map" in config:
         raise LlmpressError(
             f"{config_path} asks for remote code (auto_map); llmpress never runs trust_remote_code models"
@@ -191,10 +215,9 @@ def verify_checksums(folder: Path) -> None:
     listing = folder / CHECKSUMS
     if not listing.is_file():
         return
-    try:
-        sums = json.loads(listing.read_text())
-    except json.JSONDecodeError:
-        raise LlmpressError(f"{listing} is not valid JSON (corrupted)") from None
+    from llmpress.loading import read_json_object
+
+    sums = read_json_object(listing, "checksum list")
     for name, digest in sums.items():
         file = folder / name
         if ".." in Path(name).parts or Path(name).is_absolute():
@@ -278,11 +301,11 @@ def _convert_gguf_once(gguf: Path, out: Path) -> Path:
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?", uri)
+    # no '?' or '#': a query string is where presigned URLs carry their signature; never take (or echo) one
+    match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/([^?#]*))?", uri)
     if not match:
-        shown = re.sub(r"^(s3://)[^/@]*@", r"\1***@", uri)  # never echo credentials pasted into a URI
-        raise LlmpressError(f"{shown!r} is not a valid s3:// URI (expected s3://bucket/prefix, bucket in lowercase; "
-                            "credentials come from the environment, never from the URI)")  # fmt: skip
+        raise LlmpressError(f"{redact(uri)!r} is not a valid s3:// URI (expected s3://bucket/prefix, bucket in "
+                            "lowercase; credentials come from the environment, never from the URI)")  # fmt: skip
     return match.group(1), (match.group(2) or "").strip("/")
 
 

@@ -158,17 +158,17 @@ def save_model(model: nn.Module, tokenizer, out: Path, extra_files: dict[str, st
         raise LlmpressError(f"writing the model folder {out} failed, nothing was saved: {exc}") from exc
 
 
-def dequantize(src: str | Path, dst: str | Path) -> str:
+def dequantize(src: str | Path, dst: str | Path, overwrite: bool = False) -> str:
     """Write the compressed folder `src` as a plain HF folder `dst` (dense float weights, stock transformers).
 
     Quantized weights keep their dequantized values and factorised layers are multiplied back, so the plain
     model computes what the compressed one does, except W8A8 activation quantization, which has no stock form.
     """
     from llmpress.compress.storage import to_plain_
+    from llmpress.files import check_destination
 
     src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise LlmpressError("dequantize: the destination must differ from the source folder")
+    check_destination(dst, [src], overwrite)
     model = to_plain_(load_model(src))
     extra = {name: (src / name).read_text() for name in ("recipe.yaml", METADATA) if (src / name).is_file()}
     save_model(model, load_tokenizer(src), dst, extra_files=extra)

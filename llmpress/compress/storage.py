@@ -122,7 +122,9 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
+    from llmpress.loading import read_json_object
+
+    manifest = read_json_object(folder / MANIFEST, "compressed-model manifest")
     if manifest.get("format") != FORMAT:
         raise LlmpressError(f"{folder / MANIFEST}: unknown format {manifest.get('format')!r}; expected {FORMAT!r}")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)

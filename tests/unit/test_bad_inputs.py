@@ -85,6 +85,82 @@ def _bad_config(folder: Path) -> None:
     (folder / "config.json").write_text("{not json")
 
 
+def recipe_bytes(data: bytes) -> Callable[[Path], list[str]]:
+    def setup(project: Path) -> list[str]:
+        (project / "bad.yaml").write_bytes(data)
+        return ["check", str(project / "bad.yaml")]
+
+    return setup
+
+
+def params_bytes(data: bytes) -> Callable[[Path], list[str]]:
+    def setup(project: Path) -> list[str]:
+        (project / "params.yaml").write_bytes(data)
+        return ["check"]
+
+    return setup
+
+
+def laughs(levels: int = 9, width: int = 9) -> str:
+    """A "billion laughs" YAML document: a few hundred bytes that expand to width**levels values."""
+    lines = ["l0: &l0 [" + ", ".join(["lol"] * width) + "]"]
+    for level in range(1, levels):
+        lines.append(f"l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def dequantize_into(where: Callable[[Path, Path], Path], *flags: str) -> Callable[[Path], list[str]]:
+    """`llmpress dequantize SRC DST` with DST placed by `where(project, src)`."""
+
+    def setup(project: Path) -> list[str]:
+        src = tiny_model(project)
+        return ["dequantize", str(src), str(where(project, src)), *flags]
+
+    return setup
+
+
+def _existing(project: Path, src: Path) -> Path:
+    out = project / "inputs" / "existing"
+    out.mkdir(parents=True)
+    (out / "precious.txt").write_text("keep me")
+    return out
+
+
+def _a_file(project: Path, src: Path) -> Path:
+    (project / "inputs" / "a-file").write_text("keep me")
+    return project / "inputs" / "a-file"
+
+
+def config_text(text: str | bytes) -> Callable[[Path], None]:
+    def mutate(folder: Path) -> None:
+        (folder / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+
+    return mutate
+
+
+def bundle_manifest(data: bytes) -> Callable[[Path], list[str]]:
+    def setup(project: Path) -> list[str]:
+        folder = project / "inputs" / "bundle"
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_bytes(data)
+        return ["bundle", "verify", str(folder)]
+
+    return setup
+
+
+def corpus_then(*args: str) -> Callable[[Path], list[str]]:
+    """A valid corpus given with --data, then something else wrong: the refusal must not touch params.yaml."""
+
+    def setup(project: Path) -> list[str]:
+        path = project / "inputs" / "corpus.txt"
+        path.parent.mkdir(exist_ok=True)
+        words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "by", "an", "old", "mill"]
+        path.write_text("\n".join(" ".join(words[(i + j) % len(words)] for j in range(400)) for i in range(300)))
+        return ["run", "--data", str(path), *args]
+
+    return setup
+
+
 def check_with_model(recipe_text: str, params_text: str | None = None) -> Callable[[Path], list[str]]:
     def setup(project: Path) -> list[str]:
         (project / "bad.yaml").write_text(recipe_text)
@@ -161,7 +237,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("source-no-weights", model_folder(_no_weights), "has no *.safetensors weights"),
     ("source-pickle-only", model_folder(_pickle_only), "only pickled weights"),
     ("source-remote-code", model_folder(_remote_code), "remote code"),
-    ("source-config-not-json", model_folder(_bad_config), "is not valid JSON"),
+    ("source-config-not-json", model_folder(_bad_config), "not valid JSON"),
     ("source-truncated-safetensors", model_folder(_truncate), "truncated"),
     ("source-corrupt-safetensors-header", model_folder(_garbage_header), "corrupt"),
     ("source-missing-gguf", lambda p: ["resolve", str(p / "missing.gguf")], "GGUF file not found"),
@@ -188,6 +264,78 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
         lambda p: (p / "bad.yaml").write_text("name: x\nstages: []\n") and ["sweep", "--recipes", str(p / "bad.yaml")],
         "stages",
     ),
+    # encodings, sizes, nesting and aliases: the bounded loader (llmpress/loading.py)
+    ("recipe-not-utf8", recipe_bytes(b"name: x\nstages:\n  - method: wanda\n    \xff\xfe: 1\n"), "not UTF-8"),
+    ("params-not-utf8", params_bytes(b"eval:\n  window: \xe9\n"), "not UTF-8"),
+    ("recipe-utf16", recipe_bytes(WANDA.encode("utf-16")), "not UTF-8"),
+    ("recipe-too-large", recipe_bytes(WANDA.encode() + b"# " + b"x" * (2 << 20) + b"\n"), "at most"),
+    ("recipe-nested-too-deep", recipe("name: x\nstages: " + "[" * 200 + "]" * 200 + "\n"), "nested"),
+    ("recipe-nested-beyond-recursion", recipe("a: " + "[" * 20000 + "]" * 20000 + "\n"), "nested"),
+    ("recipe-billion-laughs", recipe(laughs() + WANDA), "expands to more than"),
+    ("params-billion-laughs", params(laughs()), "expands to more than"),
+    ("recipe-recursive-alias", recipe("name: &n [*n]\nstages: []\n"), "refers to the value that contains it"),
+    ("recipe-python-tag", recipe("name: !!python/object/apply:os.system ['true']\nstages: []\n"), "YAML"),
+    ("recipe-two-documents", recipe(WANDA + "---\n" + WANDA), "YAML"),
+    ("recipe-unhashable-key", recipe("name: x\n? [a, b]\n: 1\nstages: []\n"), "YAML"),
+    ("set-billion-laughs", run_with("--set", "gate.max_perplexity_ratio=" + laughs().replace("\n", "; ")), "YAML"),
+    # YAML that would silently mean something else
+    ("recipe-duplicate-key", recipe(WANDA + "    sparsity: 0.7\n"), "duplicate key 'sparsity'"),
+    ("recipe-duplicate-top-key", recipe("name: a\nname: b\nstages: []\n"), "duplicate key 'name'"),
+    ("params-duplicate-key", params("eval:\n  window: 256\n  window: 512\n"), "duplicate key 'window'"),
+    ("params-duplicate-section", params("gate: {}\ngate: {}\n"), "duplicate key 'gate'"),
+    ("recipe-bool-as-sparsity", recipe(WANDA.replace("0.5", "false")), "expected a number"),
+    ("recipe-string-as-sparsity", recipe(WANDA.replace("0.5", "'0.5'")), "expected a number"),
+    ("recipe-bool-as-bits", recipe("name: x\nstages:\n  - method: rtn\n    bits: true\n"), "expected a number"),
+    ("params-bool-as-window", params("eval:\n  window: true\n"), "expected a number"),
+    ("params-yes-as-number", params("eval:\n  batch_size: yes\n"), "expected a number"),
+    ("set-bool-as-threshold", run_with("--set", "gate.max_perplexity_ratio=false"), "expected a number"),
+    ("set-string-as-threshold", run_with("--set", "gate.max_perplexity_ratio='2.5'"), "expected a number"),
+    # files and folders that are not there: never replaced by defaults
+    ("params-file-missing", lambda p: ["--params", "nope.yaml", "check"], "no such file"),
+    ("project-missing", lambda p: ["--project", str(p / "missing"), "check"], "no such folder"),
+    ("run-params-missing", lambda p: ["--params", "other.yaml", "run"], "no such file"),
+    # a refused run changes nothing, not even params.yaml after --data
+    ("run-data-then-missing-recipe", corpus_then("--recipe", "recipes/missing.yaml"), "file not found"),
+    ("run-data-then-bad-set", corpus_then("--set", "gate.max_perplexity_ratio=-1"), "gate.max_perplexity_ratio"),
+    ("run-data-then-bad-model", corpus_then("--model", "s3://Bad_Bucket/x"), "not a valid s3:// URI"),
+    # credentials in inputs: refused before anything starts, never echoed
+    ("run-model-s3-credentials", run_with("--model", f"s3://AKIAEXAMPLE:{SECRET}@bucket/x"), "not a valid s3://"),
+    ("run-model-s3-signature", run_with("--model", f"s3://bucket/x?X-Amz-Signature={SECRET}"), "not a valid s3://"),
+    ("run-model-http-credentials", run_with("--model", f"https://user:{SECRET}@host/m"), "only s3:// URIs"),
+    ("resolve-s3-signature", lambda p: ["resolve", f"s3://bucket/x?X-Amz-Credential={SECRET}"], "not a valid s3://"),
+    (
+        "promote-s3-credentials",
+        lambda p: ["promote", "m", "1", "--s3", f"s3://AKIAEXAMPLE:{SECRET}@bucket/x"],
+        "not a valid s3:// URI",
+    ),
+    ("promote-s3-signature", lambda p: ["promote", "m", "1", "--s3", f"s3://b1/x?sig={SECRET}"], "not a valid s3://"),
+    ("params-model-credentials", params(f"model: s3://AKIAEXAMPLE:{SECRET}@bucket/x\n", "run"), "not a valid s3://"),
+    # writing commands never delete or change what they were not asked to
+    ("dequantize-dst-exists", dequantize_into(_existing), "already exists; pass --overwrite"),
+    ("dequantize-overwrite-foreign", dequantize_into(_existing, "--overwrite"), "not a model folder llmpress wrote"),
+    ("dequantize-dst-is-file", dequantize_into(_a_file, "--overwrite"), "is not a folder"),
+    ("dequantize-dst-is-source", dequantize_into(lambda p, src: src), "inside the source"),
+    ("dequantize-dst-inside-source", dequantize_into(lambda p, src: src / "plain"), "inside the source"),
+    (
+        "dequantize-dst-parent-of-source",
+        dequantize_into(lambda p, src: src.parent, "--overwrite"),
+        "contains the source",
+    ),
+    ("dequantize-dst-project", dequantize_into(lambda p, src: p, "--overwrite"), "contains the source"),
+    # model configs, manifests: bounded JSON
+    ("source-config-not-object", model_folder(config_text("[1, 2]")), "is a JSON object"),
+    ("source-config-duplicate-key", model_folder(config_text('{"a": 1, "a": 2}')), "duplicate key 'a'"),
+    ("source-config-not-utf8", model_folder(config_text(b'{"a": "\xff"}')), "not UTF-8"),
+    ("source-config-nested", model_folder(config_text("[" * 100000 + "]" * 100000)), "nested too deeply"),
+    ("bundle-manifest-not-json", bundle_manifest(b"{bad"), "not valid JSON"),
+    ("bundle-manifest-duplicate-key", bundle_manifest(b'{"format": 1, "format": 2}'), "duplicate key"),
+    ("bundle-manifest-not-utf8", bundle_manifest(b'{"format": "\xff"}'), "not UTF-8"),
+    ("bundle-manifest-not-object", bundle_manifest(b"[]"), "not an"),
+    # impossible arguments
+    ("bundle-run-empty-prompt", lambda p: ["bundle", "run", str(p), "   "], "prompt is empty"),
+    ("bundle-run-negative-tokens", lambda p: ["bundle", "run", str(p), "hi", "--max-new-tokens", "-3"], ">= 1"),
+    ("services-port-too-high", lambda p: ["services", "up", "--mlflow-port", "70000"], "65535"),
+    ("services-port-negative", lambda p: ["services", "up", "--s3-port", "-1"], "65535"),
 ]
 
 

@@ -30,7 +30,7 @@ def test_check_hf_folder_without_config(tmp_path: Path) -> None:
 
 def test_check_hf_folder_invalid_config_json(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{broken")
-    with pytest.raises(LlmpressError, match="is not valid JSON"):
+    with pytest.raises(LlmpressError, match="not valid JSON"):
         check_hf_folder(tmp_path)
 
 
