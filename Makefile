@@ -9,11 +9,13 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup fetch browser run test test-unit test-integration lint clean help services services-down
+.PHONY: setup fetch browser run test test-unit test-integration lint clean help services services-down \
+	bench-anchors-deps bench-anchors
 
 help:
 	@echo "make run | make test | make setup | make fetch | make lint | make test-unit | make test-integration | make clean"
 	@echo "make services | make services-down   (Prefect, MLflow, S3 on 127.0.0.1; then: source .services/env.sh)"
+	@echo "make bench-anchors   (builds llama-cpp-python from source once; benchmarks/results/edge_anchors.md)"
 
 # torch 2.13.0 first: pip takes the CPU build lying on this disk; an unpinned torch would pull a CUDA build.
 # requirements.lock holds the exact versions resolved and tested together (constraints, not a second list).
@@ -58,6 +60,18 @@ test-unit: setup
 
 test-integration: fetch browser
 	$(BIN)/pytest -q -ra tests/integration
+
+# Benchmark-only dependencies, never needed by make run or make test: onnxruntime-genai (its model builder) and
+# llama-cpp-python built from the registry's source distribution for this CPU (~15 min on 2 cores, once).
+bench-anchors-deps: setup
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock onnxruntime-genai==0.18.0
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet --disable-pip-version-check \
+		-c requirements.lock --no-binary llama-cpp-python llama-cpp-python==0.3.36
+
+# llmpress's default bundle beside onnxruntime-genai and llama.cpp: benchmarks/results/edge_anchors.{json,md}
+bench-anchors: bench-anchors-deps fetch
+	$(BIN)/python benchmarks/edge_anchors.py
 
 clean:
 	rm -rf models/compressed mlartifacts mlflow.db .pytest_cache
