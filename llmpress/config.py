@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, 
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from llmpress.errors import ConfigError
+from llmpress.errors import ConfigError, redact
 
 
 def _number_kinds(annotation: Any) -> tuple[bool, bool]:
@@ -202,21 +202,38 @@ class GateParams(Strict):
     )  # fmt: skip
 
 
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
 class TrackingParams(Strict):
     tracking_uri: str | None = Field(
         None, description="null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; relative sqlite paths resolve in the "
         "project dir",
     )  # fmt: skip
-    experiment: str = Field("llmpress", min_length=1)
+    experiment: str = Field("llmpress", min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
+                            description="MLflow experiment name: printable characters only")  # fmt: skip
     registered_model: str = Field("smollm2-135m-edge", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     bundle_s3_prefix: str | None = Field(
         None, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
         description="where `llmpress promote` publishes edge bundles: s3://bucket/prefix",
     )  # fmt: skip
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking_uri(cls, uri: str | None) -> str | None:
+        if uri is None:
+            return uri
+        scheme = uri.split("://", 1)[0] if "://" in uri else None
+        if scheme not in TRACKING_SCHEMES:
+            raise ValueError(f"expected a URI starting with one of {', '.join(s + '://' for s in TRACKING_SCHEMES)}")
+        if re.match(r"^[a-z0-9+]+://[^/@]*@", uri):
+            raise ValueError("credentials in the URI would be logged; use MLFLOW_TRACKING_USERNAME/PASSWORD")
+        return uri
+
 
 class Params(Strict):
-    model: str = Field("default", description="model source: default, HF folder, .gguf file, s3:// URI, hub id")
+    model: str = Field("default", min_length=1,
+                       description="model source: default, HF folder, .gguf file, s3:// URI, hub id")  # fmt: skip
     recipe: str = "recipes/wanda-50.yaml"
     data: DataParams = DataParams()
     eval: EvalParams = EvalParams()
@@ -224,6 +241,14 @@ class Params(Strict):
     export: ExportParams = ExportParams()
     gate: GateParams = GateParams()
     tracking: TrackingParams = TrackingParams()
+
+    @field_validator("model")
+    @classmethod
+    def _no_credentials(cls, source: str) -> str:
+        if "://" in source and (re.match(r"^[A-Za-z0-9+.\-]+://[^/@]*@", source) or "?" in source):
+            raise ValueError("credentials or a signed query in a model URI would be logged; credentials come from "
+                             "the environment")  # fmt: skip
+        return source
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -553,7 +578,7 @@ def _format_errors(source: str, exc: ValidationError) -> str:
             msg = f"unknown method {err['ctx']['tag']!r}; allowed: {', '.join(METHODS)}"
         elif err["type"] == "union_tag_not_found":
             msg = f"missing 'method'; allowed: {', '.join(METHODS)}"
-        got = "" if err["type"] in ("missing", "union_tag_not_found") else f" (got {err['input']!r})"
+        got = "" if err["type"] in ("missing", "union_tag_not_found") else f" (got {redact(repr(err['input']))})"
         if isinstance(err.get("input"), dict):
             got = ""
         lines.append(f"  {loc}: {msg}{got}")

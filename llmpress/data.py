@@ -75,9 +75,12 @@ def _gensim_lee_text() -> str:
 def read_documents(path: Path) -> list[str]:
     """Documents of a .txt/.cor file (one per line) or a .jsonl file ({"text": ...} per line); blanks dropped."""
     docs = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            line = line.strip()
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise LlmpressError(f"{path}:{number}: not UTF-8 text (byte {exc.start} of the line)") from None
             if not line:
                 continue
             if path.suffix == ".jsonl":

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import torch
 
-from llmpress.errors import LlmpressError
+from llmpress.errors import LlmpressError, redact
 from llmpress.files import CHECKSUMS  # sha256 of every file, written by llmpress when it saves a folder
 from llmpress.hashing import folder_hash
+
+COMPRESSED_MANIFEST = "llmpress_compression.json"  # compress/storage.py MANIFEST: packed codes by design
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ def resolve(source: str, models_dir: str | Path = "models") -> ResolvedModel:
         gguf = Path(source)
         if not gguf.is_file():
             raise LlmpressError(f"model source {source!r}: GGUF file not found")
+        check_gguf(gguf)
         name = _slug(gguf.stem)
         folder = _convert_gguf_once(gguf, models_dir / name)
     elif Path(source).exists():
@@ -91,6 +94,7 @@ def check_source(source: str) -> None:
     elif source != "default" and source.endswith(".gguf"):
         if not Path(source).is_file():
             raise LlmpressError(f"model source {source!r}: GGUF file not found")
+        check_gguf(Path(source))
     elif source != "default" and Path(source).exists():
         check_hf_folder(Path(source))
     elif source != "default" and not HUB_ID.match(source):
@@ -98,12 +102,6 @@ def check_source(source: str) -> None:
             f"model source {source!r} is not a local folder, a .gguf file, an s3:// URI or a hub id (org/name); "
             "use 'default' for the shipped SmolLM2-135M"
         )
-
-
-def redact(text: str) -> str:
-    """`text` with URI user info and query strings masked: what may be shown, logged or recorded."""
-    text = re.sub(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]*@", r"\1***@", text)
-    return re.sub(r"(://[^\s?'\"]*)\?[^\s'\"]*", r"\1?***", text)
 
 
 def check_hf_folder(folder: Path) -> None:
@@ -129,8 +127,53 @@ def check_hf_folder(folder: Path) -> None:
                 "(`llmpress resolve FOLDER --unsafe-load-pickled-weights` does it with torch.load(weights_only=True))."
             )
         raise LlmpressError(f"model folder {folder} has no *.safetensors weights")
+    tensors: dict[str, tuple[str, list[int]]] = {}
     for weights in sorted(folder.glob("*.safetensors")):
-        check_safetensors(weights)
+        tensors |= check_safetensors(weights)
+    if not (folder / COMPRESSED_MANIFEST).is_file():  # a compressed folder holds packed integer codes by design
+        check_weights_match_config(config, tensors, config_path)
+
+
+def check_weights_match_config(config: dict, tensors: dict[str, tuple[str, list[int]]], config_path: Path) -> None:
+    """Refuse weights that transformers would load wrongly without a word: blocks missing (initialised at random)
+    or extra (ignored) against the config's layer count, an embedding table of another shape, integer tensors
+    (cast to float silently)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    integer = sorted(n for n, (dtype, _) in tensors.items() if dtype[0] in "IUB" and n.endswith(".weight"))
+    if integer:
+        raise LlmpressError(f"{config_path.parent}: integer weights ({integer[0]}: {tensors[integer[0]][0]}) in a "
+                            "plain model folder would be cast to float silently; give a float model")  # fmt: skip
+    blocks = {int(m.group(1)) for n in tensors if (m := re.search(r"\.(?:layers|h|blocks|block)\.(\d+)\.", n))}
+    layers = next((text[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(text.get(k), int)),
+                  None)  # fmt: skip
+    multimodal = any(k in config for k in ("vision_config", "audio_config"))  # their towers have blocks too
+    if layers is not None and blocks and not multimodal and blocks != set(range(layers)):
+        missing, extra = sorted(set(range(layers)) - blocks), sorted(blocks - set(range(layers)))
+        why = (f"missing {missing[:5]}: they would be initialised at random" if missing
+               else f"extra {extra[:5]}: they would be ignored")  # fmt: skip
+        raise LlmpressError(f"{config_path} says {layers} layers but the weights hold blocks {min(blocks)}.."
+                            f"{max(blocks)} ({why})")  # fmt: skip
+    vocab, hidden = text.get("vocab_size"), text.get("hidden_size", text.get("n_embd"))
+    if not (isinstance(vocab, int) and isinstance(hidden, int)):
+        return
+    for name, (_, shape) in tensors.items():
+        if name.endswith(("embed_tokens.weight", "wte.weight")) and shape != [vocab, hidden]:
+            raise LlmpressError(f"{config_path.parent}: {name} has shape {shape}, but config.json says "
+                                    f"vocab_size x hidden_size = [{vocab}, {hidden}]")  # fmt: skip
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a GGUF file that is truncated or not GGUF, from its header and tensor table (nothing is converted)."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        count = len(reader.tensors)
+    except Exception as exc:  # gguf raises ValueError, struct.error, IndexError... on bad files
+        raise LlmpressError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]})") from None  # fmt: skip
+    if count == 0:
+        raise LlmpressError(f"{path}: a GGUF file without tensors")
 
 
 def convert_pickled_folder(folder: str | Path, models_dir: str | Path) -> Path:
@@ -181,7 +224,7 @@ def convert_pickled_folder(folder: str | Path, models_dir: str | Path) -> Path:
     return out
 
 
-def check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> dict[str, tuple[str, list[int]]]:
     """Refuse a truncated or corrupt safetensors file from its header alone (no tensor is read): an 8-byte
     little-endian header length, a JSON header within the file, and every tensor's byte range inside the file."""
     size = path.stat().st_size
@@ -206,6 +249,8 @@ def check_safetensors(path: Path) -> None:
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data):
             raise LlmpressError(f"{path}: tensor {name!r} lies outside the file's {data} data bytes (truncated?)")
+    return {name: (str(info.get("dtype", "?")), list(info.get("shape", [])))
+            for name, info in header.items() if name != "__metadata__" and isinstance(info, dict)}  # fmt: skip
 
 
 def verify_checksums(folder: Path) -> None:

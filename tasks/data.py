@@ -7,9 +7,10 @@ from pathlib import Path
 from prefect import task
 
 from llmpress import versioning
+from tasks import transient
 
 
-@task(name="version-data", retries=1, retry_delay_seconds=5)
+@task(name="version-data", retries=1, retry_delay_seconds=5, retry_condition_fn=transient)
 def version_data(project_dir: str, push: bool = True) -> dict:
     versions = versioning.reproduce(project_dir, push=push)
     root = Path(project_dir)

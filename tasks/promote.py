@@ -11,13 +11,12 @@ from prefect import task
 
 from llmpress import promote, tracking
 from llmpress.bundle import verify_bundle
-from llmpress.errors import LlmpressError
+from tasks import failure, transient
 
 
-def _transient(_task: Any, _run: Any, state: Any) -> bool:
-    """Retry I/O trouble, never a refusal."""
-    exc = getattr(state, "data", None)
-    return not isinstance(exc, LlmpressError) or isinstance(exc, promote.UploadError)
+def _transient(task: Any, run: Any, state: Any) -> bool:
+    """Retry I/O trouble, never a refusal; a failed upload is I/O trouble."""
+    return transient(task, run, state) or isinstance(failure(state), promote.UploadError)
 
 
 RETRY = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": _transient}

@@ -17,8 +17,9 @@ from llmpress.card import model_card
 from llmpress.config import GateParams
 from llmpress.evaluate.speed import served
 from llmpress.gate import run_gate
+from tasks import transient
 
-RETRY = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
+RETRY = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": transient}
 
 
 @task(name="open-run", **RETRY)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from flows.cli import main
 from tests.unit.conftest import build_tiny_llama
@@ -79,6 +80,40 @@ def _no_weights(folder: Path) -> None:
 def _remote_code(folder: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModelForCausalLM": "x.Model"}}))
+
+
+def _config_edit(**changes: int) -> Callable[[Path], None]:
+    def mutate(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | {k: config[k] + v for k, v in changes.items()}))
+
+    return mutate
+
+
+def _integer_weights(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    name = next(n for n in tensors if n.endswith("q_proj.weight"))
+    tensors[name] = tensors[name].to(torch.int8)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def gguf_file(data: Callable[[], bytes]) -> Callable[[Path], list[str]]:
+    def setup(project: Path) -> list[str]:
+        path = project / "inputs" / "model.gguf"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data())
+        return ["resolve", str(path)]
+
+    return setup
+
+
+def _shipped_gguf_head() -> bytes:
+    from llmpress.sources import shipped_gguf_path
+
+    with open(shipped_gguf_path(), "rb") as handle:
+        return handle.read(1 << 16)  # the header and part of the metadata: a download cut short
 
 
 def _bad_config(folder: Path) -> None:
@@ -253,6 +288,15 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("corpus-tiny", corpus("tiny.txt", "one two\nthree four\nfive six\nseven eight\nnine ten\n"), "characters"),
     ("corpus-wrong-kind", corpus("corpus.csv", "a,b\n"), "expected a .txt"),
     ("corpus-bad-jsonl", corpus("bad.jsonl", '{"txt": 1}\n'), "expected a JSON object with a 'text' field"),
+    ("corpus-jsonl-not-json", corpus("garbage.jsonl", "{bad\n"), "expected a JSON object"),
+    ("corpus-jsonl-array", corpus("array.jsonl", "[1, 2]\n"), "expected a JSON object"),
+    (
+        "corpus-not-utf8",
+        lambda p: (
+            (p / "latin1.txt").write_bytes(b"caf\xe9 au lait\n" * 50) and ["run", "--data", str(p / "latin1.txt")]
+        ),
+        "not UTF-8",
+    ),
     # bundles, promotion, services, deployments, sweeps
     ("bundle-not-a-bundle", lambda p: ["bundle", "verify", str(p / "recipes")], "no manifest.json"),
     ("promote-bad-s3-uri", lambda p: ["promote", "m", "1", "--s3", "http://bucket/x"], "not a valid s3:// URI"),
@@ -299,17 +343,23 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("run-data-then-bad-set", corpus_then("--set", "gate.max_perplexity_ratio=-1"), "gate.max_perplexity_ratio"),
     ("run-data-then-bad-model", corpus_then("--model", "s3://Bad_Bucket/x"), "not a valid s3:// URI"),
     # credentials in inputs: refused before anything starts, never echoed
-    ("run-model-s3-credentials", run_with("--model", f"s3://AKIAEXAMPLE:{SECRET}@bucket/x"), "not a valid s3://"),
-    ("run-model-s3-signature", run_with("--model", f"s3://bucket/x?X-Amz-Signature={SECRET}"), "not a valid s3://"),
-    ("run-model-http-credentials", run_with("--model", f"https://user:{SECRET}@host/m"), "only s3:// URIs"),
-    ("resolve-s3-signature", lambda p: ["resolve", f"s3://bucket/x?X-Amz-Credential={SECRET}"], "not a valid s3://"),
+    ("run-model-s3-credentials", run_with("--model", f"s3://AKIAEXAMPLE:{SECRET}@bucket/x"), "credentials"),
+    ("run-model-s3-signature", run_with("--model", f"s3://bucket/x?X-Amz-Signature={SECRET}"), "credentials"),
+    ("run-model-http-credentials", run_with("--model", f"https://user:{SECRET}@host/m"), "credentials"),
+    ("resolve-s3-signature", lambda p: ["resolve", f"s3://bucket/x?X-Amz-Credential={SECRET}"], "credentials"),
     (
         "promote-s3-credentials",
         lambda p: ["promote", "m", "1", "--s3", f"s3://AKIAEXAMPLE:{SECRET}@bucket/x"],
-        "not a valid s3:// URI",
+        "credentials",
     ),
-    ("promote-s3-signature", lambda p: ["promote", "m", "1", "--s3", f"s3://b1/x?sig={SECRET}"], "not a valid s3://"),
-    ("params-model-credentials", params(f"model: s3://AKIAEXAMPLE:{SECRET}@bucket/x\n", "run"), "not a valid s3://"),
+    ("promote-s3-signature", lambda p: ["promote", "m", "1", "--s3", f"s3://b1/x?sig={SECRET}"], "credentials"),
+    ("params-model-credentials", params(f"model: s3://AKIAEXAMPLE:{SECRET}@bucket/x\n", "run"), "credentials"),
+    ("check-model-credentials", params(f"model: s3://AKIAEXAMPLE:{SECRET}@bucket/x\n"), "credentials"),
+    ("check-model-signature", params(f"model: s3://bucket/x?X-Amz-Signature={SECRET}\n"), "credentials"),
+    ("tracking-uri-credentials", params(f"tracking:\n  tracking_uri: https://admin:{SECRET}@mlflow/\n"), "credentials"),
+    ("tracking-uri-unknown-scheme", params("tracking:\n  tracking_uri: mlflow.db\n"), "tracking.tracking_uri"),
+    ("experiment-control-chars", params('tracking:\n  experiment: "run\\x1b[2J"\n'), "tracking.experiment"),
+    ("model-source-empty", params("model: ''\n"), "model"),
     # writing commands never delete or change what they were not asked to
     ("dequantize-dst-exists", dequantize_into(_existing), "already exists; pass --overwrite"),
     ("dequantize-overwrite-foreign", dequantize_into(_existing, "--overwrite"), "not a model folder llmpress wrote"),
@@ -322,6 +372,16 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
         "contains the source",
     ),
     ("dequantize-dst-project", dequantize_into(lambda p, src: p, "--overwrite"), "contains the source"),
+    # model folders transformers would load wrongly without a word, GGUF files that are not whole
+    ("source-blocks-missing", model_folder(_config_edit(num_hidden_layers=1)), "initialised at random"),
+    ("source-blocks-extra", model_folder(_config_edit(num_hidden_layers=-1)), "would be ignored"),
+    ("source-embedding-shape", model_folder(_config_edit(vocab_size=8)), "has shape"),
+    ("source-hidden-size", model_folder(_config_edit(hidden_size=16)), "has shape"),
+    ("source-integer-weights", model_folder(_integer_weights), "integer weights"),
+    ("source-gguf-truncated", gguf_file(_shipped_gguf_head), "truncated or corrupt"),
+    ("source-gguf-garbage", gguf_file(lambda: b"GGUF" + bytes(range(256)) * 8), "truncated or corrupt"),
+    ("source-gguf-empty", gguf_file(lambda: b""), "truncated or corrupt"),
+    ("source-gguf-not-gguf", gguf_file(lambda: b"PK\x03\x04 a zip file"), "truncated or corrupt"),
     # model configs, manifests: bounded JSON
     ("source-config-not-object", model_folder(config_text("[1, 2]")), "is a JSON object"),
     ("source-config-duplicate-key", model_folder(config_text('{"a": 1, "a": 2}')), "duplicate key 'a'"),
@@ -331,6 +391,11 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("bundle-manifest-duplicate-key", bundle_manifest(b'{"format": 1, "format": 2}'), "duplicate key"),
     ("bundle-manifest-not-utf8", bundle_manifest(b'{"format": "\xff"}'), "not UTF-8"),
     ("bundle-manifest-not-object", bundle_manifest(b"[]"), "not an"),
+    # --set that does not fit the schema
+    ("set-unknown-key", run_with("--set", "gate.max_ppl=2"), "gate.max_ppl: unknown key"),
+    ("set-into-a-value", run_with("--set", "eval.window.size=3"), "is not a section"),
+    ("set-unknown-section", run_with("--set", "gates.max_perplexity_ratio=2"), "gates: unknown key"),
+    ("sweep-missing-recipe", lambda p: ["sweep", "--recipes", str(p / "missing.yaml")], "file not found"),
     # impossible arguments
     ("bundle-run-empty-prompt", lambda p: ["bundle", "run", str(p), "   "], "prompt is empty"),
     ("bundle-run-negative-tokens", lambda p: ["bundle", "run", str(p), "hi", "--max-new-tokens", "-3"], ">= 1"),
@@ -357,7 +422,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_the_catalog_is_large_enough() -> None:
-    assert len(CASES) >= 30 and len({name for name, _, _ in CASES}) == len(CASES)
+    assert len(CASES) >= 100 and len({name for name, _, _ in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize(("name", "setup", "expected"), CASES, ids=[c[0] for c in CASES])

@@ -163,3 +163,17 @@ def test_pickled_weights_only_with_the_loud_flag_and_weights_only(tmp_path: Path
     assert main(["--project", str(tmp_path), "resolve", str(evil), "--unsafe-load-pickled-weights"]) == 2
     assert "not loadable with weights_only=True" in capsys.readouterr().err
     assert not (tmp_path / "models" / "evil-safetensors").exists()
+
+
+def test_refusals_are_not_retried_and_io_trouble_is() -> None:
+    """Prefect's retry condition of the I/O tasks: a refusal (bad input, a missing model) fails the same way every
+    time, so it is not retried; anything else may be transient."""
+    from prefect.states import Completed, Failed
+
+    from llmpress.errors import ConfigError, LlmpressError
+    from tasks import transient
+
+    assert not transient(None, None, Failed(data=LlmpressError("no such model")))
+    assert not transient(None, None, Failed(data=ConfigError("eval.window: must be > 0")))
+    assert transient(None, None, Failed(data=ConnectionError("MLflow is restarting")))
+    assert transient(None, None, Completed(data=None))
