@@ -62,7 +62,7 @@ test-integration: fetch browser
 	$(BIN)/pytest -q -ra tests/integration
 
 # Benchmark-only dependencies, never needed by make run or make test: onnxruntime-genai (its model builder) and
-# llama-cpp-python built from the registry's source distribution for this CPU (~15 min on 2 cores, once).
+# llama-cpp-python built from the registry's source distribution for this CPU (about 4 min on 2 cores, once).
 bench-anchors-deps: setup
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock onnxruntime-genai==0.18.0
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \

@@ -31,6 +31,7 @@ from llmpress.files import CHECKSUMS  # sha256 of every file, written by llmpres
 from llmpress.hashing import folder_hash
 
 COMPRESSED_MANIFEST = "llmpress_compression.json"  # compress/storage.py MANIFEST: packed codes by design
+INTEGER_DTYPES = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"}  # safetensors dtype names
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def check_weights_match_config(config: dict, tensors: dict[str, tuple[str, list[
     or extra (ignored) against the config's layer count, an embedding table of another shape, integer tensors
     (cast to float silently)."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    integer = sorted(n for n, (dtype, _) in tensors.items() if dtype[0] in "IUB" and n.endswith(".weight"))
+    integer = sorted(n for n, (dtype, _) in tensors.items() if dtype in INTEGER_DTYPES and n.endswith(".weight"))
     if integer:
         raise LlmpressError(f"{config_path.parent}: integer weights ({integer[0]}: {tensors[integer[0]][0]}) in a "
                             "plain model folder would be cast to float silently; give a float model")  # fmt: skip
@@ -154,12 +155,14 @@ def check_weights_match_config(config: dict, tensors: dict[str, tuple[str, list[
         raise LlmpressError(f"{config_path} says {layers} layers but the weights hold blocks {min(blocks)}.."
                             f"{max(blocks)} ({why})")  # fmt: skip
     vocab, hidden = text.get("vocab_size"), text.get("hidden_size", text.get("n_embd"))
-    if not (isinstance(vocab, int) and isinstance(hidden, int)):
+    # some families embed in another width and project (OPT's word_embed_proj_dim, ALBERT's embedding_size)
+    width = next((text[k] for k in ("word_embed_proj_dim", "embedding_size") if isinstance(text.get(k), int)), hidden)
+    if not (isinstance(vocab, int) and isinstance(width, int)):
         return
     for name, (_, shape) in tensors.items():
-        if name.endswith(("embed_tokens.weight", "wte.weight")) and shape != [vocab, hidden]:
+        if name.endswith(("embed_tokens.weight", "wte.weight")) and shape != [vocab, width]:
             raise LlmpressError(f"{config_path.parent}: {name} has shape {shape}, but config.json says "
-                                    f"vocab_size x hidden_size = [{vocab}, {hidden}]")  # fmt: skip
+                                f"[vocab_size, hidden_size] = [{vocab}, {width}]")  # fmt: skip
 
 
 def check_gguf(path: Path) -> None:

@@ -160,3 +160,21 @@ def test_sha256_file_and_data_hash(tmp_path: Path) -> None:
     assert sha256_file(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert data_hash({"b": 1, "a": [1, 2]}) == data_hash({"a": [1, 2], "b": 1})
     assert data_hash({"a": 1}) != data_hash({"a": 2})
+
+
+def test_weights_checked_against_the_config_accept_what_loads_right(tmp_path: Path) -> None:
+    """The header checks refuse only what transformers would load wrongly: bf16 and fp16 folders, and a family
+    that embeds in another width than its hidden size (OPT's word_embed_proj_dim), pass."""
+    from llmpress.sources import check_weights_match_config
+    from tests.unit.conftest import build_tiny_llama
+
+    for dtype in (torch.bfloat16, torch.float16):
+        folder = tmp_path / str(dtype)
+        build_tiny_llama().to(dtype).save_pretrained(folder)
+        check_hf_folder(folder)
+    opt = {"num_hidden_layers": 2, "vocab_size": 10, "hidden_size": 16, "word_embed_proj_dim": 8}
+    tensors = {"model.decoder.embed_tokens.weight": ("F16", [10, 8]),
+               **{f"model.decoder.layers.{i}.fc1.weight": ("F16", [16, 16]) for i in range(2)}}  # fmt: skip
+    check_weights_match_config(opt, tensors, tmp_path / "config.json")
+    with pytest.raises(LlmpressError, match="missing"):
+        check_weights_match_config(opt | {"num_hidden_layers": 3}, tensors, tmp_path / "config.json")
