@@ -796,11 +796,19 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def check_targets(model: nn.Module, recipe: Recipe) -> None:
-    """Fail before any work if a layer stage's targets match nothing."""
+    """Fail before any work if a layer stage's targets match nothing, or an N:M pattern's M does not divide the
+    input size of a layer it targets (the groups of M would not tile the row)."""
     blocks_name, blocks = find_decoder_blocks(model)
     for i, stage in enumerate(recipe.stages):
         if not hasattr(stage, "targets"):
             continue
+        n_m = getattr(stage, "n_m", None)
+        for j, block in enumerate(blocks) if n_m else ():
+            for name, layer in targeted_linears(block, f"{blocks_name}.{j}", stage).items():
+                if layer.in_features % n_m[1]:
+                    raise LlmpressError(f"recipe {recipe.name!r} stage {i} ({stage.method}): pattern "
+                                        f"{stage.pattern!r} needs every targeted layer's input size to be a multiple "
+                                        f"of {n_m[1]}; {name} has {layer.in_features} inputs")  # fmt: skip
         if not any(targeted_linears(b, f"{blocks_name}.{j}", stage) for j, b in enumerate(blocks)):
             examples = [f"{blocks_name}.0.{n}" for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)][:4]
             raise LlmpressError(

@@ -256,6 +256,11 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
         "match no Linear",
     ),
     ("seq-len-over-context", check_with_model(WANDA, "data:\n  seq_len: 4096\n"), "exceeds"),
+    (
+        "recipe-pattern-does-not-tile",
+        check_with_model("name: x\nstages:\n  - method: sparsegpt\n    pattern: '3:7'\n", "data:\n  seq_len: 64\n"),
+        "multiple of 7",
+    ),
     # params
     ("params-unknown-key", params("eval:\n  strid: 2\n"), "eval.strid: unknown key"),
     ("params-window-zero", params("eval:\n  window: 0\n"), "eval.window"),

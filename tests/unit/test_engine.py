@@ -289,3 +289,17 @@ def test_capture_moves_only_what_runs_before_block_0_and_hands_host_tensors_back
     assert torch.equal(torch.cat(hidden), model.model.embed_tokens(ids))
     assert len(kwargs) == 2 and "position_embeddings" in kwargs[0]
     assert before == {name: t.data_ptr() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def test_a_pattern_that_does_not_tile_the_rows_is_refused_before_any_work() -> None:
+    """3:7 on 64-input layers: refused by name before a single layer changes, for every N:M method."""
+    from llmpress.config import validate
+    from tests.unit.conftest import build_tiny_llama
+
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model = build_tiny_llama()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        recipe = validate(Recipe, {"name": "x", "stages": [{"method": method, "pattern": "3:7"}]}, "recipe")
+        with pytest.raises(LlmpressError, match="multiple of 7"):
+            compress_(model, recipe, torch.randint(0, 100, (2, 16)), batch_size=2)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
