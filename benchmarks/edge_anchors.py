@@ -211,7 +211,9 @@ def files_bytes(*paths: Path) -> int:
 
 
 def onnx_files(graph: Path) -> list[Path]:
-    return [graph, *[p for p in graph.parent.glob(graph.name + ".data")]]
+    """The graph and its external weights file, where it has one."""
+    data = graph.with_name(graph.name + ".data")
+    return [graph, data] if data.is_file() else [graph]
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmpress.errors import ConfigError, redact
+from llmpress.loading import read_yaml
 
 
 def _number_kinds(annotation: Any) -> tuple[bool, bool]:
@@ -592,16 +593,10 @@ def validate(model: type[M], data: Any, source: str) -> M:
         raise ConfigError(_format_errors(source, exc)) from None
 
 
-def _read_yaml(path: Path) -> Any:
-    from llmpress.loading import read_yaml
-
-    return read_yaml(path)
-
-
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate `params.yaml`; `overrides` maps dotted keys ('data.seed') to values, applied first."""
     path = Path(path)
-    data = _read_yaml(path) if path.exists() else {}
+    data = read_yaml(path) if path.exists() else {}
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     data = dict(data or {})
@@ -621,7 +616,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe: llmpress's own shape, or llm-compressor's (`llmpress/llmcompressor.py`)."""
     path = Path(path)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping with 'name' and 'stages'")
     from llmpress.llmcompressor import from_llmcompressor, is_llmcompressor

@@ -111,22 +111,25 @@ def _check_expansion(root: yaml.Node) -> None:
     walk(root)
 
 
-def _text(data: bytes, source: str, max_bytes: int) -> str:
-    if len(data) > max_bytes:
-        raise ConfigError(f"{source}: {len(data):,} bytes; a config file here is at most {max_bytes:,}")
+def _read_text(path: str | Path, max_bytes: int) -> str:
+    """A file's text: refused when missing, over `max_bytes` (unread) or not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+    if (size := path.stat().st_size) > max_bytes:
+        raise ConfigError(f"{path}: {size:,} bytes; a config file here is at most {max_bytes:,}")
+    data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start}: {data[exc.start : exc.start + 1]!r})") from None
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {data[exc.start : exc.start + 1]!r})") from None
 
 
 def parse_yaml(text: str, source: str) -> Any:
     """One YAML document from `text`, within the bounds above; `source` names it in errors."""
+    loader = None
     try:
         loader = _Loader(text)  # the reader refuses control characters here
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
-    try:
         node = loader.get_single_node()
         if node is None:
             return None
@@ -139,15 +142,13 @@ def parse_yaml(text: str, source: str) -> Any:
     except RecursionError:
         raise ConfigError(f"{source}: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml(path: str | Path, max_bytes: int = MAX_YAML_BYTES) -> Any:
     """The YAML document in file `path`, within the bounds above."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
-    return parse_yaml(_text(path.read_bytes(), str(path), max_bytes), str(path))
+    return parse_yaml(_read_text(path, max_bytes), str(path))
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -172,10 +173,7 @@ def parse_json(text: str, source: str) -> Any:
 
 def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
     """The JSON value in file `path`: UTF-8, at most `max_bytes`, no duplicate keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
-    return parse_json(_text(path.read_bytes(), str(path), max_bytes), str(path))
+    return parse_json(_read_text(path, max_bytes), str(path))
 
 
 def read_json_object(path: str | Path, what: str = "file", max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:

@@ -55,33 +55,25 @@ class ResolvedModel:
 
 def resolve(source: str, models_dir: str | Path = "models") -> ResolvedModel:
     """Resolve a model source to a validated local HF folder (converting or downloading it if needed)."""
+    check_source(source)
     models_dir = Path(models_dir)
     if source == "default":
-        gguf = shipped_gguf_path()
-        folder = _convert_gguf_once(gguf, models_dir / SHIPPED_NAME)
+        folder = _convert_gguf_once(shipped_gguf_path(), models_dir / SHIPPED_NAME)
         name = SHIPPED_NAME
     elif source.startswith("s3://"):
         folder = _download_s3(source, models_dir / "s3")
         name = folder.name
     elif source.endswith(".gguf"):
-        gguf = Path(source)
-        if not gguf.is_file():
-            raise LlmpressError(f"model source {source!r}: GGUF file not found")
-        check_gguf(gguf)
-        name = _slug(gguf.stem)
-        folder = _convert_gguf_once(gguf, models_dir / name)
+        name = _slug(Path(source).stem)
+        folder = _convert_gguf_once(Path(source), models_dir / name)
     elif Path(source).exists():
         folder = Path(source)
         name = _slug(folder.resolve().name)
-    elif HUB_ID.match(source):
+    else:  # a hub id (check_source refused anything else)
         folder = _download_hub(source, models_dir / "hub")
         name = _slug(source.split("/")[-1])
-    else:
-        raise LlmpressError(
-            f"model source {source!r} is not a local folder, a .gguf file, an s3:// URI or a hub id (org/name); "
-            "use 'default' for the shipped SmolLM2-135M"
-        )
-    check_hf_folder(folder)
+    if folder != Path(source):  # a local folder was checked by check_source already
+        check_hf_folder(folder)
     return ResolvedModel(source=source, name=name, path=str(folder.resolve()), sha256=folder_hash(folder))
 
 
