@@ -13,7 +13,8 @@
     llmpress worker gpu|cpu           a process worker for that pool on this machine
     llmpress sweep --recipes A B ...  many compress runs, one MLflow run with the table and Pareto plot
 
-A problem with the input prints one line starting with 'error:' and exits with status 2.
+A problem with the input prints one line starting with 'error:' and exits with status 2. SIGTERM or SIGINT
+stops a run cleanly (flows/stopping.py): one 'error: stopped by ...' line, exit status 128 + the signal.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flows import stopping
 from flows.prefect_api import ensure_api, set_defaults
 
 set_defaults()  # before Prefect is imported
@@ -215,9 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("llmpress").setLevel(logging.DEBUG if args.verbose else logging.INFO)
 
     project = Path(args.project).resolve()
+    with stopping.handled():
+        return _command(args, project)
+
+
+def _command(args: argparse.Namespace, project: Path) -> int:
     try:
         if not project.is_dir():
             raise LlmpressError(f"--project {args.project}: no such folder")
+        if args.command not in ("bundle", "services"):  # the commands that read URIs from the environment
+            from llmpress.config import check_environment
+
+            check_environment()
         if args.command in ("run", "check", "sweep", "promote") and not (project / args.params).is_file():
             raise LlmpressError(f"--params {args.params}: no such file in {project} (the defaults are not guessed)")
         if args.command == "run":
@@ -287,10 +298,16 @@ def main(argv: list[str] | None = None) -> int:
                     check_targets(model, recipe)
                 print(f"{file}: ok ({recipe.name}, {len(recipe.stages)} stage(s))")
         elif args.command == "promote":
-            if args.s3:  # before Prefect or MLflow start
-                from llmpress.sources import parse_s3_uri
+            # Refused before Prefect starts: no or a bad S3 destination, an unknown model, version or alias, a
+            # version that failed the gate or has no approval. The flow checks again (deployments run it too).
+            from llmpress import promote as promotion
+            from llmpress import tracking
+            from llmpress.config import load_params
 
-                parse_s3_uri(args.s3.rstrip("/"))
+            params = load_params(project / args.params)
+            promotion.destination(args.s3, params.tracking.bundle_s3_prefix)
+            uri = tracking.resolve_tracking_uri(params.tracking.tracking_uri, project)
+            promotion.check_request(uri, args.model, args.version)
             ensure_api()
             from flows.promote import promote
 
@@ -370,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     except LlmpressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BaseException as exc:  # a stop signal (flows/stopping.py); anything else keeps its traceback
+        if (sig := stopping.signal_of(exc)) is None:
+            raise
+        print(f"error: stopped by {sig.name}{stopping.describe(exc) or ''}", file=sys.stderr)
+        return 128 + sig
     return 0
 
 

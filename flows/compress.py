@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows import stopping
 from llmpress import hashing, tracking
 from llmpress.config import export_recipe, load_params, load_recipe
 from llmpress.steps import recipe_info
@@ -24,7 +25,7 @@ from tasks.credentials import BLOCK, load_secret_block
 from tasks.data import version_data
 from tasks.evaluate import evaluate_base, evaluate_bundle, evaluate_model, export_model, measure_speed
 from tasks.model import resolve_model
-from tasks.track import close_run, log_stage, open_run, register_and_gate
+from tasks.track import close_run, close_stopped_run, log_stage, open_run, register_and_gate
 
 
 @flow(name="compress")
@@ -58,10 +59,18 @@ def compress(
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_name = f"{info['name']}-{stamp}"
     seconds: dict[str, float] = {}
+    summary: dict[str, Any] = {"run_name": run_name, "tracking_uri": tracking_uri,
+                               "registered_model": params.tracking.registered_model}  # fmt: skip
 
     def timed(name: str, fn, *args, **kwargs):
+        summary["step"] = name  # what a stop message names
         start = time.perf_counter()
-        result = fn(*args, **kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            if "mlflow_run_id" not in summary and stopping.signal_of(exc) is not None:
+                exc.llmpress_stopped = f" during step {name}, before an MLflow run was opened; nothing registered"
+            raise
         seconds[name] = time.perf_counter() - start
         logger.info("step %s done in %.1fs", name, seconds[name])
         return result
@@ -83,14 +92,16 @@ def compress(
                                         ).hexdigest()  # fmt: skip
     out_root = project / "models" / "compressed" / f"{info['name']}-{lineage['run_key'][:12]}"
     tags = lineage | ({"mlflow.parentRunId": parent_run_id, "sweep.parent": parent_run_id} if parent_run_id else {})
-    run_id = open_run(
-        tracking_uri, params.tracking.experiment, str(project), run_name, tags=tags,
-        params={"params": params.model_dump(mode="json"), "recipe": info["recipe"]},
-    )  # fmt: skip
-    ok = False
-    summary: dict[str, Any] = {"run_name": run_name, "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
-                               "registered_model": params.tracking.registered_model, "lineage": lineage}  # fmt: skip
+    ok = stopped = False
+    run_id = None
+    summary["step"] = "open_run"
     try:
+        with stopping.deferred():  # a stop while the run opens lands once its id is known, so it can be closed
+            run_id = open_run(
+                tracking_uri, params.tracking.experiment, str(project), run_name, tags=tags,
+                params={"params": params.model_dump(mode="json"), "recipe": info["recipe"]},
+            )  # fmt: skip
+            summary |= {"mlflow_run_id": run_id, "lineage": lineage}
         log_stage(tracking_uri, run_id, "data", data, seconds["data"])
 
         baseline = timed("baseline", evaluate_base, base["path"], data["eval"], params.eval,
@@ -149,8 +160,19 @@ def compress(
             "seconds": seconds,
         }
         ok = True
+    except BaseException as exc:
+        if (sig := stopping.signal_of(exc)) is not None and run_id is not None:
+            stopped = True
+            with stopping.finishing():
+                summary["stopped"] = sig.name
+                deleted = close_stopped_run(tracking_uri, run_id, params.tracking.registered_model, summary)
+            taken_back = f", version {', '.join(deleted)} taken back" if deleted else ""
+            exc.llmpress_stopped = (f" during step {summary['step']}; MLflow run {run_id} marked KILLED, nothing "
+                                    f"registered{taken_back}")  # fmt: skip
+        raise
     finally:
-        close_run(tracking_uri, run_id, ok, summary)
+        if run_id is not None and not stopped:
+            close_run(tracking_uri, run_id, ok, summary)
     return summary
 
 

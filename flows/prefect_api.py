@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -104,6 +107,7 @@ def start_ephemeral(timeout: float | None = None) -> str:
 
     migrate_database()
     wait = timeout or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    _own_process_group()
     server = SubprocessASGIServer()
     start = time.perf_counter()
     try:
@@ -118,3 +122,40 @@ def start_ephemeral(timeout: float | None = None) -> str:
         ) from None
     log.info("Prefect: temporary server at %s ready in %.1f s", server.api_url, time.perf_counter() - start)
     return server.api_url
+
+
+class _OwnGroupSubprocess:
+    """The `subprocess` module as Prefect's server module sees it, except that Popen starts a new session.
+
+    Ctrl-C and `timeout` signal the CLI's whole process group. In that group the temporary server would stop at
+    once, and the run being stopped could no longer record that its flow run crashed (flows/stopping.py). In a
+    session of its own it stops when the CLI exits (Prefect's atexit hook), and on Linux when the CLI dies
+    without one (parent-death signal), so it never outlives the run."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args: object, **kwargs: object) -> subprocess.Popen:
+        return subprocess.Popen(*args, start_new_session=True, preexec_fn=_die_with_parent(), **kwargs)
+
+
+def _die_with_parent():
+    """A pre-exec hook asking Linux to send SIGTERM to the child when this process dies; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the hook runs between fork and exec
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return hook
+
+
+def _own_process_group() -> None:
+    from prefect.server.api import server as server_module
+
+    server_module.subprocess = _OwnGroupSubprocess()

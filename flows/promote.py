@@ -7,7 +7,6 @@ What it checks and in which order: `llmpress/promote.py`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from prefect import flow, get_run_logger
 
 from llmpress import tracking
 from llmpress.config import load_params
-from llmpress.promote import PromotionError, bundle_uri
+from llmpress.promote import bundle_uri, destination
 from tasks.credentials import BLOCK, load_secret_block
 from tasks.promote import check_version, move_production, publish_bundle
 
@@ -30,12 +29,7 @@ def promote(model_name: str, version: str = "champion", s3_prefix: str | None = 
     project = Path(project_dir).resolve()
     params = load_params(project / params_file)
     tracking_uri = tracking.resolve_tracking_uri(params.tracking.tracking_uri, project)
-    prefix = s3_prefix or params.tracking.bundle_s3_prefix or os.environ.get("LLMPRESS_BUNDLE_S3_PREFIX")
-    if not prefix:
-        raise PromotionError(
-            "no S3 destination: pass --s3 s3://bucket/prefix, set tracking.bundle_s3_prefix or "
-            "LLMPRESS_BUNDLE_S3_PREFIX"
-        )
+    prefix = destination(s3_prefix, params.tracking.bundle_s3_prefix)
     checked = check_version(tracking_uri, model_name, version)
     uri = bundle_uri(prefix, model_name, checked["version"])
     published = publish_bundle(tracking_uri, checked["run_id"], uri)

@@ -22,11 +22,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows import stopping
 from llmpress import sweep as pareto
 from llmpress import tracking
 from llmpress.config import load_params, load_recipe
 from llmpress.errors import ConfigError
-from tasks.track import close_run, open_run
+from tasks.track import close_run, close_stopped_run, open_run
 
 
 @flow(name="sweep")
@@ -57,7 +58,7 @@ def sweep(
     parent = open_run(tracking_uri, params.tracking.experiment, str(project), name, tags={"sweep": "true"},
                       params={"recipes": ",".join(recipes), "models": ",".join(models), "cost": cost,
                               "deployment": deployment or "in-process"})  # fmt: skip
-    ok = False
+    ok = stopped = False
     try:
         if deployment:
             states = _fan_out(deployment, pairs, params_file, project_dir, overrides, parent, timeout_s)
@@ -68,8 +69,17 @@ def sweep(
         results = _gather(tracking_uri, parent)
         summary = _summarise(tracking_uri, parent, results, pairs, states, cost, name)
         ok = True
+    except BaseException as exc:
+        if (sig := stopping.signal_of(exc)) is not None:  # its own runs, in-process, were stopped the same way
+            with stopping.finishing():
+                close_stopped_run(tracking_uri, parent, params.tracking.registered_model,
+                                  {"sweep": name, "stopped": sig.name})  # fmt: skip
+            exc.llmpress_stopped = stopping.describe(exc) + f"; sweep MLflow run {parent} marked KILLED"
+            stopped = True
+        raise
     finally:
-        close_run(tracking_uri, parent, ok, {"sweep": name} if not ok else summary)
+        if not stopped:
+            close_run(tracking_uri, parent, ok, {"sweep": name} if not ok else summary)
     logger.info("sweep %s: %d of %d runs gave a result; Pareto front: %s", name, len(summary["points"]), len(pairs),
                 ", ".join(p["label"] for p in summary["points"] if p["on_front"]))  # fmt: skip
     return summary

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from llmpress.errors import ConfigError, LlmpressError
+from llmpress.files import CHECKSUMS
 
 FORMAT = "llmpress-bundle/1"
 MANIFEST = "manifest.json"
@@ -108,7 +109,7 @@ def build_bundle(out_dir: str | Path, onnx_dir: str | Path, tokenizer_dir: str |
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         for item in sorted(onnx_dir.iterdir()):  # the graph and its external data files
-            if item.is_file() and not item.is_symlink():
+            if item.is_file() and not item.is_symlink() and item.name != CHECKSUMS:  # the manifest has them
                 shutil.copy2(item, staging / item.name)
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():

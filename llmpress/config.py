@@ -7,7 +7,9 @@ lists every bad field with the value it got and what is allowed.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
@@ -222,14 +224,40 @@ class TrackingParams(Strict):
     @field_validator("tracking_uri")
     @classmethod
     def _tracking_uri(cls, uri: str | None) -> str | None:
-        if uri is None:
-            return uri
-        scheme = uri.split("://", 1)[0] if "://" in uri else None
-        if scheme not in TRACKING_SCHEMES:
-            raise ValueError(f"expected a URI starting with one of {', '.join(s + '://' for s in TRACKING_SCHEMES)}")
-        if re.match(r"^[a-z0-9+]+://[^/@]*@", uri):
-            raise ValueError("credentials in the URI would be logged; use MLFLOW_TRACKING_USERNAME/PASSWORD")
+        if uri is not None and (problem := _tracking_uri_problem(uri)):
+            raise ValueError(problem)
         return uri
+
+
+def _tracking_uri_problem(uri: str) -> str | None:
+    scheme = uri.split("://", 1)[0] if "://" in uri else None
+    if scheme not in TRACKING_SCHEMES:
+        return f"expected a URI starting with one of {', '.join(s + '://' for s in TRACKING_SCHEMES)}"
+    if re.match(r"^[a-z0-9+]+://[^/@]*@", uri):
+        return "credentials in the URI would be logged; use MLFLOW_TRACKING_USERNAME/PASSWORD"
+    return None
+
+
+S3_URI = r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^?#\s]*)?"
+ENDPOINT_URI = r"https?://[^/@?#\s]+(/[^?#\s]*)?"
+
+
+def check_environment(env: Mapping[str, str] | None = None) -> None:
+    """The URIs llmpress takes from the environment, held to params' own rules: no credentials or signed queries
+    (they would reach logs, DVC's config and Prefect's records; credentials come from AWS_* and MLFLOW_TRACKING_*
+    variables), the right scheme. Checked with params, before any server or DVC stage starts."""
+    env = os.environ if env is None else env
+    problems = []
+    if (uri := env.get("MLFLOW_TRACKING_URI")) and (why := _tracking_uri_problem(uri)):
+        problems.append(("MLFLOW_TRACKING_URI", why))
+    for name in ("LLMPRESS_DVC_REMOTE", "LLMPRESS_BUNDLE_S3_PREFIX"):
+        if (uri := env.get(name)) and not re.fullmatch(S3_URI, uri):
+            problems.append((name, "expected s3://bucket/prefix (bucket in lowercase, no credentials, no query)"))
+    if (uri := env.get("AWS_ENDPOINT_URL")) and not re.fullmatch(ENDPOINT_URI, uri):
+        problems.append(("AWS_ENDPOINT_URL", "expected http(s)://host[:port] with no credentials and no query"))
+    if problems:
+        raise ConfigError("; ".join(f"environment variable {name}={redact(env[name])!r}: {why}"
+                                    for name, why in problems))  # fmt: skip
 
 
 class Params(Strict):
@@ -594,7 +622,9 @@ def validate(model: type[M], data: Any, source: str) -> M:
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Read and validate `params.yaml`; `overrides` maps dotted keys ('data.seed') to values, applied first."""
+    """Read and validate `params.yaml`; `overrides` maps dotted keys ('data.seed') to values, applied first. The
+    environment's URIs are checked too (`check_environment`): they stand in for params' own."""
+    check_environment()
     path = Path(path)
     data = read_yaml(path) if path.exists() else {}
     if data is not None and not isinstance(data, dict):

@@ -53,6 +53,32 @@ class Published:
     bytes: int
 
 
+def destination(s3_prefix: str | None, configured: str | None) -> str:
+    """Where bundles go: `s3_prefix` (--s3), else params' tracking.bundle_s3_prefix, else
+    $LLMPRESS_BUNDLE_S3_PREFIX; checked as an S3 URI."""
+    prefix = s3_prefix or configured or os.environ.get("LLMPRESS_BUNDLE_S3_PREFIX")
+    if not prefix:
+        raise PromotionError(
+            "no S3 destination: pass --s3 s3://bucket/prefix, set tracking.bundle_s3_prefix or "
+            "LLMPRESS_BUNDLE_S3_PREFIX"
+        )
+    parse_s3_uri(prefix.rstrip("/"))
+    return prefix
+
+
+def check_request(tracking_uri: str, name: str, version_or_alias: str) -> Any:
+    """The version a promotion asks for, checked (exists, passed the gate, approved) without writing anything:
+    what the command line refuses before Prefect starts. A SQLite registry that does not exist yet has no model,
+    and is not created just to say so."""
+    from llmpress import tracking
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise PromotionError(f"model {name!r} is not registered: there is no MLflow database at {tracking_uri}")
+    version = resolve_version(tracking.client(tracking_uri), name, version_or_alias)
+    check_promotable(version)
+    return version
+
+
 def resolve_version(client: Any, name: str, version_or_alias: str) -> Any:
     """The ModelVersion named by a version number or an alias."""
     import mlflow

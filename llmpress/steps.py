@@ -405,12 +405,22 @@ def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams,
     """ONNX export (KV cache) and parity against PyTorch: prefill of the first `parity_tokens` held-out tokens, then
     `parity_decode_steps` greedy steps. With `template_dir`, the traced graph of each architecture is kept there
     and reused (`llmpress.export.template`)."""
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path)
+    # The folder appears only once its graph was written, checked against PyTorch and set to its serving level: a
+    # stopped or failed export leaves nothing a later step could take for a finished one.
+    with atomic_folder(out_dir) as staging:
+        path, record = _export_checked(model, tokenizer, staging, eval_path, params, template_dir)
+    path = Path(out_dir) / path.name
+    return record | {"onnx_path": str(path.resolve()), "onnx_bytes": folder_bytes(out_dir)}
+
+
+def _export_checked(model: torch.nn.Module, tokenizer: Any, out_dir: Path, eval_path: str, params: ExportParams,
+                    template_dir: str | None) -> tuple[Path, dict[str, Any]]:  # fmt: skip
     import onnx
 
     from llmpress.export.packed import set_accuracy_level
 
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path)
     start = time.perf_counter()
     with phase("export: ONNX graph with KV cache"):
         path = export_onnx(model, out_dir, opset=params.opset, cache_dir=template_dir)
@@ -432,10 +442,8 @@ def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams,
         with phase("export: the shipped graph against PyTorch in onnxruntime"):
             # the model's noise floor and its trajectory were measured just above
             served = check_parity(model, path, ids, params.parity_decode_steps, noise=False, reference=reference)
-    return {
-        "tensorrt": tensorrt_engine(path, Path(out_dir)),
-        "onnx_path": str(path.resolve()),
-        "onnx_bytes": folder_bytes(out_dir),
+    return path, {
+        "tensorrt": tensorrt_engine(path, out_dir),
         "export_seconds": seconds,
         "onnx_max_abs_diff": parity.max_abs_diff,
         "onnx_mean_abs_diff": parity.mean_abs_diff,

@@ -18,7 +18,6 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import RunStatus
 
 from llmpress.gate import GateReport
 
@@ -27,6 +26,7 @@ log = logging.getLogger(__name__)
 PYFUNC_FILE = Path(__file__).with_name("mlflow_pyfunc.py")
 ALIAS_CANDIDATE = "candidate"
 ALIAS_CHAMPION = "champion"
+ALIASES_BEFORE_TAG = "registry.aliases_before"
 
 
 def resolve_tracking_uri(uri: str | None, project_dir: str | Path) -> str:
@@ -62,8 +62,14 @@ def start_run(c: MlflowClient, experiment: str, name: str, parent_id: str | None
     return c.create_run(exp_id, run_name=name, tags=tags).info.run_id
 
 
-def end_run(c: MlflowClient, run_id: str, ok: bool = True) -> None:
-    c.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+def end_run(c: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
+    """Mark a run ended: FINISHED, FAILED (an error) or KILLED (stopped by a signal)."""
+    if status not in END_STATUSES:
+        raise ValueError(f"run status {status!r} is not one of {END_STATUSES}")
+    c.set_terminated(run_id, status)
 
 
 def log_params(c: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
@@ -107,6 +113,9 @@ def register_model(c: MlflowClient, run_id: str, model_dir: str | Path, name: st
         version = str(existing[0].version)
         c.set_registered_model_alias(name, ALIAS_CANDIDATE, version)
         return version
+    # What the registry's aliases were, so that a run stopped mid-registration can put them back
+    # (end_stopped_run); written before the version exists.
+    c.set_tag(run_id, ALIASES_BEFORE_TAG, json.dumps(registry_aliases(c, name)))
     mlflow.set_tracking_uri(c.tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
@@ -134,6 +143,47 @@ def apply_gate(c: MlflowClient, name: str, version: str, report: GateReport) -> 
         c.set_registered_model_alias(name, ALIAS_CHAMPION, version)
     else:
         c.set_model_version_tag(name, version, "gate.failures", "; ".join(report.failures))
+
+
+def registry_aliases(c: MlflowClient, name: str) -> dict[str, str] | None:
+    """Alias -> version of registered model `name`; None when there is no such model."""
+    try:
+        model = c.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return {alias: str(version) for alias, version in model.aliases.items()}
+
+
+def end_stopped_run(c: MlflowClient, run_id: str, model_name: str, summary: dict[str, Any]) -> list[str]:
+    """A run stopped by a signal: the versions it registered are deleted and the aliases they took put back (a
+    stopped run registers nothing), its summary logged, its status KILLED. Returns the deleted version numbers.
+
+    No retries here: a stopped process has seconds left (a container's grace period), not minutes."""
+    run = c.get_run(run_id)
+    deleted = []
+    if ALIASES_BEFORE_TAG in run.data.tags:  # registration began
+        before = json.loads(run.data.tags[ALIASES_BEFORE_TAG])
+        for version in c.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'"):
+            c.delete_model_version(model_name, version.version)
+            deleted.append(str(version.version))
+        now = registry_aliases(c, model_name) or {}
+        if before is None and not c.search_model_versions(f"name = '{model_name}'"):
+            c.delete_registered_model(model_name)  # this run created it; nothing else is in it
+        for alias, version in (before or {}).items():
+            if alias not in now:  # it pointed at a deleted version
+                try:
+                    c.set_registered_model_alias(model_name, alias, version)
+                except mlflow.exceptions.MlflowException as exc:  # that version was deleted meanwhile
+                    log.warning("alias %s of %s not put back on version %s: %s", alias, model_name, version, exc)
+    if "registered_version" in run.data.tags:  # also an earlier identical run's version it pointed at
+        c.delete_tag(run_id, "registered_version")
+    stages = c.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' and "
+                           "attributes.status = 'RUNNING'")  # fmt: skip
+    for stage in stages:  # a stage's nested run being logged when the signal came
+        end_run(c, stage.info.run_id, "KILLED")
+    log_json(c, run_id, summary, "summary.json")
+    end_run(c, run_id, "KILLED")
+    return deleted
 
 
 def alias_version(c: MlflowClient, name: str, alias: str) -> str | None:

@@ -63,6 +63,7 @@ def use_remote_from_env(project_dir: str | Path) -> str | None:
 def _dvc(project_dir: Path, *args: str) -> str:
     # dvc.yaml stages call `python -m llmpress.data`: make that the interpreter running us.
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.setdefault("DVC_NO_ANALYTICS", "1")  # its daemon would phone home and leave a file in the temp folder
     result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project_dir, env=env, capture_output=True,
                             text=True)  # fmt: skip
     output = (result.stdout + result.stderr).strip()

@@ -117,4 +117,10 @@ def register_and_gate(tracking_uri: str, run_id: str, model_name: str, model_dir
 def close_run(tracking_uri: str, run_id: str, ok: bool, summary: dict[str, Any]) -> None:
     c = tracking.client(tracking_uri)
     tracking.log_json(c, run_id, summary, "summary.json")
-    tracking.end_run(c, run_id, ok)
+    tracking.end_run(c, run_id, "FINISHED" if ok else "FAILED")
+
+
+def close_stopped_run(tracking_uri: str, run_id: str, model_name: str, summary: dict[str, Any]) -> list[str]:
+    """A run stopped by a signal: status KILLED, registration taken back (tracking.end_stopped_run). Not a Prefect
+    task: the flow run is crashing, and a stopped process has seconds for this, not retries."""
+    return tracking.end_stopped_run(tracking.client(tracking_uri), run_id, model_name, summary)

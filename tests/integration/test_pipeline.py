@@ -84,7 +84,12 @@ def _project(root: Path) -> Path:
 
 
 # Credentials planted in the environment of both runs: none may reach a log, a parameter, a tag or an artifact.
-PLANTED = {"AWS_SECRET_ACCESS_KEY": "planted-aws-secret-9Xq2", "MLFLOW_TRACKING_PASSWORD": "planted-mlflow-pw-7Lk4"}
+PLANTED = {
+    "AWS_SECRET_ACCESS_KEY": "planted-aws-secret-9Xq2",
+    "AWS_SESSION_TOKEN": "planted-aws-token-3Rv8",
+    "MLFLOW_TRACKING_PASSWORD": "planted-mlflow-pw-7Lk4",
+    "MLFLOW_TRACKING_TOKEN": "planted-mlflow-token-5Hn1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -453,3 +458,93 @@ def test_killed_during_compression_registers_nothing(runs: dict, tmp_path: Path)
     exp = c.get_experiment_by_name("itest")
     killed = c.search_runs([exp.experiment_id], "params.`recipe.name` = 'wanda-mlp-30'")
     assert killed and all(r.info.status == "RUNNING" and "registered_version" not in r.data.tags for r in killed)
+
+
+def _stop_run(project: Path, home: Path, log: Path, sig: signal.Signals, marker: str, after_s: float,
+              *args: str) -> int:  # fmt: skip
+    """`llmpress run ARGS` in a process group of its own, as a shell starts it, with Prefect in ephemeral mode
+    (its database in `home`) and its temporary files in `home/tmp`; `sig` goes to the whole group `after_s`
+    seconds after `marker` is logged, as Ctrl-C (SIGINT) and `timeout` (SIGTERM) send it. Returns the exit code."""
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PREFECT_HOME=str(home), TMPDIR=str(home / "tmp"))
+    env.pop("PREFECT_API_URL", None)
+    with open(log, "wb") as out:
+        command = [sys.executable, "-m", "flows.cli", "--project", str(project), "run", *args]
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+                                env=env)  # fmt: skip
+        deadline = time.monotonic() + 600
+        while marker not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        time.sleep(after_s)
+        os.killpg(proc.pid, sig)
+        return proc.wait(timeout=120)
+
+
+def _assert_stopped_cleanly(project: Path, home: Path, log: Path, code: int, sig: signal.Signals, step: str,
+                            recipe: str, before: set) -> None:  # fmt: skip
+    """The stop's promises: exit 128+signal with one `error:` line naming the step and the MLflow run, no
+    traceback; that run KILLED and nothing registered or moved; Prefect's flow run crashed; no temporary folder
+    or half-written output left; Prefect's temporary server gone with the run."""
+    import sqlite3
+
+    text = log.read_text(errors="replace")
+    assert code == 128 + sig, text[-3000:]
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: stopped by {sig.name} during step {step}; "), text[-3000:]
+    assert "Traceback" not in text
+    run_id = errors[0].split("MLflow run ")[1].split()[0]
+    c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    run = c.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.params["recipe.name"] == recipe
+    assert "registered_version" not in run.data.tags
+    assert {(v.version, tuple(sorted(v.aliases))) for v in c.search_model_versions(f"name = '{MODEL_NAME}'")} == before
+    with sqlite3.connect(home / "prefect.db") as db:
+        states = db.execute("select state_type from flow_run order by start_time desc limit 1").fetchall()
+    assert states == [("CRASHED",)]
+    assert not [p.name for p in (home / "tmp").iterdir() if p.name.startswith("tmp")]  # Python's temporary names
+    assert not [p for p in (project / "models").rglob(".*") if p.is_dir()]  # atomic folders' staging siblings
+    assert not _prefect_servers(home)
+
+
+def _prefect_servers(home: Path) -> list[int]:
+    """Processes of a Prefect server started with PREFECT_HOME=`home`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"uvicorn" in cmdline and f"PREFECT_HOME={home}".encode() in environ:
+            found.append(int(proc.name))
+    return found
+
+
+def test_sigterm_during_compression_ends_the_run_killed(runs: dict, tmp_path: Path) -> None:
+    project = runs["project"]
+    c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    before = {(v.version, tuple(sorted(v.aliases))) for v in c.search_model_versions(f"name = '{MODEL_NAME}'")}
+    home, log = project.parent / "stopped-prefect", tmp_path / "run.log"
+    code = _stop_run(project, home, log, signal.SIGTERM, "compress sparsegpt-50:", 2, "--recipe",
+                     "recipes/sparsegpt-50.yaml", "--set", "eval.speed.enabled=false")  # fmt: skip
+    _assert_stopped_cleanly(project, home, log, code, signal.SIGTERM, "compress", "sparsegpt-50", before)
+    assert not list((project / "models" / "compressed").glob("sparsegpt-50-*"))
+
+
+def test_ctrl_c_during_export_ends_the_run_killed(runs: dict, tmp_path: Path) -> None:
+    """Compression and evaluation finished and their outputs stay (a re-run resumes from them); the export's
+    folder, half-written when the signal came, is not there."""
+    project = runs["project"]
+    c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    before = {(v.version, tuple(sorted(v.aliases))) for v in c.search_model_versions(f"name = '{MODEL_NAME}'")}
+    home, log = project.parent / "stopped-prefect", tmp_path / "run.log"
+    code = _stop_run(project, home, log, signal.SIGINT, "export: ONNX graph with KV cache done", 0.5, "--recipe",
+                     "recipes/magnitude-50.yaml", "--set", "eval.speed.enabled=false")  # fmt: skip
+    _assert_stopped_cleanly(project, home, log, code, signal.SIGINT, "export", "magnitude-50", before)
+    summary = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=log.read_text().split("MLflow run ")[1].split()[0], artifact_path="summary.json",
+        tracking_uri=c.tracking_uri)).read_text())  # fmt: skip
+    key = summary["lineage"]["run_key"][:12]
+    assert (project / "models" / "compressed" / f"magnitude-50-{key}" / "hf" / "checksums.json").is_file()
+    assert not (project / "models" / "compressed" / f"magnitude-50-{key}" / "onnx").exists()

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -216,6 +218,29 @@ def corpus(name: str, text: str) -> Callable[[Path], list[str]]:
     return setup
 
 
+def env_then(name: str, value: str, *args: str) -> Callable[[Path], list[str]]:
+    """`args` run with environment variable `name` set to `value` (and unset again by the test)."""
+
+    def setup(project: Path) -> list[str]:
+        setup.context = mock.patch.dict(os.environ, {name: value})
+        setup.context.__enter__()
+        return list(args)
+
+    return setup
+
+
+def registry_then(*args: str) -> Callable[[Path], list[str]]:
+    """A project whose MLflow registry holds model `m` with no versions."""
+
+    def setup(project: Path) -> list[str]:
+        from mlflow import MlflowClient
+
+        MlflowClient(f"sqlite:///{project / 'mlflow.db'}").create_registered_model("m")
+        return list(args)
+
+    return setup
+
+
 def port_taken(project: Path) -> list[str]:
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
@@ -305,6 +330,38 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     # bundles, promotion, services, deployments, sweeps
     ("bundle-not-a-bundle", lambda p: ["bundle", "verify", str(p / "recipes")], "no manifest.json"),
     ("promote-bad-s3-uri", lambda p: ["promote", "m", "1", "--s3", "http://bucket/x"], "not a valid s3:// URI"),
+    ("promote-no-destination", lambda p: ["promote", "m", "1"], "no S3 destination"),
+    # credentials and signed queries in the environment's URIs: refused, masked, before anything starts
+    (
+        "env-dvc-remote-credentials",
+        env_then("LLMPRESS_DVC_REMOTE", f"s3://AKIA:{SECRET}@bucket/x", "run"),
+        "LLMPRESS_DVC_REMOTE",
+    ),
+    (
+        "env-dvc-remote-credentials-data",
+        env_then("LLMPRESS_DVC_REMOTE", f"s3://AKIA:{SECRET}@bucket/x", "data"),
+        "LLMPRESS_DVC_REMOTE",
+    ),
+    (
+        "env-endpoint-credentials",
+        env_then("AWS_ENDPOINT_URL", f"http://admin:{SECRET}@127.0.0.1:8333", "run"),
+        "AWS_ENDPOINT_URL",
+    ),
+    (
+        "env-tracking-uri-credentials",
+        env_then("MLFLOW_TRACKING_URI", f"https://u:{SECRET}@mlflow.example", "run"),
+        "MLFLOW_TRACKING_USERNAME",
+    ),
+    (
+        "env-bundle-prefix-signature",
+        env_then("LLMPRESS_BUNDLE_S3_PREFIX", f"s3://bundles/x?X-Amz-Signature={SECRET}", "promote", "m"),
+        "LLMPRESS_BUNDLE_S3_PREFIX",
+    ),
+    ("env-dvc-remote-not-s3", env_then("LLMPRESS_DVC_REMOTE", "ftp://host/dvc", "resolve", "default"), "s3://"),
+    # no registry yet: refused without creating one (the snapshot), before Prefect starts
+    ("promote-unregistered-model", lambda p: ["promote", "nope", "--s3", "s3://bundles/x"], "is not registered"),
+    ("promote-unknown-alias", registry_then("promote", "m", "shipping", "--s3", "s3://bundles/x"), "no version"),
+    ("promote-unknown-version", registry_then("promote", "m", "7", "--s3", "s3://bundles/x"), "no version"),
     ("services-port-taken", port_taken, "is taken"),
     ("deploy-without-prefect-yaml", lambda p: ["deploy"], "has no prefect.yaml"),
     ("deploy-without-server", deploy_without_server, "no Prefect server"),
@@ -421,8 +478,19 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shutil.copy(REPO / "params.yaml", project)
     shutil.copytree(REPO / "recipes", project / "recipes")
     monkeypatch.chdir(project)
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "LLMPRESS_DVC_REMOTE"):
+    for key in (
+        "PREFECT_API_URL",
+        "MLFLOW_TRACKING_URI",
+        "AWS_ENDPOINT_URL",
+        "LLMPRESS_DVC_REMOTE",
+        "LLMPRESS_BUNDLE_S3_PREFIX",
+    ):
         monkeypatch.delenv(key, raising=False)
+
+    def prefect_started() -> None:  # a refusal comes before any server: nothing can reach Prefect's database
+        raise AssertionError("Prefect was started for an input that should have been refused first")
+
+    monkeypatch.setattr("flows.cli.ensure_api", prefect_started)
     return project
 
 

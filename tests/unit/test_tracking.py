@@ -80,3 +80,39 @@ def test_model_card_explains_a_failure() -> None:
     assert "champion (v3)" in card and "| perplexity_vs_champion | 2 | <= 1.05 | **FAIL** |" in card
     assert "Hi \\| there" in card  # table cells escaped
     assert "`deadbeef`" in card and "models:/tiny-edge/7" in card and "bundle/model.onnx" in card
+
+
+def test_a_stopped_run_takes_back_its_registration_and_the_aliases_it_moved(store) -> None:
+    """A run stopped after its version was registered and made champion: the version is deleted, champion and
+    candidate point where they did before it, the run is KILLED with its summary; an earlier run is untouched."""
+    c, exp, folder = store
+    first, v1, _ = _candidate(c, exp, folder, ppl=20.0)
+    tracking.end_run(c, first)
+    stopped, v2, report = _candidate(c, exp, folder, ppl=19.0)  # a pass: champion and candidate moved to it
+    assert report.passed and tracking.alias_version(c, NAME, "champion") == v2
+    assert tracking.end_stopped_run(c, stopped, NAME, {"stopped": "SIGTERM"}) == [v2]
+    assert [str(v.version) for v in c.search_model_versions(f"name = '{NAME}'")] == [v1]
+    assert tracking.registry_aliases(c, NAME) == {"champion": v1, "candidate": v1}
+    assert c.get_run(stopped).info.status == "KILLED" and c.get_run(first).info.status == "FINISHED"
+    assert "summary.json" in [a.path for a in c.list_artifacts(stopped)]
+
+
+def test_a_stopped_first_registration_leaves_no_registered_model(store) -> None:
+    c, exp, folder = store
+    stopped, v1, _ = _candidate(c, exp, folder, ppl=20.0)
+    assert tracking.end_stopped_run(c, stopped, NAME, {}) == [v1]
+    assert tracking.registry_aliases(c, NAME) is None  # the model it created is gone with its only version
+
+
+def test_a_run_stopped_before_registering_only_ends_killed(store) -> None:
+    c, exp, folder = store
+    _, v1, _ = _candidate(c, exp, folder, ppl=20.0)
+    stopped = tracking.start_run(c, exp, "stopped-early")
+    done = tracking.start_run(c, exp, "data", parent_id=stopped)
+    tracking.end_run(c, done)
+    cut = tracking.start_run(c, exp, "baseline", parent_id=stopped)  # the stage being logged when it stopped
+    assert tracking.end_stopped_run(c, stopped, NAME, {}) == []
+    assert [c.get_run(r).info.status for r in (stopped, done, cut)] == ["KILLED", "FINISHED", "KILLED"]
+    assert tracking.registry_aliases(c, NAME) == {"champion": v1, "candidate": v1}
+    with pytest.raises(ValueError, match="KILLED"):
+        tracking.end_run(c, stopped, "STOPPED")
