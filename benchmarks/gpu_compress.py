@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmpress.compress.engine import compress_, find_decoder_blocks
+from llmpress.compress.engine import compress_
+from llmpress.compress.targets import find_decoder_blocks
 from llmpress.config import Recipe
 from llmpress.evaluate.speed import peak_rss_mb
 

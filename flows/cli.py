@@ -284,7 +284,7 @@ def _command(args: argparse.Namespace, project: Path) -> int:
                 export_recipe(recipe, params.export.precision, params.export.quantizer)
             model = None
             if args.model:  # targets and context length against a real model's layers (weights not needed)
-                from llmpress.compress.engine import check_targets
+                from llmpress.compress.targets import check_targets
                 from llmpress.sources import load_model
                 from llmpress.sources import resolve as resolve_source
 

@@ -548,8 +548,8 @@ Stage = Annotated[
     | EmbeddingsStage,
     Field(discriminator="method"),
 ]
-METHODS = ("magnitude", "wanda", "sparsegpt", "dsnot", "rtn", "gptq", "awq", "smoothquant", "structured",
-           "drop_blocks", "lowrank", "distill", "embeddings")  # fmt: skip
+STAGE_SCHEMAS: tuple[type[Strict], ...] = get_args(get_args(Stage)[0])
+METHODS = tuple(get_args(schema.model_fields["method"].annotation)[0] for schema in STAGE_SCHEMAS)  # the one list
 
 
 class Recipe(Strict):

@@ -46,20 +46,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from llmpress.compress import quant
 from llmpress.compress.anatomy import anatomy
+from llmpress.compress.calibration import BlockCalibration
+from llmpress.compress.methods import Method, register
+from llmpress.compress.targets import matches, targeted_linears
 from llmpress.config import AWQStage
-
-if TYPE_CHECKING:
-    from llmpress.compress.engine import BlockCalibration
-
-KIND = "block"
-NEEDS = None
 
 MAX_SEARCH_TOKENS = 8192
 CLIP_GRID = 20  # auto_clip_layer defaults: n_grid, max_shrink, n_sample_token
@@ -220,7 +217,6 @@ def auto_clip_(layer: nn.Linear, x: torch.Tensor, stage: AWQStage) -> float:
 def scale_block_(block: nn.Module, prefix: str, stage: AWQStage, calib: BlockCalibration) -> dict[str, float]:
     """Search and fold the activation-aware scales of every fully targeted group (float output unchanged).
     Returns {linear name: best ratio of its group}."""
-    from llmpress.compress.engine import matches
 
     groups = [g for g in scale_groups(block, prefix) if all(matches(name, stage) for name in g.linears)]
     if not groups:
@@ -238,7 +234,6 @@ def scale_block_(block: nn.Module, prefix: str, stage: AWQStage, calib: BlockCal
 @torch.no_grad()
 def apply_block_(block: nn.Module, prefix: str, stage: AWQStage, calib: BlockCalibration) -> list[dict[str, Any]]:
     """Scale, clip and quantize the block's targeted linears in place; one row per quantized linear."""
-    from llmpress.compress.engine import targeted_linears
 
     if calib is None:
         raise ValueError("awq needs calibration activations")
@@ -258,3 +253,6 @@ def apply_block_(block: nn.Module, prefix: str, stage: AWQStage, calib: BlockCal
                      "symmetric": stage.symmetric, "scale_ratio": ratios.get(name),
                      "clip": clips.get(name)})  # fmt: skip
     return rows
+
+
+register(Method(AWQStage, "block", apply_block_))

@@ -51,20 +51,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmpress.compress.methods import Method, ModelContext, register
+from llmpress.compress.targets import find_decoder_blocks
 from llmpress.config import DistillStage
 from llmpress.errors import LlmpressError
-
-if TYPE_CHECKING:
-    from llmpress.compress.engine import ModelContext
-
-KIND = "model"
-NEEDS = None
 
 MASK_MIN_ZEROS = 0.10  # a layer with more exact zeros than this was pruned: its zeros are kept
 WARMUP_FRACTION = 0.05
@@ -74,7 +70,6 @@ PROGRESS_EVERY = 10
 
 def apply_model_(model: nn.Module, stage: DistillStage, ctx: ModelContext) -> list[dict[str, Any]]:
     """Train `model` (the student, in place) to match `ctx.teacher()` on the calibration windows."""
-    from llmpress.compress.engine import find_decoder_blocks  # the engine imports this module
 
     _refuse_quantized(model)
     ids = ctx.calibration_ids
@@ -234,3 +229,6 @@ def _train(
                 per_step = (time.perf_counter() - t0) / (step + 1)
                 ctx.progress(f"distill step {step + 1}/{stage.steps} loss {losses[-1]:.4f} ({per_step:.2f}s/step)")
     return losses
+
+
+register(Method(DistillStage, "model", apply_model_))

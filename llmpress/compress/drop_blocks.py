@@ -24,27 +24,23 @@ Recipe example (`recipes/drop-blocks-2.yaml`):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmpress.compress.methods import Method, ModelContext, register
+from llmpress.compress.offload import iterate_blocks
+from llmpress.compress.targets import find_decoder_blocks
 from llmpress.config import DropBlocksStage
 from llmpress.errors import LlmpressError
-
-if TYPE_CHECKING:
-    from llmpress.compress.engine import ModelContext
-
-KIND = "model"
-NEEDS = None
 
 
 @torch.no_grad()
 def block_influence(model: nn.Module, calibration_ids: torch.Tensor, device: torch.device,
                     batch_size: int) -> list[float]:  # fmt: skip
     """BI_i = 1 - mean cos(input, output) of every decoder block over the calibration tokens, in block order."""
-    from llmpress.compress.engine import iterate_blocks  # the engine imports this module
 
     influence = []
     for _index, _prefix, block, calib in iterate_blocks(model, calibration_ids, device, batch_size):
@@ -61,7 +57,6 @@ def block_influence(model: nn.Module, calibration_ids: torch.Tensor, device: tor
 @torch.no_grad()
 def apply_model_(model: nn.Module, stage: DropBlocksStage, ctx: ModelContext) -> list[dict[str, Any]]:
     """Remove the `stage.blocks` decoder blocks with the lowest block influence; one row per original block."""
-    from llmpress.compress.engine import find_decoder_blocks
 
     blocks_name, blocks = find_decoder_blocks(model)
     n = len(blocks)
@@ -93,3 +88,6 @@ def apply_model_(model: nn.Module, stage: DropBlocksStage, ctx: ModelContext) ->
         {"name": f"{blocks_name}.{i}", "shape": (), "block_influence": influence[i], "removed": i in dropped}
         for i in range(n)
     ]
+
+
+register(Method(DropBlocksStage, "model", apply_model_))

@@ -54,21 +54,13 @@ Recipe example (`recipes/sparsegpt-dsnot-50.yaml`):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from llmpress.compress.calibration import LayerStats
+from llmpress.compress.methods import Method, register
 from llmpress.config import DSnoTStage
 from llmpress.errors import LlmpressError
-
-if TYPE_CHECKING:
-    from llmpress.compress.engine import LayerStats
-
-KIND = "layer"
-NEEDS = "input_sq_norms"
-USES_INPUT_SUM = True  # E[x] from the sum of the inputs
-USES_DENSE_WEIGHT = True  # asks the engine for stats.dense_weight, the weight before this pass pruned it
 
 
 def nm_pattern(pruned: torch.Tensor) -> tuple[int, int] | None:
@@ -169,12 +161,14 @@ def apply_(layer: nn.Linear, stage: DSnoTStage, stats: LayerStats) -> dict:
     """Refine the zeros of an already pruned `layer` in place; every row keeps its number of zeros."""
     input_sum = getattr(stats, "input_sum", None)
     if stats.input_sq_norms is None or input_sum is None or stats.tokens == 0:
-        raise ValueError("dsnot needs calibration statistics: input_sq_norms and input_sum (the engine's NEEDS)")
+        raise ValueError(
+            "dsnot needs calibration statistics: input_sq_norms and input_sum (its registered statistic and input_sum)"
+        )
     dense = getattr(stats, "dense_weight", None)
     if dense is None:
         raise LlmpressError(
             "dsnot needs the layer's weights from before pruning (LayerStats.dense_weight, filled by the engine "
-            "for methods with USES_DENSE_WEIGHT) to grow pruned weights back; this engine does not provide them"
+            "for methods registered with dense_weight) to grow pruned weights back; this engine does not provide them"
         )
     weight = layer.weight.detach()
     pruned = weight == 0
@@ -191,3 +185,6 @@ def apply_(layer: nn.Linear, stage: DSnoTStage, stats: LayerStats) -> dict:
     out, details = refine(weight, dense.to(weight.device), mean, var, stats.input_sq_norms, stage)
     layer.weight.data.copy_(out.to(layer.weight.dtype))
     return details
+
+
+register(Method(DSnoTStage, "layer", apply_, statistic="input_sq_norms", input_sum=True, dense_weight=True))

@@ -35,20 +35,15 @@ Recipe example (`recipes/rtn-w4g32-emb8.yaml`):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from llmpress.compress.methods import Method, ModelContext, register
 from llmpress.compress.quant import attach_, quantize_rtn
 from llmpress.config import EmbeddingsStage
 from llmpress.errors import LlmpressError
-
-if TYPE_CHECKING:
-    from llmpress.compress.engine import ModelContext
-
-KIND = "model"
-NEEDS = None
 
 
 def _quantize(module: nn.Module, stage: EmbeddingsStage) -> None:
@@ -75,3 +70,6 @@ def apply_model_(model: nn.Module, stage: EmbeddingsStage, ctx: ModelContext | N
         ctx.progress(f"embeddings: {', '.join(r['name'] for r in rows)} to {stage.bits} bits, groups of "
                      f"{stage.group_size or 'a whole row'}{' (head tied to the table)' if tied else ''}")  # fmt: skip
     return rows
+
+
+register(Method(EmbeddingsStage, "model", apply_model_))

@@ -44,20 +44,15 @@ Recipe example (`recipes/gptq-w4g128.yaml`):
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from llmpress.compress import cuda_graphs
+from llmpress.compress.calibration import LayerStats
+from llmpress.compress.methods import Method, register
 from llmpress.compress.quant import QuantizedWeight, attach_, fit_grid, quantize_codes
 from llmpress.config import GPTQStage
-
-if TYPE_CHECKING:
-    from llmpress.compress.engine import LayerStats
-
-KIND = "layer"
-NEEDS = "hessian"
 
 # A layer counts as pruned (its zeros are kept) above this fraction of exact zeros; dense weights almost never
 # contain exact zeros, so the threshold only guards against a few accidental ones.
@@ -265,3 +260,6 @@ def _quantize_columns(
         err = (w - s * (code - z)) / Hinv1[i, i]
         W1[:, i:width].addr_(err, Hinv1[i, i:], alpha=-1)
         Err1[:, i] = err
+
+
+register(Method(GPTQStage, "layer", apply_, statistic="hessian", apply_shared=apply_shared_))

@@ -40,20 +40,17 @@ Recipe example (`recipes/lowrank-mlp-50.yaml`):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from llmpress.compress.calibration import BlockCalibration
+from llmpress.compress.methods import Method, register
 from llmpress.compress.storage import LowRankLinear, set_submodule
+from llmpress.compress.targets import targeted_linears
 from llmpress.config import LowRankStage
 from llmpress.errors import LlmpressError
-
-if TYPE_CHECKING:
-    from llmpress.compress.engine import BlockCalibration
-
-KIND = "block"
-NEEDS = "hessian"  # the input Gram matrix, used only when activation_aware
 
 
 def needs_data(stage: LowRankStage) -> bool:
@@ -97,7 +94,6 @@ def apply_block_(
     block: nn.Module, prefix: str, stage: LowRankStage, calib: BlockCalibration | None
 ) -> list[dict[str, Any]]:
     """Replace every targeted nn.Linear of `block` by a LowRankLinear; one row per targeted layer."""
-    from llmpress.compress.engine import targeted_linears  # the engine imports this module
 
     layers = targeted_linears(block, prefix, stage)
     hessians: dict[str, torch.Tensor | None] = {}
@@ -128,3 +124,6 @@ def apply_block_(
         rows.append({"name": name, "layer": new, "shape": (out_f, in_f), "rank": rank, "params_before": before,
                      "params_after": after, "activation_aware": stage.activation_aware})  # fmt: skip
     return rows
+
+
+register(Method(LowRankStage, "block", apply_block_, needs_data=needs_data))

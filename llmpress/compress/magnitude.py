@@ -14,19 +14,13 @@ Recipe example (`recipes/magnitude-50.yaml`):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from llmpress.compress.calibration import LayerStats
 from llmpress.compress.masks import select_mask
+from llmpress.compress.methods import Method, register
 from llmpress.config import MagnitudeStage
-
-if TYPE_CHECKING:
-    from llmpress.compress.engine import LayerStats
-
-KIND = "layer"
-NEEDS = None
 
 
 @torch.no_grad()
@@ -36,3 +30,6 @@ def apply_(layer: nn.Linear, stage: MagnitudeStage, stats: LayerStats | None = N
     mask = select_mask(scores, stage.sparsity, stage.n_m, per_row=False)
     layer.weight.mul_(mask.to(layer.weight.dtype))
     return {}
+
+
+register(Method(MagnitudeStage, "layer", apply_))

@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-KIND = "layer"  # not a method of its own: the engine calls `layer_sparsities` for stages with an `owl:` key
-NEEDS = None
+from llmpress.compress.offload import iterate_blocks
+from llmpress.compress.targets import targeted_linears
 
 MAX_SPARSITY = 0.99
 
@@ -87,7 +87,6 @@ def layer_sparsities(
     model: nn.Module, stage: Any, calibration_ids: torch.Tensor, device: torch.device, batch_size: int
 ) -> dict[str, float]:
     """{full layer name: sparsity} for every layer the stage targets, from one pass over the unmodified model."""
-    from llmpress.compress.engine import iterate_blocks, targeted_linears  # the engine imports this module
 
     if stage.owl is None or stage.sparsity is None:
         raise ValueError("OWL needs an unstructured 'sparsity' and an 'owl' section on the stage")

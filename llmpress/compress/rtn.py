@@ -27,19 +27,13 @@ Recipe example (`recipes/rtn-w4g128.yaml`; `recipes/edge-int4.yaml` for the min 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from llmpress.compress.calibration import LayerStats
+from llmpress.compress.methods import Method, register
 from llmpress.compress.quant import attach_, quantize_rtn
 from llmpress.config import RTNStage
-
-if TYPE_CHECKING:
-    from llmpress.compress.engine import LayerStats
-
-KIND = "layer"
-NEEDS = None
 
 
 @torch.no_grad()
@@ -48,3 +42,6 @@ def apply_(layer: nn.Linear, stage: RTNStage, stats: LayerStats | None = None) -
     qw = quantize_rtn(layer.weight.detach().float(), stage.bits, stage.group_size, stage.symmetric, stage.offset)
     attach_(layer, qw)
     return {"bits": stage.bits, "group_size": stage.group_size, "symmetric": stage.symmetric, "offset": stage.offset}
+
+
+register(Method(RTNStage, "layer", apply_))

@@ -40,20 +40,17 @@ Recipe example (`recipes/smoothquant-w8a8.yaml`):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from llmpress.compress import quant
 from llmpress.compress.anatomy import anatomy
+from llmpress.compress.calibration import BlockCalibration
+from llmpress.compress.methods import Method, register
+from llmpress.compress.targets import matches, targeted_linears
 from llmpress.config import SmoothQuantStage
-
-if TYPE_CHECKING:
-    from llmpress.compress.engine import BlockCalibration
-
-KIND = "block"
-NEEDS = None
 
 
 def smooth_groups(block: nn.Module, prefix: str) -> list[tuple[nn.Module, dict[str, nn.Linear]]]:
@@ -100,7 +97,6 @@ def smooth_ln_fcs_(norm: nn.Module, fcs: list[nn.Linear], act_scales: torch.Tens
 def smooth_block_(block: nn.Module, prefix: str, stage: SmoothQuantStage, calib: BlockCalibration) -> list[str]:
     """Smooth every fully targeted norm -> linears group of the block (float output unchanged).
     Returns the names of the linears whose inputs were smoothed."""
-    from llmpress.compress.engine import matches
 
     groups = [(norm, fcs) for norm, fcs in smooth_groups(block, prefix) if all(matches(n, stage) for n in fcs)]
     if not groups:
@@ -120,7 +116,6 @@ def apply_block_(
     block: nn.Module, prefix: str, stage: SmoothQuantStage, calib: BlockCalibration
 ) -> list[dict[str, Any]]:
     """Smooth, then quantize the weights (and install activation quantization) of every targeted linear."""
-    from llmpress.compress.engine import targeted_linears
 
     if calib is None:
         raise ValueError("smoothquant needs calibration activations")
@@ -137,3 +132,6 @@ def apply_block_(
                      "activation_bits": stage.activation_bits, "alpha": stage.alpha,
                      "smoothed": name in smoothed})  # fmt: skip
     return rows
+
+
+register(Method(SmoothQuantStage, "block", apply_block_))

@@ -42,20 +42,15 @@ Recipe example (`recipes/sparsegpt-50.yaml`):
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from llmpress.compress import cuda_graphs
+from llmpress.compress.calibration import LayerStats
 from llmpress.compress.masks import nm_mask
+from llmpress.compress.methods import Method, register
 from llmpress.config import SparseGPTStage
-
-if TYPE_CHECKING:
-    from llmpress.compress.engine import LayerStats
-
-KIND = "layer"
-NEEDS = "hessian"
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,3 +246,6 @@ def apply_shared_(layers: dict[str, nn.Linear], stage: SparseGPTStage, stats: La
         out[name] = {"block_size": stage.block_size, "importance": stage.importance, "error": error}
         start += n_rows
     return out
+
+
+register(Method(SparseGPTStage, "layer", apply_, statistic="hessian", apply_shared=apply_shared_))

@@ -45,21 +45,17 @@ Recipe example (`recipes/structured-heads-mlp.yaml`):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from llmpress.compress.anatomy import BlockAnatomy, anatomy
+from llmpress.compress.calibration import BlockCalibration
+from llmpress.compress.methods import Method, register
 from llmpress.compress.storage import set_submodule
 from llmpress.config import StructuredStage
 from llmpress.errors import LlmpressError
-
-if TYPE_CHECKING:
-    from llmpress.compress.engine import BlockCalibration
-
-KIND = "block"
-NEEDS = None
 
 
 @torch.no_grad()
@@ -230,3 +226,6 @@ def _path(block: nn.Module, module: nn.Module) -> str:
 
 def _numel(layer: nn.Linear) -> int:
     return sum(p.numel() for p in layer.parameters())
+
+
+register(Method(StructuredStage, "block", apply_block_, needs_data=needs_data))

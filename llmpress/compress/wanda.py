@@ -19,19 +19,13 @@ Recipe example (`recipes/wanda-2of4.yaml`):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from llmpress.compress.calibration import LayerStats
 from llmpress.compress.masks import select_mask
+from llmpress.compress.methods import Method, register
 from llmpress.config import WandaStage
-
-if TYPE_CHECKING:
-    from llmpress.compress.engine import LayerStats
-
-KIND = "layer"
-NEEDS = "input_sq_norms"
 
 
 @torch.no_grad()
@@ -43,3 +37,6 @@ def apply_(layer: nn.Linear, stage: WandaStage, stats: LayerStats) -> dict:
     mask = select_mask(scores, stage.sparsity, stage.n_m, per_row=True)
     layer.weight.mul_(mask.to(layer.weight.dtype))
     return {}
+
+
+register(Method(WandaStage, "layer", apply_, statistic="input_sq_norms"))

@@ -35,7 +35,7 @@ SCOPES = "pkg.torch.onnx.name_scopes"  # the exporter's record of which module e
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    from llmpress.compress.engine import find_decoder_blocks
+    from llmpress.compress.targets import find_decoder_blocks
 
     return find_decoder_blocks(model)
 

@@ -87,7 +87,8 @@ def test_engine_wanda_same_masks_and_model_back_on_host(pattern) -> None:
 
 
 def test_capture_leaves_blocks_and_head_on_the_host_and_restores_host_tensors() -> None:
-    from llmpress.compress.engine import capture_block_inputs, find_decoder_blocks
+    from llmpress.compress.calibration import capture_block_inputs
+    from llmpress.compress.targets import find_decoder_blocks
 
     model = _model()
     _, blocks = find_decoder_blocks(model)

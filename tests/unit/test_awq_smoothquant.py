@@ -8,7 +8,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmpress.compress import awq, quant, smoothquant
-from llmpress.compress.engine import BlockCalibration, capture_block_inputs, compress_, find_decoder_blocks
+from llmpress.compress.calibration import BlockCalibration, capture_block_inputs
+from llmpress.compress.engine import compress_
+from llmpress.compress.targets import find_decoder_blocks
 from llmpress.config import AWQStage, Recipe, SmoothQuantStage
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -271,7 +271,8 @@ def test_report_to_dict(tiny_llama) -> None:
 def test_capture_moves_only_what_runs_before_block_0_and_hands_host_tensors_back(tied: bool) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmpress.compress.engine import capture_block_inputs, find_decoder_blocks, pre_block_tensors
+    from llmpress.compress.calibration import capture_block_inputs, pre_block_tensors
+    from llmpress.compress.targets import find_decoder_blocks
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=256, tie_word_embeddings=tied)  # fmt: skip

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from llmpress.compress import gptq, rtn
-from llmpress.compress.engine import LayerStats, compress_
+from llmpress.compress.calibration import LayerStats
+from llmpress.compress.engine import compress_
 from llmpress.compress.quant import fit_grid, quantization_of, quantize_codes, quantize_rtn
 from llmpress.config import GPTQStage, Recipe, RTNStage
 

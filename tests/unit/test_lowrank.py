@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from llmpress.compress import lowrank, storage
-from llmpress.compress.engine import compress_, iterate_blocks
+from llmpress.compress.engine import compress_
+from llmpress.compress.offload import iterate_blocks
 from llmpress.config import LowRankStage, Recipe
 
 MLP = r".*\.mlp\..*_proj"

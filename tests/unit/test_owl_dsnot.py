@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from llmpress.compress import dsnot, owl, sparsegpt
-from llmpress.compress.engine import LayerStats, compress_
+from llmpress.compress.calibration import LayerStats
+from llmpress.compress.engine import compress_
 from llmpress.compress.masks import nm_mask, row_mask
 from llmpress.config import DSnoTStage, Recipe, SparseGPTStage, WandaStage
 from llmpress.errors import LlmpressError

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from llmpress.compress import engine, gptq, sparsegpt
-from llmpress.compress.engine import BlockCalibration, LayerStats, capture_block_inputs, compress_, targeted_linears
+from llmpress.compress.calibration import BlockCalibration, LayerStats, capture_block_inputs
+from llmpress.compress.engine import compress_
+from llmpress.compress.targets import targeted_linears
 from llmpress.config import GPTQStage, Recipe, SparseGPTStage
 
 COLS, TOKENS = 64, 400

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from llmpress.compress import sparsegpt
-from llmpress.compress.engine import LayerStats, compress_
+from llmpress.compress.calibration import LayerStats
+from llmpress.compress.engine import compress_
 from llmpress.compress.masks import row_mask
 from llmpress.config import Recipe, SparseGPTStage
 
@@ -28,7 +29,7 @@ def _problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _stats(X: torch.Tensor) -> LayerStats:
-    """What the engine collects for NEEDS = 'hessian'."""
+    """What the engine collects for a method whose statistic is 'hessian'."""
     return LayerStats(tokens=X.shape[0], input_sq_norms=(X * X).sum(0), hessian=2.0 / X.shape[0] * X.T @ X)
 
 

@@ -7,8 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from llmpress.compress import structured
+from llmpress.compress.calibration import BlockCalibration, block_output
 from llmpress.compress.drop_blocks import block_influence
-from llmpress.compress.engine import BlockCalibration, block_output, compress_, iterate_blocks
+from llmpress.compress.engine import compress_
+from llmpress.compress.offload import iterate_blocks
 from llmpress.config import Recipe, StructuredStage
 from llmpress.errors import LlmpressError
 
