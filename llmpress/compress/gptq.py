@@ -6,13 +6,11 @@ Pre-trained Transformers" (ICLR 2023); reference implementation IST-DASLab/gptq,
 For a linear layer with weight W [out, in] and calibration inputs X, GPTQ minimises ||W X - Q X||^2 row by row
 with the Optimal Brain Surgeon update: columns are quantized one at a time, and the rounding error of column j,
 divided by [H^-1]_jj, is spread over the columns not yet quantized through row j of H^-1, where H = 2/n X X^T
-(the engine's `stats.hessian`). As in the reference:
+(the engine's `stats.hessian`). The walk is SparseGPT's (`obs.py`, shared): dead inputs (H_jj = 0) get weight 0,
+H is dampened by `dampening` x mean(diag H) (raised tenfold where that is not enough), only the upper Cholesky
+factor of H^-1 is used (paper §4, step 3), and columns go in blocks of `block_size` with lazy batch updates (step
+2). What is GPTQ's own, as in the reference:
 
-    - dead inputs (H_jj = 0, never active) get H_jj = 1 and weight 0;
-    - H is dampened by `dampening` x mean(diag H) and only the upper Cholesky factor of H^-1 is used, which
-      holds exactly the rows of the successive inverses that the sequential updates need (paper §4, step 3);
-    - columns go in blocks of `block_size`: inside a block updates are applied column by column, the rest of
-      the matrix receives the block's accumulated errors in one matmul ("lazy batch updates", step 2);
     - `act_order` quantizes columns in order of decreasing H_jj (the "desc_act" trick); the grids are then
       fitted per contiguous group on the original weights (the reference's `static_groups=True`), so the stored
       layout stays one scale per `group_size` consecutive inputs and needs no permutation index;
@@ -48,7 +46,7 @@ import math
 import torch
 from torch import nn
 
-from llmpress.compress import cuda_graphs
+from llmpress.compress import cuda_graphs, obs
 from llmpress.compress.calibration import LayerStats
 from llmpress.compress.methods import Method, register
 from llmpress.compress.quant import QuantizedWeight, attach_, fit_grid, quantize_codes
@@ -103,27 +101,6 @@ def _pruned(weight: torch.Tensor) -> torch.Tensor | None:
     return zeros if zeros.float().mean().item() > PRUNED_FRACTION else None
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + dampening * mean(diag H) * I)^-1, H modified in place (the reference's steps).
-
-    If H is still not positive definite (rank-deficient calibration in low precision), the dampening is raised
-    tenfold until it is; the reference would stop with an error there.
-    """
-    damp = dampening * torch.mean(torch.diag(hessian))
-    diag = torch.arange(hessian.shape[0], device=hessian.device)
-    hessian[diag, diag] += damp
-    for _ in range(6):
-        chol, info = torch.linalg.cholesky_ex(hessian)
-        if info.item() == 0:
-            inverse = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info.item() == 0:
-                return upper
-        damp = damp * 10
-        hessian[diag, diag] += damp
-    raise ValueError("gptq: the layer Hessian is not positive definite even after dampening x 1e6")
-
-
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
@@ -161,7 +138,6 @@ def _gptq(
 ) -> tuple[QuantizedWeight, torch.Tensor]:
     """`gptq_quantize` returning the loss per output row."""
     W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
     rows, cols = W.shape
     gs = group_size or cols
     n_groups = math.ceil(cols / gs)
@@ -173,8 +149,7 @@ def _gptq(
     if group_size is None:  # one grid per row, fitted once on the weights as given (the reference's order)
         scale[:, :1], zero[:, :1] = fit_grid(W, bits, symmetric)
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    H, dead = obs.dead_inputs(hessian)
     W[:, dead] = 0
 
     static = group_size is not None and act_order
@@ -190,12 +165,10 @@ def _gptq(
         mask = mask[:, perm] if mask is not None else None
     group_index = perm // gs
 
-    Hinv = inverse_hessian_factor(H, dampening)
+    U = obs.inverse_hessian_factor(H, dampening)
     codes = torch.zeros_like(W)
-    row_losses = torch.zeros(rows, device=W.device)
 
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
+    def quantize_block(i1: int, i2: int) -> torch.Tensor:
         width = i2 - i1
         # Grids fitted inside this block: at each group start, on the group's current weights (in-block columns as
         # updated so far, the rest as left by earlier blocks: the `lookahead` columns past the block).
@@ -206,7 +179,7 @@ def _gptq(
         S1, Z1 = scale[:, group_index[i1:i2]], zero[:, group_index[i1:i2]]
         _, _, S1, Z1, codes1, Err1, _ = cuda_graphs.run(
             _quantize_columns,
-            [W[:, i1 : i2 + lookahead].clone(), Hinv[i1:i2, i1:i2], S1, Z1, torch.zeros(rows, width, device=W.device),
+            [W[:, i1 : i2 + lookahead].clone(), U[i1:i2, i1:i2], S1, Z1, torch.zeros(rows, width, device=W.device),
              torch.zeros(rows, width, device=W.device), None if mask is None else mask[:, i1 : i2 + lookahead]],
             (fit_starts, gs, bits, symmetric),
         )  # fmt: skip
@@ -214,9 +187,9 @@ def _gptq(
             g = (i1 + i) // gs
             scale[:, g], zero[:, g] = S1[:, i], Z1[:, i]
         codes[:, i1:i2] = codes1
-        row_losses += (Err1 * Err1).sum(dim=1) / 2  # (w - q)^2 / [H^-1]_jj^2 / 2, the reference's Losses
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        return Err1
 
+    row_losses = obs.lazy_walk(W, U, block_size, quantize_block)  # the reference's Losses, per row
     if act_order:
         codes = codes[:, torch.argsort(perm)]
     qw = QuantizedWeight(codes.to(torch.uint8), scale.half(), zero.to(torch.uint8), bits, group_size, symmetric)
@@ -225,7 +198,7 @@ def _gptq(
 
 def _quantize_columns(
     W1: torch.Tensor,
-    Hinv1: torch.Tensor,
+    U1: torch.Tensor,
     S1: torch.Tensor,
     Z1: torch.Tensor,
     codes1: torch.Tensor,
@@ -239,10 +212,10 @@ def _quantize_columns(
     """GPTQ's inner loop over the columns of one block, in place (replayed from a CUDA graph on GPUs).
 
     W1 [rows, width + lookahead]: the block's current weights, then columns past it that a group begun here
-    spans; Hinv1 [width, width]; S1, Z1 [rows, width]: each column's grid, written here at `fit_starts`;
+    spans; U1 [width, width]; S1, Z1 [rows, width]: each column's grid, written here at `fit_starts`;
     codes1, Err1 [rows, width]: the codes and the scaled errors (w - q) / [H^-1]_jj; mask1: pruned weights.
     """
-    width = Hinv1.shape[0]
+    width = U1.shape[0]
     for i in range(width):
         if i in fit_starts:
             current = W1[:, i : i + gs]  # pruned entries will be 0, so they do not stretch the range
@@ -256,10 +229,8 @@ def _quantize_columns(
         if mask1 is not None:
             code = torch.where(mask1[:, i], z, code)
         codes1[:, i] = code
-        # q = s * (code - z) is exactly QuantizedWeight.dequantize's arithmetic; w - q spreads over columns > i
-        err = (w - s * (code - z)) / Hinv1[i, i]
-        W1[:, i:width].addr_(err, Hinv1[i, i:], alpha=-1)
-        Err1[:, i] = err
+        # q = s * (code - z) is exactly QuantizedWeight.dequantize's arithmetic
+        obs.spread_error_(W1, U1, Err1, i, s * (code - z), width)
 
 
 register(Method(GPTQStage, "layer", apply_, statistic="hessian", apply_shared=apply_shared_))

@@ -11,8 +11,9 @@ factor of H^-1, row j of U is exactly the OBS update restricted to the unvisited
     err = w_j / U_jj,      W[:, j:] -= err U_{j, j:}
 
 so the whole layer costs one Cholesky decomposition. Columns are processed in blocks of `block_size` with lazy
-updates of the columns to the right (as in GPTQ). The mask is chosen adaptively, from the already updated weights,
-by the OBS saliency w^2 / U_jj^2 (= w^2 / [H_F^-1]_jj, F the unvisited columns):
+updates of the columns to the right: that walk, the damped factor and dead inputs are the OBS core shared with
+GPTQ (`obs.py`); this file holds SparseGPT's own rule, the mask. It is chosen adaptively, from the already updated
+weights, by the OBS saliency w^2 / U_jj^2 (= w^2 / [H_F^-1]_jj, F the unvisited columns):
 
   * unstructured: at the start of every `mask_block` columns (default `block_size`), the weights of that column
     block with the lowest saliency are pruned, compared over the whole block (all rows together), as in the
@@ -46,29 +47,18 @@ import itertools
 import torch
 from torch import nn
 
-from llmpress.compress import cuda_graphs
+from llmpress.compress import cuda_graphs, obs
 from llmpress.compress.calibration import LayerStats
 from llmpress.compress.masks import nm_mask
 from llmpress.compress.methods import Method, register
 from llmpress.config import SparseGPTStage
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of (H + damp I)^-1 with damp = dampening * mean(diag H), and the dead-input mask.
-
-    Inputs that never fire (diag 0) get H_jj = 1 so H stays invertible; their weights are zeroed by the caller,
-    as in the reference.
-    """
-    H = hessian.float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    damp = dampening * torch.mean(torch.diag(H))
-    H.diagonal().add_(damp)
-    L, info = torch.linalg.cholesky_ex(H)
-    if info.item() != 0:
-        raise ValueError(f"Hessian is not positive definite even with dampening {dampening}; raise 'dampening'")
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True), dead
+def _saliency(w: torch.Tensor, hinv_diag: torch.Tensor, x_norm: torch.Tensor | None) -> torch.Tensor:
+    """What a mask keeps: the OBS saliency w^2 / U_jj^2, or with `importance: wanda` |w| * ||x_j||."""
+    if x_norm is not None:
+        return w.abs() * x_norm.unsqueeze(0)
+    return w**2 / hinv_diag.unsqueeze(0) ** 2
 
 
 def _prune_count(sparsity: float, per_column: int, start: int, stop: int) -> int:
@@ -115,75 +105,66 @@ def prune_(
     W = W.detach().float().clone()
     rows, cols = W.shape
     segments = segments or [rows]
-    Hinv, dead = inverse_hessian_factor(hessian, stage.dampening)
+    H, dead = obs.dead_inputs(hessian)
+    U = obs.inverse_hessian_factor(H, stage.dampening)
     W[:, dead] = 0
-    hinv_diag = torch.diag(Hinv)
+    hinv_diag = torch.diag(U)
     n_m = stage.n_m
     if n_m is not None and cols % n_m[1]:
         raise ValueError(f"N:M pattern {stage.pattern} needs the input size ({cols}) to be a multiple of {n_m[1]}")
-    sparsity = stage.target_sparsity
     x_norm = None
     if stage.importance == "wanda":
         # ||x_j|| from the statistics, or from the Hessian's diagonal (2/n sum x_j^2): only ratios matter.
         norms = input_sq_norms if input_sq_norms is not None else torch.diag(hessian)
         x_norm = norms.float().to(W.device).sqrt()
     mask_block = n_m[1] if n_m is not None else (stage.mask_block or stage.block_size)
-    block_size = stage.block_size
     prune = torch.zeros_like(W, dtype=torch.bool)
-    losses = torch.zeros(rows, device=W.device)
 
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
+    def choose_mask(W1: torch.Tensor, Err1: torch.Tensor, i1: int, i2: int, col: int) -> None:
+        """The mask of the `mask_block` columns from `col`, from the weights as updated so far: columns inside
+        this block are current in W1; columns past it still owe the lazy update from this block's errors."""
+        stop = min(col + mask_block, cols)
+        current = W1[:, col - i1 : min(stop, i2) - i1]
+        if stop > i2:
+            pending = Err1[:, : col - i1] @ U[i1:col, i2:stop]
+            current = torch.cat([current, W[:, i2:stop] - pending], dim=1)
+        scores = _saliency(current, hinv_diag[col:stop], None if x_norm is None else x_norm[col:stop])
+        if n_m is not None:
+            prune[:, col:stop] = ~nm_mask(scores, *n_m)
+        else:
+            prune[:, col:stop] = _unstructured_mask(scores, stage.target_sparsity, col, x_norm is not None, segments)
+
+    def prune_block(i1: int, i2: int) -> torch.Tensor:
         width = i2 - i1
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
         xn1 = None if x_norm is None else x_norm[i1:i2]
         if n_m is not None and width % n_m[1] == 0 and i1 % n_m[1] == 0:
-            # N:M groups inside the block: the mask of each group is chosen in the column loop (one CUDA graph)
-            W1, _, P1, Q1, Err1, _ = cuda_graphs.run(
-                _prune_columns, [W1, Hinv1, prune[:, i1:i2], Q1, Err1, xn1], (0, width, n_m, stage.importance)
-            )
+            # N:M groups inside the block: each group's mask is chosen in the column loop (one CUDA graph)
+            args = [W1, U[i1:i2, i1:i2], prune[:, i1:i2], Q1, Err1, xn1]
+            W1, _, P1, Q1, Err1, _ = cuda_graphs.run(_prune_columns, args, (0, width, n_m))
             prune[:, i1:i2] = P1
         else:
-            # Masks chosen at every multiple of mask_block, from the weights as updated so far: columns of this
-            # block are current in W1; columns past the block still owe the lazy update from this block's errors.
             starts = [c - i1 for c in range(i1, i2) if c % mask_block == 0]
             bounds = sorted({0, width, *starts})
             for a, b in itertools.pairwise(bounds):
-                col = i1 + a
-                if col % mask_block == 0:
-                    stop = min(col + mask_block, cols)
-                    current = W1[:, a : min(stop, i2) - i1]
-                    if stop > i2:
-                        pending = Err1[:, :a] @ Hinv[i1:col, i2:stop]
-                        current = torch.cat([current, W[:, i2:stop] - pending], dim=1)
-                    if x_norm is not None:
-                        scores = current.abs() * x_norm[col:stop].unsqueeze(0)
-                    else:
-                        scores = current**2 / hinv_diag[col:stop].unsqueeze(0) ** 2
-                    if n_m is not None:
-                        prune[:, col:stop] = ~nm_mask(scores, *n_m)
-                    else:
-                        per_row = x_norm is not None
-                        prune[:, col:stop] = _unstructured_mask(scores, sparsity, col, per_row, segments)
-                args = [W1, Hinv1, prune[:, i1:i2], Q1, Err1, xn1]
+                if (i1 + a) % mask_block == 0:
+                    choose_mask(W1, Err1, i1, i2, i1 + a)
+                args = [W1, U[i1:i2, i1:i2], prune[:, i1:i2], Q1, Err1, xn1]
                 if len(bounds) == 2:  # one mask block per block (the default): the column loop is one CUDA graph
-                    W1, _, _, Q1, Err1, _ = cuda_graphs.run(_prune_columns, args, (a, b, None, stage.importance))
+                    W1, _, _, Q1, Err1, _ = cuda_graphs.run(_prune_columns, args, (a, b, None))
                 else:
-                    _prune_columns(*args, a, b, None, stage.importance)
-
+                    _prune_columns(*args, a, b, None)
         W[:, i1:i2] = Q1
-        losses += torch.sum(Err1 * Err1, 1) / 2  # (w - q)^2 / d^2 / 2 per column, the reference's Losses
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        return Err1
 
+    losses = obs.lazy_walk(W, U, stage.block_size, prune_block)  # the reference's Losses, per row
     return W, losses
 
 
 def _prune_columns(
     W1: torch.Tensor,
-    Hinv1: torch.Tensor,
+    U1: torch.Tensor,
     P1: torch.Tensor,
     Q1: torch.Tensor,
     Err1: torch.Tensor,
@@ -191,31 +172,20 @@ def _prune_columns(
     start: int,
     stop: int,
     n_m: tuple[int, int] | None,
-    importance: str,
 ) -> None:
     """SparseGPT's inner loop over columns [start, stop) of one block, in place (a CUDA graph on GPUs).
 
-    W1 [rows, width]: the block's current weights; Hinv1 [width, width]; P1: the prune mask (True = prune),
-    chosen here for every group of M columns when `n_m` is given; Q1: the pruned weights; Err1: the scaled
-    errors (w - q) / [H^-1]_jj that the caller spreads over the columns past the block.
-    """
-    hinv_diag1 = torch.diag(Hinv1)
+    W1 [rows, width]: the block's current weights; U1 [width, width]; P1: the prune mask (True = prune), chosen
+    here for every group of M columns when `n_m` is given; Q1: the pruned weights; Err1: the scaled errors."""
+    hinv_diag1 = torch.diag(U1)
     for i in range(start, stop):
         if n_m is not None and i % n_m[1] == 0:
-            current = W1[:, i : i + n_m[1]]
-            if importance == "wanda":
-                assert x_norm1 is not None
-                scores = current.abs() * x_norm1[i : i + n_m[1]].unsqueeze(0)
-            else:
-                scores = current**2 / hinv_diag1[i : i + n_m[1]].unsqueeze(0) ** 2
-            P1[:, i : i + n_m[1]] = ~nm_mask(scores, *n_m)
-        w = W1[:, i]
-        q = w.masked_fill(P1[:, i], 0)  # (boolean indexing would wait for the GPU at every column)
+            group = slice(i, i + n_m[1])
+            scores = _saliency(W1[:, group], hinv_diag1[group], None if x_norm1 is None else x_norm1[group])
+            P1[:, group] = ~nm_mask(scores, *n_m)
+        q = W1[:, i].masked_fill(P1[:, i], 0)  # (boolean indexing would wait for the GPU at every column)
         Q1[:, i] = q
-        err1 = (w - q) / Hinv1[i, i]
-        # OBS: spread this column's error over the block's remaining columns.
-        W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
-        Err1[:, i] = err1
+        obs.spread_error_(W1, U1, Err1, i, q, W1.shape[1])
 
 
 @torch.no_grad()
@@ -233,7 +203,7 @@ def apply_shared_(layers: dict[str, nn.Linear], stage: SparseGPTStage, stats: La
     the columns instead of one per layer.
     """
     if stats.hessian is None:
-        raise ValueError("sparsegpt needs the layer Hessian from calibration activations (NEEDS = 'hessian')")
+        raise ValueError("sparsegpt needs the layer Hessian from calibration activations")
     weights = [layer.weight for layer in layers.values()]
     segments = [w.shape[0] for w in weights]
     stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
