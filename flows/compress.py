@@ -6,8 +6,6 @@ Run it with `llmpress run` (flows/cli.py), `python -m flows.compress`, or as a P
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,8 +14,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows import stopping
-from llmpress import hashing, tracking
+from llmpress import tracking
 from llmpress.config import export_recipe, load_params, load_recipe
+from llmpress.lineage import code_version, content_key, lineage_tags, run_key
+from llmpress.registration import Candidate
 from llmpress.steps import recipe_info
 from llmpress.versioning import git_commit
 from tasks.compress import compress_model
@@ -77,19 +77,10 @@ def compress(
 
     data = timed("data", version_data, str(project))
     base = timed("resolve_model", resolve_model, params.model, str(project / "models"))
-    lineage = {
-        "git_commit": git_commit(project),
-        "data_version": f"calibration:{data['calibration_version']},eval:{data['eval_version']}",
-        "recipe": info["name"],
-        "recipe_hash": info["hash"],
-        "base_model": base["source"],
-        "base_model_hash": base["sha256"],
-    }
-    key = content_key(lineage)
-    # What the registered version is a function of: the content and every setting. An identical re-run finds its
-    # version by this tag and registers nothing new.
-    lineage["run_key"] = hashlib.sha256((key + json.dumps(params.model_dump(mode="json"), sort_keys=True)).encode()
-                                        ).hexdigest()  # fmt: skip
+    lineage = lineage_tags(git_commit(project), data, base, info)
+    key = content_key(lineage, source_version())
+    # An identical re-run finds its version by this tag and registers nothing new.
+    lineage["run_key"] = run_key(key, params.model_dump(mode="json"))
     out_root = project / "models" / "compressed" / f"{info['name']}-{lineage['run_key'][:12]}"
     tags = lineage | ({"mlflow.parentRunId": parent_run_id, "sweep.parent": parent_run_id} if parent_run_id else {})
     ok = stopped = False
@@ -146,11 +137,10 @@ def compress(
             base_metrics |= cost["base"]
 
         targets = {getattr(s, "target_sparsity", None) for s in recipe_obj.stages} - {None}
-        verdict = timed(
-            "register_and_gate", register_and_gate, tracking_uri, run_id, params.tracking.registered_model,
-            compressed["path"], metrics, base_metrics, params.gate, lineage,
-            next(iter(targets)) if len(targets) == 1 else None, evaluation["generations"], summary.get("onnx_path"),
-        )  # fmt: skip
+        candidate = Candidate(run_id, params.tracking.registered_model, compressed["path"], metrics, base_metrics,
+                              lineage, next(iter(targets)) if len(targets) == 1 else None, evaluation["generations"],
+                              summary.get("onnx_path"))  # fmt: skip
+        verdict = timed("register_and_gate", register_and_gate, tracking_uri, candidate, params.gate)
         summary |= {
             "base": base_metrics,
             "generations": evaluation["generations"],
@@ -176,20 +166,12 @@ def compress(
     return summary
 
 
-def code_version() -> str:
-    """sha256 of the source that runs (llmpress, tasks, flows)."""
+def source_version() -> str:
+    """sha256 of the source that runs: llmpress, tasks and flows (the content key's code part)."""
     import llmpress
     import tasks
 
-    return hashing.code_version(*(Path(m.__file__).parent for m in (llmpress, tasks)), Path(__file__).parent)
-
-
-def content_key(lineage: dict[str, str]) -> str:
-    """What a run's results depend on beyond its settings: base model, data, recipe and code (the cache key's
-    content part, tasks/cache.py)."""
-    keys = ("base_model_hash", "data_version", "recipe_hash")
-    payload = {k: lineage.get(k) for k in keys} | {"code": code_version()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return code_version(*(Path(m.__file__).parent for m in (llmpress, tasks)), Path(__file__).parent)
 
 
 def cached_output(task, path_key: str, *args, **kwargs) -> dict[str, Any]:

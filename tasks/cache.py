@@ -2,7 +2,7 @@
 failed at export resumes at export.
 
 A task's cache key is its name plus a hash of its inputs and of `content_key`, which the flow builds from what
-the paths point at (`flows/compress.py:content_key`): base-model hash, data versions (DVC md5s), recipe hash and
+the paths point at (`llmpress.lineage.content_key`): base-model hash, data versions (DVC md5s), recipe hash and
 code version. Results are
 persisted (Prefect's result storage: PREFECT_LOCAL_STORAGE_PATH, or a shared block in the team setup). A cached
 result names folders on disk; the flow checks they are still there and recomputes (refresh_cache) if not.

@@ -1,0 +1,17 @@
+"""The pipeline's steps as plain functions over paths and small dicts (what Prefect tasks wrap, one each).
+
+No step takes or returns a tensor or a model: a step loads what it needs from disk and writes what it makes to
+disk, so each can run in another process, on another machine, or be skipped when its result is cached. One module
+per step: `compression`, `evaluation` (baseline, evaluation, the bundle's, speed), `exporting` (graph, engine, bundle),
+`plots`, and what they share in `common`.
+"""
+
+from llmpress.steps.common import check_data_version, folder_bytes, measure_sparsity, peak_memory
+from llmpress.steps.compression import METADATA, compress, dequantize, pick_device, recipe_info, save_model
+from llmpress.steps.evaluation import baseline, evaluate, evaluate_bundle, speed
+from llmpress.steps.exporting import edge_bundle, export, tensorrt_engine
+from llmpress.steps.plots import plot_cost, plot_sparsity
+
+__all__ = ["METADATA", "baseline", "check_data_version", "compress", "dequantize", "edge_bundle", "evaluate",
+           "evaluate_bundle", "export", "folder_bytes", "measure_sparsity", "peak_memory", "pick_device",
+           "plot_cost", "plot_sparsity", "recipe_info", "save_model", "speed", "tensorrt_engine"]  # fmt: skip

@@ -1,0 +1,158 @@
+"""The compress step: a recipe applied to a model folder, written as a compressed folder with its report; and
+the reverse, a compressed folder de-quantized to a plain one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmpress.compress import compress_
+from llmpress.compress.storage import LowRankLinear, save_compressed
+from llmpress.config import (
+    CompressParams,
+    DataParams,
+    EvalParams,
+    Recipe,
+    export_recipe,
+    load_recipe,
+)
+from llmpress.data import calibration_windows
+from llmpress.errors import LlmpressError
+from llmpress.files import atomic_folder
+from llmpress.hashing import data_hash
+from llmpress.sources import load_model, load_tokenizer
+from llmpress.steps.common import check_data_version, folder_bytes, peak_memory
+
+log = logging.getLogger(__name__)
+
+METADATA = "llmpress.json"
+
+
+def pick_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise LlmpressError("compress.device is 'cuda' but no CUDA device is available here")
+    return setting
+
+
+def recipe_info(recipe: Recipe) -> dict[str, Any]:
+    """Name, content hash (of the validated recipe, so formatting and comments don't change it) and contents."""
+    dumped = recipe.model_dump(mode="json")
+    return {"name": recipe.name, "hash": data_hash(dumped), "recipe": dumped}
+
+
+def compress(model_path: str, recipe_path: str, calibration_path: str, out_dir: str, data: DataParams,
+             eval_params: EvalParams, params: CompressParams, lineage: dict[str, str],
+             calibration_md5: str | None = None, precision: str = "recipe", quantizer: str = "rtn"
+             ) -> dict[str, Any]:  # fmt: skip
+    """Compress the model at `model_path` with the recipe (followed by the quantization `precision` asks for, see
+    `config.export_recipe`); write an HF folder to `out_dir`. With `calibration_md5` (the data version DVC
+    recorded), the calibration file must still be that version."""
+    check_data_version(calibration_path, calibration_md5)
+    recipe = export_recipe(load_recipe(recipe_path), precision, quantizer)
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path)
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if max_len is not None and data.seq_len > max_len:
+        raise LlmpressError(f"data.seq_len={data.seq_len} exceeds the model's context ({max_len} tokens)")
+    ids = calibration_windows(tokenizer, calibration_path, data.seq_len, eval_params.add_bos)
+    device = pick_device(params.device)
+    bar = tqdm(total=len(_decoder_blocks(model)), desc=f"compress {recipe.name}", unit="block", leave=False)
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:  # per block (and per stage, distillation step): with the elapsed time
+        if message.startswith("block "):
+            bar.update(1)
+        log.info("compress %s: %s, %.1f s elapsed", recipe.name, message, time.perf_counter() - start)
+
+    report = compress_(model, recipe, ids, device=device, batch_size=params.batch_size, progress=progress)
+    bar.close()
+    _check_finite(model)
+    meta = {"recipe": recipe.name, "recipe_hash": recipe_info(recipe)["hash"], **lineage,
+            "report": report.to_dict()}  # fmt: skip
+    save_model(model, tokenizer, Path(out_dir), extra_files={
+        "recipe.yaml": yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),  # what ran, nulls too
+        METADATA: json.dumps(meta, indent=2),
+    })  # fmt: skip
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear | LowRankLinear)}
+    return {
+        "path": str(Path(out_dir).resolve()),
+        "seconds": report.total_seconds,
+        "calibration_tokens": report.calibration_tokens,
+        "device": device,
+        "layers": len(report.layers),
+        # layers a stage touched that still exist as linears (dropped blocks and factorised halves excluded)
+        "targeted_layers": sorted({rec.name for rec in report.layers} & linears),
+        "stage_seconds": report.stage_seconds,
+        "stages": {
+            f"{s.index}_{s.method}": {"seconds": s.seconds, "layers": s.layers, **_scalars(s.summary)}
+            for s in report.stages
+        },
+        "peak_memory": peak_memory(),
+    }
+
+
+def _scalars(summary: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in summary.items():
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, int | float):
+            out[key] = value
+    return out
+
+
+def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    from llmpress.compress import find_decoder_blocks
+
+    return find_decoder_blocks(model)[1]
+
+
+def save_model(model: nn.Module, tokenizer, out: Path, extra_files: dict[str, str]) -> None:
+    """Write the HF folder atomically (`files.atomic_folder`: temporary sibling, every file fsynced with its sha256
+    in `checksums.json`, which `sources.load_model` verifies, then renamed into place): never a half-written
+    `out`. A failure (disk full, a kill) leaves at most the temporary sibling, which the next save removes."""
+    from safetensors import SafetensorError
+
+    try:
+        with atomic_folder(out) as tmp:
+            model.save_pretrained(tmp)
+            # Quantized layers as packed integers + scales, low-rank layers as two linears (storage.py).
+            save_compressed(model, tmp)
+            tokenizer.save_pretrained(tmp)
+            for name, text in extra_files.items():
+                (tmp / name).write_text(text)
+    except (OSError, SafetensorError) as exc:  # disk full, quota, I/O error: say so, leave nothing
+        raise LlmpressError(f"writing the model folder {out} failed, nothing was saved: {exc}") from exc
+
+
+def dequantize(src: str | Path, dst: str | Path, overwrite: bool = False) -> str:
+    """Write the compressed folder `src` as a plain HF folder `dst` (dense float weights, stock transformers).
+
+    Quantized weights keep their dequantized values and factorised layers are multiplied back, so the plain
+    model computes what the compressed one does, except W8A8 activation quantization, which has no stock form.
+    """
+    from llmpress.compress.storage import to_plain_
+    from llmpress.files import check_destination
+
+    src, dst = Path(src), Path(dst)
+    check_destination(dst, [src], overwrite)
+    model = to_plain_(load_model(src))
+    extra = {name: (src / name).read_text() for name in ("recipe.yaml", METADATA) if (src / name).is_file()}
+    save_model(model, load_tokenizer(src), dst, extra_files=extra)
+    return f"{dst}: plain safetensors folder, {folder_bytes(dst, '*.safetensors')} bytes of weights"
+
+
+def _check_finite(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise LlmpressError(f"compression produced NaN/Inf in {name}; the model was not saved")

@@ -1,0 +1,193 @@
+"""The evaluation steps: the base model's baseline, the compressed model against it (perplexity, agreement, cloze,
+greedy text), the exported bundle scored on its own in onnxruntime, and speed in the runtime that serves it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmpress.config import (
+    EvalParams,
+    ExportParams,
+    SpeedParams,
+)
+from llmpress.errors import LlmpressError
+from llmpress.evaluate.agreement import compare_to_base
+from llmpress.evaluate.baseline import baseline_key, compute_baseline, load_baseline
+from llmpress.evaluate.cloze import build_examples, cloze_accuracy
+from llmpress.evaluate.generate import greedy_generations
+from llmpress.evaluate.repetition import repetition_rate, torch_continuations, until_eos
+from llmpress.evaluate.speed import measure_in_subprocess, prompt_ids
+from llmpress.hashing import data_hash
+from llmpress.progress import Progress, phase
+from llmpress.sources import load_model, load_tokenizer
+from llmpress.steps.common import check_data_version, folder_bytes, measure_sparsity
+
+log = logging.getLogger(__name__)
+
+
+def baseline(base_path: str, eval_path: str, params: EvalParams, baselines_dir: str, base_sha256: str,
+             eval_md5: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """The base model's evaluation (`llmpress.evaluate.baseline`) in `baselines_dir/<key>`: read back when it was made
+    for the same base model, held-out text, protocol and code, computed and written there otherwise."""
+    check_data_version(eval_path, eval_md5)
+    key = baseline_key(base_sha256, eval_md5 or data_hash(Path(eval_path).read_text(encoding="utf-8")), params)
+    out_dir = Path(baselines_dir) / key[:16]
+    found = load_baseline(out_dir, key)
+    if found is not None:
+        log.info("baseline of %s reused from %s", base_path, out_dir)
+        return {"path": str(Path(out_dir).resolve()), "key": key, "reused": True, "metrics": found[0]}
+    tokenizer, base = load_tokenizer(base_path), load_model(base_path)
+    text = Path(eval_path).read_text(encoding="utf-8")
+    sizes = {"bytes_on_disk": folder_bytes(base_path), "weights_bytes": folder_bytes(base_path, "*.safetensors")}
+    metrics = compute_baseline(base, tokenizer, text, params, out_dir, key, sizes)
+    return {"path": str(Path(out_dir).resolve()), "key": key, "reused": False, "metrics": metrics}
+
+
+def evaluate(model_path: str, base_path: str, baseline_dir: str, baseline_key: str, eval_path: str,
+             params: EvalParams, layer_names: list[str] | None = None, eval_md5: str | None = None,
+             bundle_follows: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Everything measured on the held-out text, the compressed model against the base model's baseline (README,
+    "Evaluation"), whose side comes from `baseline_dir` (`steps.baseline`). With `bundle_follows` (the model is
+    exported, and `evaluate_bundle` scores the graph that ships), cloze accuracy and the repetition of greedy
+    continuations are measured on that graph instead: what the PyTorch model keeps is the reference the bundle is
+    checked against - perplexity, KL, top-1 agreement, generations - and its sparsity and size.
+
+    Returns {"metrics": compressed model's, "base": base model's, "generations": [{prompt, base, compressed}]}.
+    """
+    check_data_version(eval_path, eval_md5)
+    found = load_baseline(baseline_dir, baseline_key)
+    if found is None:
+        raise LlmpressError(f"no baseline {baseline_key[:12]} of the base model in {baseline_dir}: run the baseline "
+                            "step first")  # fmt: skip
+    base_metrics, base_hidden = found
+    tokenizer = load_tokenizer(model_path)
+    model, base = load_model(model_path), load_model(base_path)
+    text = Path(eval_path).read_text(encoding="utf-8")
+    start = time.perf_counter()
+    with Progress("evaluate: perplexity, KL, top-1", "window") as progress:
+        agreement = compare_to_base(model, base, tokenizer, text, params, progress=progress, base_hidden=base_hidden)
+    del base, base_hidden  # the base model's head was all this pass needed of it
+    metrics: dict[str, Any] = {}
+    if not bundle_follows:
+        examples = build_examples(text, params.cloze)
+        with Progress("evaluate: cloze", "example") as progress:
+            metrics["cloze_accuracy"] = cloze_accuracy(model, tokenizer, examples, params.cloze, params.add_bos,
+                                                       progress)  # fmt: skip
+        metrics["cloze_examples"] = len(examples)
+    prompts, new = params.generation.prompts, params.generation.max_new_tokens
+    with phase("evaluate: greedy generations"):
+        texts = greedy_generations(model, tokenizer, prompts, new)
+    generations = [{"prompt": p, "base": b, "compressed": c}
+                   for p, b, c in zip(prompts, base_metrics["generations"], texts, strict=True)]  # fmt: skip
+    if not bundle_follows:
+        with phase("evaluate: greedy continuations of held-out prompts"):
+            metrics["repeated_ngram_rate"] = repetition_rate(partial(torch_continuations, model), tokenizer, text,
+                                                             params)  # fmt: skip
+    metrics |= {
+        "perplexity": agreement.perplexity,
+        "kl_to_base": agreement.kl_to_base,
+        "top1_agreement": agreement.top1_agreement,
+        "eval_tokens": agreement.tokens,
+        "eval_seconds": time.perf_counter() - start,
+        "bytes_on_disk": folder_bytes(model_path),
+        "weights_bytes": folder_bytes(model_path, "*.safetensors"),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if layer_names:
+        per_layer = measure_sparsity(model, layer_names)
+        modules = dict(model.named_modules())
+        sizes = {n: modules[n].weight.numel() for n in layer_names}
+        metrics["sparsity"] = sum(per_layer[n] * sizes[n] for n in layer_names) / sum(sizes.values())
+        metrics["sparsity_min_layer"] = min(per_layer.values())
+        metrics["sparsity_max_layer"] = max(per_layer.values())
+        metrics["sparsity_per_layer"] = per_layer
+    base_out = {k: base_metrics[k] for k in ("cloze_accuracy", "bytes_on_disk", "weights_bytes", "parameters",
+                                             "repeated_ngram_rate")}  # fmt: skip
+    base_out["perplexity"] = agreement.base_perplexity  # on the very windows the compressed model was scored on
+    return {"metrics": metrics, "base": base_out, "generations": generations}
+
+
+def evaluate_bundle(onnx_path: str, model_path: str, base_path: str, baseline_dir: str, baseline_key: str,
+                    eval_path: str, params: EvalParams, export_params: ExportParams) -> dict[str, Any]:  # fmt: skip
+    """The graph that ships, judged on its own in onnxruntime at its serving settings (`export` leaves it so),
+    scored under the pinned protocol against the base model's baseline - perplexity, KL to base, top-1 agreement,
+    cloze accuracy, the repeated n-gram rate of its greedy continuations (its logit difference and greedy parity
+    with the PyTorch model come from `export`, which has that model loaded) - with its bytes and what its matmuls
+    and lookups hold (`llmpress.export.packed.precision_counts`).
+
+    Returns `bundle_*` metrics."""
+    import onnx
+
+    from llmpress.export.generate import OrtGenerator, onnx_session
+    from llmpress.export.packed import precision_counts, precision_label
+
+    found = load_baseline(baseline_dir, baseline_key)
+    if found is None:
+        raise LlmpressError(f"no baseline {baseline_key[:12]} of the base model in {baseline_dir}: run the baseline "
+                            "step first")  # fmt: skip
+    _, base_hidden = found
+    graph = onnx.load(onnx_path, load_external_data=False)
+    counts = precision_counts(graph)
+    quantized = bool(counts.get("matmul_4bit") or counts.get("matmul_8bit"))
+    tokenizer = load_tokenizer(model_path)
+    text = Path(eval_path).read_text(encoding="utf-8")
+    generator = OrtGenerator(onnx_session(onnx_path, torch.get_num_threads()))
+
+    def logits_fn(batch: torch.Tensor) -> torch.Tensor:
+        ids = batch.numpy()
+        logits, _ = generator.forward(ids, np.ones_like(ids), generator.empty_cache(ids.shape[0]))
+        return torch.from_numpy(logits)
+
+    base = load_model(base_path)
+    with Progress("bundle: perplexity, KL, top-1 in onnxruntime", "window") as progress:
+        agreement = compare_to_base(None, base, tokenizer, text, params, progress=progress, base_hidden=base_hidden,
+                                    logits_fn=logits_fn)  # fmt: skip
+    del base
+    examples = build_examples(text, params.cloze)
+    with Progress("bundle: cloze in onnxruntime", "example") as progress:
+        cloze = cloze_accuracy(None, tokenizer, examples, params.cloze, params.add_bos, progress, logits_fn=logits_fn)
+
+    def ort_continuations(prompts: torch.Tensor, new_tokens: int, eos: int | None) -> list[list[int]]:
+        rows = generator.generate(prompts.numpy(), new_tokens, eos_token_id=eos)
+        return [until_eos(row[prompts.shape[1] :], eos) for row in rows]
+
+    with phase("bundle: greedy continuations of held-out prompts in onnxruntime"):
+        repetition = repetition_rate(ort_continuations, tokenizer, text, params)
+    return {
+        "bundle_perplexity": agreement.perplexity,
+        "bundle_cloze_accuracy": cloze,
+        "bundle_cloze_examples": len(examples),
+        "bundle_repeated_ngram_rate": repetition,
+        "bundle_kl_to_base": agreement.kl_to_base,
+        "bundle_top1_agreement": agreement.top1_agreement,
+        "bundle_bytes": folder_bytes(Path(onnx_path).parent),
+        "bundle_accuracy_level": export_params.accuracy_level if quantized else None,
+        "bundle_precision": precision_label(counts),
+        "bundle_precision_counts": counts,
+    }
+
+
+def speed(model_path: str, base_path: str, eval_path: str, params: SpeedParams,
+          onnx_path: str | None) -> dict[str, Any]:  # fmt: skip
+    """Latency, throughput and peak memory of the base model in PyTorch (what users would run instead) and of the
+    compressed model in the runtime that serves it: onnxruntime when it was exported, else PyTorch. Measured in
+    the same run, on the same machine and threads, one child process each (`llmpress.evaluate.speed`)."""
+    prompt = prompt_ids(load_tokenizer(base_path), eval_path, params)
+    params = params.model_copy(update={"threads": params.threads or torch.get_num_threads()})
+    with phase("speed: base model in PyTorch (child process)"):
+        base = measure_in_subprocess("torch", base_path, prompt, params)
+    runtime, path = ("ort", onnx_path) if onnx_path else ("torch", model_path)
+    with phase(f"speed: compressed model in {'onnxruntime' if onnx_path else 'PyTorch'} (child process)"):
+        compressed = measure_in_subprocess(runtime, path, prompt, params)
+    for batch in sorted({1, params.batch_size}):  # the deployable artifact against what users would run instead
+        served = compressed[f"{runtime}_b{batch}_decode_tokens_per_s"]
+        compressed[f"decode_speedup_b{batch}"] = served / base[f"torch_b{batch}_decode_tokens_per_s"]
+    compressed["runtime"] = runtime
+    return {"base": base, "compressed": compressed}

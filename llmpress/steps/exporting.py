@@ -1,0 +1,121 @@
+"""The export step: the ONNX graph with a KV cache, checked against PyTorch; the TensorRT engine where possible;
+the edge bundle a registered version ships as."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmpress.config import (
+    ExportParams,
+)
+from llmpress.errors import LlmpressError
+from llmpress.export.onnx import check_parity, export_onnx, torch_trajectory
+from llmpress.files import atomic_folder
+from llmpress.progress import phase
+from llmpress.sources import load_model, load_tokenizer
+from llmpress.steps.common import folder_bytes
+
+log = logging.getLogger(__name__)
+
+
+def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams,
+           template_dir: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """ONNX export (KV cache) and parity against PyTorch: prefill of the first `parity_tokens` held-out tokens, then
+    `parity_decode_steps` greedy steps. With `template_dir`, the traced graph of each architecture is kept there
+    and reused (`llmpress.export.template`)."""
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path)
+    # The folder appears only once its graph was written, checked against PyTorch and set to its serving level: a
+    # stopped or failed export leaves nothing a later step could take for a finished one.
+    with atomic_folder(out_dir) as staging:
+        path, record = _export_checked(model, tokenizer, staging, eval_path, params, template_dir)
+    path = Path(out_dir) / path.name
+    return record | {"onnx_path": str(path.resolve()), "onnx_bytes": folder_bytes(out_dir)}
+
+
+def _export_checked(model: torch.nn.Module, tokenizer: Any, out_dir: Path, eval_path: str, params: ExportParams,
+                    template_dir: str | None) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+    import onnx
+
+    from llmpress.export.packed import set_accuracy_level
+
+    start = time.perf_counter()
+    with phase("export: ONNX graph with KV cache"):
+        path = export_onnx(model, out_dir, opset=params.opset, cache_dir=template_dir)
+    seconds = time.perf_counter() - start
+    ids = tokenizer(Path(eval_path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    ids = ids[: params.parity_tokens]
+    if len(ids) < 2:
+        raise LlmpressError("the held-out text is too short for the ONNX parity check")
+    ids = torch.tensor([ids])
+    with phase("export: parity with PyTorch in onnxruntime"):
+        reference = torch_trajectory(model, ids, params.parity_decode_steps)  # PyTorch's side, for both checks
+        parity = check_parity(model, path, ids, params.parity_decode_steps, reference=reference)
+    # Parity above is on the exact weights (accuracy level 0: float32 on the de-quantized codes); the graph that
+    # ships runs its quantized matmuls at the serving level, and is scored as it is by `evaluate_bundle`.
+    graph = onnx.load(str(path), load_external_data=False)
+    served = parity
+    if params.accuracy_level != 0 and set_accuracy_level(graph, params.accuracy_level):
+        onnx.save(graph, str(path))  # the graph file only; its weights file is untouched
+        with phase("export: the shipped graph against PyTorch in onnxruntime"):
+            # the model's noise floor and its trajectory were measured just above
+            served = check_parity(model, path, ids, params.parity_decode_steps, noise=False, reference=reference)
+    return path, {
+        "tensorrt": tensorrt_engine(path, out_dir),
+        "export_seconds": seconds,
+        "onnx_max_abs_diff": parity.max_abs_diff,
+        "onnx_mean_abs_diff": parity.mean_abs_diff,
+        "onnx_noise_max_abs_diff": parity.noise_max_abs_diff,
+        "onnx_noise_mean_abs_diff": parity.noise_mean_abs_diff,
+        "onnx_argmax_agreement": parity.argmax_agreement,
+        "onnx_decode_steps": parity.decode_steps,
+        "onnx_greedy_identical": float(parity.greedy_identical),
+        # the graph as it ships (quantized matmuls at the serving accuracy level) against the PyTorch model
+        "bundle_max_abs_diff": served.max_abs_diff,
+        "bundle_mean_abs_diff": served.mean_abs_diff,
+        "bundle_greedy_identical": float(served.greedy_identical),
+        "opset": params.opset,
+    }
+
+
+def tensorrt_engine(onnx_path: Path, out_dir: Path) -> dict[str, Any]:
+    """Build a TensorRT engine where this worker can; otherwise record why not (and whether the graph is ready)."""
+    from llmpress.export.tensorrt import build_engine, plan_engine
+
+    plan = plan_engine(onnx_path)
+    assert plan.readiness is not None
+    out: dict[str, Any] = {"ready": plan.readiness.ready, "built": False, "reason": plan.reason, "fp16": plan.fp16,
+                           "int8": plan.int8, "sparse_weights": plan.sparse_weights}  # fmt: skip
+    if plan.buildable:
+        start = time.perf_counter()
+        engine = build_engine(onnx_path, plan, out_dir / "model.plan")
+        out |= {"built": True, "build_seconds": time.perf_counter() - start, "engine_bytes": engine.stat().st_size}
+    else:
+        log.info("no TensorRT engine: %s", plan.reason)
+    return out
+
+
+def edge_bundle(onnx_path: str, model_dir: str, out_dir: str | Path, metrics: dict[str, Any], gate: dict[str, Any],
+                lineage: dict[str, str]) -> Path:  # fmt: skip
+    """The edge bundle (`llmpress.bundle`) of an exported model, its layout and sizes checked after it is written
+    (build_bundle hashed each file as it wrote it; promotion and `llmpress bundle verify` check every hash)."""
+    import onnx
+
+    from llmpress.bundle import build_bundle, verify_bundle
+    from llmpress.export.packed import precision_counts, precision_label
+
+    graph = onnx.load(onnx_path, load_external_data=False)
+    opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), 0)
+    counts = precision_counts(graph)  # read from the graph that ships, not assumed
+    levels = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"}  # fmt: skip
+    path = build_bundle(out_dir, Path(onnx_path).parent, model_dir, precision=precision_label(counts), opset=opset,
+                        metrics=metrics, gate=gate, lineage=lineage, precision_counts=counts,
+                        accuracy_level=levels.pop() if len(levels) == 1 else None)  # fmt: skip
+    verify_bundle(path, check_hashes=False)
+    return path
