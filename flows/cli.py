@@ -44,7 +44,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set gate.max_perplexity_ratio=2.0")
-        if key.startswith("data."):
+        if key == "data" or key.startswith("data."):
             raise ConfigError(
                 f"--set {key}: data settings are DVC parameters read from params.yaml by `dvc repro`; edit "
                 "params.yaml (or use --data for the corpus) so the data version follows them"
@@ -66,6 +66,18 @@ def _set_corpus(params_file: Path, corpus: str) -> None:
         with open(params_file, "w") as handle:
             yaml.dump(data, handle)
         print(f"params.yaml: data.corpus set to {corpus!r}")
+
+
+def _corpus_path(corpus: str, project: Path) -> str:
+    """--data as the user typed it (relative to where they are), as params.yaml must hold it (relative to the
+    project folder, where DVC runs the data stages; absolute when outside it)."""
+    path = Path(corpus).resolve()
+    return path.relative_to(project).as_posix() if path.is_relative_to(project) else str(path)
+
+
+def _in_project(corpus: str, project: Path) -> str:
+    """params.yaml's data.corpus as DVC will read it: a relative path is relative to the project folder."""
+    return corpus if corpus == "gensim-lee" or Path(corpus).is_absolute() else str(project / corpus)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -242,14 +254,18 @@ def _command(args: argparse.Namespace, project: Path) -> int:
 
             source = {"model": args.model} if args.model else {}
             corpus = {"data.corpus": args.data} if args.data else {}
+            if args.data and args.data != "gensim-lee":
+                args.data = _corpus_path(args.data, project)
+                corpus = {"data.corpus": args.data}
             params = load_params(project / args.params, overrides | source | corpus)
-            if args.data:
-                from llmpress.data import check_corpus
+            from llmpress.data import check_corpus
+            from llmpress.versioning import check_project
 
-                check_corpus(args.data, params.data)
+            check_corpus(_in_project(params.data.corpus, project), params.data)
             recipe = load_recipe(project / (args.recipe or params.recipe))
             export_recipe(recipe, params.export.precision, params.export.quantizer)
             check_source(params.model)
+            check_project(project)
             if args.data:
                 _set_corpus(project / args.params, args.data)
             ensure_api()
@@ -278,24 +294,29 @@ def _command(args: argparse.Namespace, project: Path) -> int:
             from llmpress.config import export_recipe, load_params, load_recipe
 
             params = load_params(project / args.params)
+            if not (project / params.recipe).is_file():
+                raise ConfigError(f"{args.params}: recipe: {params.recipe} is not a file in {project}")
+            from llmpress.data import check_corpus
+
+            check_corpus(_in_project(params.data.corpus, project), params.data)
             print(f"{args.params}: ok")
             recipes = {file: load_recipe(file) for file in args.files}
             for recipe in recipes.values():  # with the quantization params.yaml's export.precision adds
                 export_recipe(recipe, params.export.precision, params.export.quantizer)
             model = None
             if args.model:  # targets and context length against a real model's layers (weights not needed)
-                from llmpress.compress.targets import check_targets
+                from llmpress.compress.engine import check_recipe
                 from llmpress.sources import load_model
                 from llmpress.sources import resolve as resolve_source
 
                 model = load_model(resolve_source(args.model, project / "models").path)
                 context = getattr(model.config, "max_position_embeddings", None)
-                if context is not None and params.data.seq_len > context:
-                    raise ConfigError(f"data.seq_len={params.data.seq_len} exceeds {args.model}'s context "
-                                      f"({context} tokens)")  # fmt: skip
+                for field, tokens in (("data.seq_len", params.data.seq_len), ("eval.window", params.eval.window)):
+                    if context is not None and tokens > context:
+                        raise ConfigError(f"{field}={tokens} exceeds {args.model}'s context ({context} tokens)")
             for file, recipe in recipes.items():
                 if model is not None:
-                    check_targets(model, recipe)
+                    check_recipe(model, recipe)
                 print(f"{file}: ok ({recipe.name}, {len(recipe.stages)} stage(s))")
         elif args.command == "promote":
             # Refused before Prefect starts: no or a bad S3 destination, an unknown model, version or alias, a
@@ -367,6 +388,10 @@ def _command(args: argparse.Namespace, project: Path) -> int:
 
             overrides = _parse_set(args.set)
             params = load_params(project / args.params, overrides)
+            from llmpress.sources import check_source
+
+            for model in args.models or [params.model]:  # each as params' own model field is checked
+                check_source(load_params(project / args.params, overrides | {"model": model}).model)
             for recipe in args.recipes:
                 export_recipe(load_recipe(project / recipe), params.export.precision, params.export.quantizer)
             ensure_api()

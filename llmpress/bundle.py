@@ -4,14 +4,15 @@
       model.onnx (+ model.onnx.data)   the KV-cache graph (llmpress.export.onnx), external weights when > 2 GB
       tokenizer.json, tokenizer_config.json, special_tokens_map.json, generation_config.json   (those present)
       run.py, llmpress_generate.py     a runner that needs only numpy, onnxruntime and tokenizers
-      manifest.json                    every other file's sha256 and size; opset, precision; metrics, gate report
-                                       and lineage of the version it was built for
+      manifest.json                    every other file's sha256 and size; opset, precision, context length;
+                                       metrics, gate report and lineage of the version it was built for
 
 On the device: `python bundle/run.py "prompt"`. With llmpress: `llmpress bundle run PATH "prompt"` and
-`llmpress bundle verify PATH`. Verification re-hashes every file the manifest lists and refuses a manifest path
-that is absolute or leaves the bundle (`..`, a symbolic link), a missing file, a size or hash that differs, and a
-file the manifest does not list. A bundle is built in a temporary folder beside its destination and renamed into
-place, so a failed build never leaves a half-written bundle behind.
+`llmpress bundle verify PATH`. Verification checks the type of every manifest field that is read, re-hashes every
+file the manifest lists and refuses a manifest path that is absolute or leaves the bundle (`..`), a symbolic link
+anywhere in the folder, a missing file, a size or hash that differs, and a file or folder the manifest does not
+list. A bundle is built in a temporary folder beside its destination and renamed into place, so a failed build
+never leaves a half-written bundle behind.
 
 This module imports only the standard library at load time; `run` needs numpy, onnxruntime and tokenizers.
 """
@@ -35,6 +36,12 @@ MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 RUNNER = Path(__file__).parent / "export" / "generate.py"
+RUN_FILES = ("run.py", "llmpress_generate.py", "tokenizer.json")  # what `run` needs besides the graph
+# the manifest's `model` fields and their types (all optional: older bundles lack the later ones)
+MODEL_FIELDS: dict[str, tuple[type, ...]] = {
+    "graph": (str,), "opset": (int,), "precision": (str,), "kv_cache": (bool,), "precision_counts": (dict,),
+    "matmul_nbits_accuracy_level": (int, type(None)), "context_length": (int,),
+}  # fmt: skip
 
 RUN_PY = '''"""Generate text from this bundle: python run.py "prompt" [--max-new-tokens N] [--temperature T] [--top-k K]
 [--top-p P] [--seed S]. Needs numpy, onnxruntime and tokenizers only."""
@@ -46,6 +53,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.dont_write_bytecode = True  # no __pycache__: the folder stays exactly what its manifest lists
 
 from llmpress_generate import OrtGenerator, Sampling, onnx_session  # noqa: E402
 
@@ -59,8 +67,11 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    print(generate_text(args.prompt, args.max_new_tokens, sampling))
+    try:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+        print(generate_text(args.prompt, args.max_new_tokens, sampling))
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def generate_text(prompt, max_new_tokens=64, sampling=None):
@@ -72,6 +83,10 @@ def generate_text(prompt, max_new_tokens=64, sampling=None):
     eos = config.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
     ids = tokenizer.encode(prompt).ids
+    context = json.loads((HERE / "manifest.json").read_text())["model"].get("context_length")
+    if context and len(ids) + max_new_tokens > context:
+        raise ValueError(f"the prompt is {len(ids)} tokens: with {max_new_tokens} new tokens that exceeds the "
+                         f"model's context of {context} tokens")
     generator = OrtGenerator(onnx_session(HERE / "model.onnx"))
     out = generator.generate([ids], max_new_tokens, sampling, eos_token_id=eos)
     return tokenizer.decode([int(t) for t in out[0, len(ids):]], skip_special_tokens=True)
@@ -105,6 +120,7 @@ def build_bundle(out_dir: str | Path, onnx_dir: str | Path, tokenizer_dir: str |
         raise BundleError(f"no {GRAPH} in {onnx_dir}: export the model to ONNX first")
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise BundleError(f"no tokenizer.json in {tokenizer_dir}: the runner needs the fast tokenizer's file")
+    context = _context_length(tokenizer_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -132,6 +148,7 @@ def build_bundle(out_dir: str | Path, onnx_dir: str | Path, tokenizer_dir: str |
                 "kv_cache": True,
                 "precision_counts": precision_counts or {},
                 "matmul_nbits_accuracy_level": accuracy_level,
+                **({"context_length": context} if context else {}),
             },
             "files": files,
             "metrics": _json_safe(metrics or {}),
@@ -156,62 +173,132 @@ def verify_bundle(path: str | Path, check_hashes: bool = True) -> dict[str, Any]
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"{root} is not a bundle folder")
-    if not (root / MANIFEST).exists():
+    if not (root / MANIFEST).is_file():
         raise BundleError(f"{root} has no {MANIFEST}")
+    present = _entries(root)
     from llmpress.loading import read_json
 
     try:
         manifest = read_json(root / MANIFEST)
     except ConfigError as exc:
         raise BundleError(str(exc)) from None
+    files = _check_manifest(manifest, root / MANIFEST)
+    for name, entry in files.items():
+        if present.get(name) is not False:  # absent, or a folder
+            raise BundleError(f"{name}: listed in the manifest but missing")
+        size = (root / name).stat().st_size
+        if size != entry["bytes"]:
+            raise BundleError(f"{name}: {size} bytes, the manifest says {entry['bytes']}")
+        if check_hashes and sha256_file(root / name) != entry["sha256"]:
+            raise BundleError(f"{name}: sha256 differs from the manifest (corrupted or modified)")
+    folders = {parent.as_posix() for name in files for parent in PurePosixPath(name).parents} - {"."}
+    extra = sorted(set(present) - set(files) - folders - {MANIFEST})
+    if extra:
+        raise BundleError(f"not in the manifest: {', '.join(extra)}; refused")
+    return manifest
+
+
+def _check_manifest(manifest: Any, where: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's shape, every field that is read checked for its type; returns the file entries by normalised
+    path. BundleError names the first bad field."""
     if (
         not isinstance(manifest, dict)
         or manifest.get("format") != FORMAT
         or not isinstance(manifest.get("files"), list)
     ):
-        raise BundleError(f"{root / MANIFEST}: not an {FORMAT} manifest (format and files are required)")
-    resolved_root = root.resolve()
-    listed = set()
+        raise BundleError(f"{where}: not an {FORMAT} manifest (format and files are required)")
+    for key in ("model", "metrics", "gate", "lineage"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise BundleError(f"{MANIFEST}: {key} must be an object, got {type(manifest[key]).__name__}")
+    model = manifest.get("model", {})
+    for key, types in MODEL_FIELDS.items():
+        value = model.get(key)
+        if key in model and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            expected = " or ".join(t.__name__ for t in types)
+            raise BundleError(f"{MANIFEST}: model.{key} must be {expected}, got {type(value).__name__}")
+    if model.get("context_length", 1) < 1:
+        raise BundleError(f"{MANIFEST}: model.context_length must be >= 1, got {model['context_length']}")
+    files: dict[str, dict[str, Any]] = {}
     for entry in manifest["files"]:
         if not isinstance(entry, dict) or not {"path", "bytes", "sha256"} <= set(entry):
             raise BundleError(f"{MANIFEST}: every file entry needs path, bytes and sha256, got {entry!r}")
-        name = str(entry["path"])
+        name, size = entry["path"], entry["bytes"]
+        if not isinstance(name, str) or not isinstance(entry["sha256"], str):
+            raise BundleError(f"{MANIFEST}: a file's path and sha256 are strings, got {entry!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BundleError(f"{MANIFEST}: {name}: bytes must be an integer >= 0, got {size!r}")
         pure = PurePosixPath(name)
-        if pure.is_absolute() or ".." in pure.parts or "\\" in name or name in ("", "."):
-            raise BundleError(f"{MANIFEST}: path {name!r} leaves the bundle (absolute or with '..'); refused")
-        file = root / pure
-        if file.is_symlink() or not file.resolve().is_relative_to(resolved_root):
-            raise BundleError(f"{name}: a symbolic link or a path outside the bundle; refused")
-        if not file.is_file():
-            raise BundleError(f"{name}: listed in the manifest but missing")
-        if file.stat().st_size != entry["bytes"]:
-            raise BundleError(f"{name}: {file.stat().st_size} bytes, the manifest says {entry['bytes']}")
-        if check_hashes and sha256_file(file) != entry["sha256"]:
-            raise BundleError(f"{name}: sha256 differs from the manifest (corrupted or modified)")
-        listed.add(pure.as_posix())
-    unlisted = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir() and p.name != MANIFEST)
-    extra = [p for p in unlisted if p not in listed]
-    if extra:
-        raise BundleError(f"files not in the manifest: {', '.join(extra)}; refused")
-    graph = manifest.get("model", {}).get("graph", GRAPH)
-    if graph not in listed:
-        raise BundleError(f"{MANIFEST}: the model graph {graph!r} is not among the listed files")
-    return manifest
+        if pure.is_absolute() or ".." in pure.parts or "\\" in name or "\0" in name or name in ("", "."):
+            raise BundleError(f"{MANIFEST}: path {name!r} leaves the bundle (absolute, '..' or not a path); refused")
+        files[pure.as_posix()] = entry
+    graph = model.get("graph", GRAPH)
+    if not graph.endswith(".onnx") or graph not in files:
+        raise BundleError(f"{MANIFEST}: the model graph {graph!r} is not an .onnx file among the listed files")
+    return files
 
 
 def run(path: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
         top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> str:  # fmt: skip
-    """Verify the bundle, then generate a continuation of `prompt` with its own runner."""
-    root = Path(path)
-    verify_bundle(root)
-    import runpy
+    """Verify the bundle, then generate a continuation of `prompt` with its own runner. The arguments are checked
+    before anything is read, the prompt's length against the model's context before the graph is loaded."""
+    from llmpress.export.generate import Sampling
 
-    runner = runpy.run_path(str(root / "run.py"), run_name="llmpress_bundle_runner")
+    if not prompt.strip():
+        raise BundleError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise BundleError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     try:
-        sampling = runner["Sampling"](temperature, top_k, top_p, seed)
+        Sampling(temperature, top_k, top_p, seed)
     except ValueError as exc:
         raise BundleError(str(exc)) from None
-    return runner["generate_text"](prompt, max_new_tokens, sampling)
+    root = Path(path)
+    manifest = verify_bundle(root)
+    missing = [name for name in RUN_FILES if not (root / name).is_file()]  # verified: a file here is listed
+    if missing:
+        raise BundleError(f"{root} cannot run: {', '.join(missing)} not in the bundle")
+    context = manifest.get("model", {}).get("context_length")  # None in bundles built before it was recorded
+    if context is not None:
+        from tokenizers import Tokenizer
+
+        tokens = len(Tokenizer.from_file(str(root / "tokenizer.json")).encode(prompt).ids)
+        if tokens + max_new_tokens > context:
+            raise BundleError(f"the prompt is {tokens} tokens: with {max_new_tokens} new tokens that exceeds the "
+                              f"model's context of {context} tokens")  # fmt: skip
+    import runpy
+    import sys
+
+    writes, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # older runners do not set it themselves
+    try:
+        runner = runpy.run_path(str(root / "run.py"), run_name="llmpress_bundle_runner")
+    finally:
+        sys.dont_write_bytecode = writes
+    return runner["generate_text"](prompt, max_new_tokens, runner["Sampling"](temperature, top_k, top_p, seed))
+
+
+def _entries(root: Path) -> dict[str, bool]:
+    """Everything under `root`: relative POSIX path -> whether it is a folder. A symbolic link (to a file or a
+    folder) or a special file anywhere is refused: a bundle holds only its own files."""
+    found: dict[str, bool] = {}
+    for folder, dirs, names in os.walk(root):
+        for name in dirs + names:
+            item = Path(folder) / name
+            relative = item.relative_to(root).as_posix()
+            if item.is_symlink():
+                raise BundleError(f"{relative}: a symbolic link; refused")
+            if not item.is_dir() and not item.is_file():
+                raise BundleError(f"{relative}: not a regular file or folder; refused")
+            found[relative] = item.is_dir()
+    return found
+
+
+def _context_length(model_dir: Path) -> int | None:
+    """The model's context in tokens from its config.json, if there is one."""
+    from llmpress.loading import read_json_object
+
+    file = model_dir / "config.json"
+    config = read_json_object(file, "model config") if file.is_file() else {}
+    value = config.get("max_position_embeddings", config.get("n_positions"))
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _write_synced(path: Path, text: str) -> None:

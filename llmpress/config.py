@@ -34,7 +34,7 @@ def _number_kinds(annotation: Any) -> tuple[bool, bool]:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # inf/nan: never a setting
 
     @model_validator(mode="before")
     @classmethod
@@ -66,7 +66,7 @@ class DataParams(Strict):
     eval_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of documents held out for evaluation")
     calibration_samples: int = Field(32, ge=1, le=100_000)
     seq_len: int = Field(256, ge=8, le=1_000_000, description="tokens per calibration window")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
 
 class ClozeParams(Strict):
@@ -78,7 +78,7 @@ class ClozeParams(Strict):
     max_examples: int = Field(100, ge=1)
     max_context_tokens: int = Field(128, ge=8, description="context kept before the target, in tokens")
     batch_size: int = Field(8, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
 
 DEFAULT_PROMPTS = [
@@ -111,12 +111,12 @@ class SpeedParams(Strict):
     """Latency and throughput protocol (llmpress/evaluate/speed.py)."""
 
     enabled: bool = True
-    prompt_tokens: int = Field(128, ge=1)
-    decode_tokens: int = Field(16, ge=1)
+    prompt_tokens: int = Field(128, ge=1, le=32768)
+    decode_tokens: int = Field(16, ge=1, le=32768)
     batch_size: int = Field(4, ge=1, description="the batch > 1 measured besides batch 1")
     warmup: int = Field(1, ge=0)
     repeats: int = Field(3, ge=1)
-    threads: int | None = Field(None, ge=1, description="torch and ORT threads; null: torch's default")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch and ORT threads; null: torch's default")
 
 
 class EvalParams(Strict):
@@ -205,6 +205,7 @@ class GateParams(Strict):
     )  # fmt: skip
 
 
+PRINTABLE_NOT_BLANK = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
 TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
@@ -213,8 +214,8 @@ class TrackingParams(Strict):
         None, description="null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; relative sqlite paths resolve in the "
         "project dir",
     )  # fmt: skip
-    experiment: str = Field("llmpress", min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
-                            description="MLflow experiment name: printable characters only")  # fmt: skip
+    experiment: str = Field("llmpress", min_length=1, max_length=200, pattern=PRINTABLE_NOT_BLANK,
+                            description="MLflow experiment name: printable characters, not only spaces")  # fmt: skip
     registered_model: str = Field("smollm2-135m-edge", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     bundle_s3_prefix: str | None = Field(
         None, pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$",
@@ -235,6 +236,8 @@ def _tracking_uri_problem(uri: str) -> str | None:
         return f"expected a URI starting with one of {', '.join(s + '://' for s in TRACKING_SCHEMES)}"
     if re.match(r"^[a-z0-9+]+://[^/@]*@", uri):
         return "credentials in the URI would be logged; use MLFLOW_TRACKING_USERNAME/PASSWORD"
+    if scheme in ("sqlite", "file") and not re.match(rf"^{scheme}:///.", uri):
+        return f"{scheme}:// needs a path ({scheme}:///relative/or/absolute/path): an in-memory store keeps nothing"
     return None
 
 
@@ -529,7 +532,7 @@ class DistillStage(Strict):
     temperature: float = Field(1.0, gt=0.0)
     hidden_weight: float = Field(0.0, ge=0.0, description="weight of the hidden-state MSE term; 0: logits only")
     weight_decay: float = Field(0.0, ge=0.0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
 
 Stage = Annotated[
@@ -627,7 +630,9 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     check_environment()
     path = Path(path)
     data = read_yaml(path) if path.exists() else {}
-    if data is not None and not isinstance(data, dict):
+    if data is None:  # the code's defaults are not the shipped file's: an empty file would silently change the gate
+        raise ConfigError(f"{path} is empty; start from the shipped params.yaml")
+    if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     data = dict(data or {})
     for dotted, value in (overrides or {}).items():

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import zipfile
@@ -73,24 +74,49 @@ def _gensim_lee_text() -> str:
 
 
 def read_documents(path: Path) -> list[str]:
-    """Documents of a .txt/.cor file (one per line) or a .jsonl file ({"text": ...} per line); blanks dropped."""
+    """Documents of a .txt/.cor file (one per line) or a .jsonl file ({"text": "..."} per line); blanks dropped.
+    A "text" that is not a string, or a line that is not text (`_check_text`), is refused naming the line."""
     docs = []
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
             try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:
                 raise LlmpressError(f"{path}:{number}: not UTF-8 text (byte {exc.start} of the line)") from None
-            if not line:
-                continue
-            if path.suffix == ".jsonl":
+            if path.suffix == ".jsonl" and line.strip():
                 try:
-                    line = str(json.loads(line)["text"]).strip()
+                    line = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise LlmpressError(f"{path}:{number}: expected a JSON object with a 'text' field") from None
-            if line:
+                if not isinstance(line, str):
+                    raise LlmpressError(f"{path}:{number}: 'text' must be a string, got {_json_kind(line)}")
+            _check_text(line, f"{path}:{number}")
+            if line.strip():
                 docs.append(" ".join(line.split()))
     return docs
+
+
+# C0 and C1 control characters other than tab, newline and carriage return
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+MAX_CONTROL_SHARE = 0.01
+
+
+def _check_text(text: str, where: str) -> None:
+    """Refuse a document that is not text: any NUL character, or more than 1 % control characters."""
+    if "\x00" in text:
+        raise LlmpressError(f"{where}: NUL character (character {text.index(chr(0)) + 1}); not a text corpus")
+    count = len(CONTROL.findall(text))
+    if count > MAX_CONTROL_SHARE * len(text):
+        raise LlmpressError(
+            f"{where}: {count} of {len(text)} characters are control characters (at most 1 % are allowed, besides "
+            "tab and line breaks); not a text corpus"
+        )
+
+
+def _json_kind(value: object) -> str:
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return {int: "a number", float: "a number", list: "an array", dict: "an object"}.get(type(value), repr(value))
 
 
 def split_documents(docs: list[str], params: DataParams) -> tuple[list[str], list[str]]:
@@ -130,14 +156,19 @@ def sample_passages(docs: list[str], params: DataParams) -> list[str]:
 
 def check_corpus(corpus: str, params: DataParams) -> None:
     """Refuse a corpus that the DVC stages would refuse, before anything is written: a missing file, the wrong
-    kind, too few documents to split, too little text for one calibration window."""
+    kind, a line that is not text (see `read_documents`), too few documents to split, too little text for one
+    calibration window."""
     if corpus == "gensim-lee":
         return
     path = Path(corpus)
     if not path.is_file():
-        raise LlmpressError(f"--data {corpus!r}: no such file (a .txt or .jsonl corpus, or gensim-lee)")
+        raise LlmpressError(
+            f"corpus {corpus!r} (--data or data.corpus): no such file (a .txt or .jsonl corpus, or gensim-lee)"
+        )
     if path.suffix not in (".txt", ".jsonl", ".cor"):
-        raise LlmpressError(f"--data {corpus!r}: expected a .txt (one document per line) or .jsonl file")
+        raise LlmpressError(
+            f"corpus {corpus!r} (--data or data.corpus): expected a .txt (one document per line) or .jsonl file"
+        )
     calibration, _ = split_documents(read_documents(path), params)
     sample_passages(calibration, params)
 

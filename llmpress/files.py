@@ -83,6 +83,8 @@ def check_destination(dst: str | Path, sources: list[str | Path], overwrite: boo
             raise LlmpressError(f"destination {dst} is inside the source {source}: writing it would change the source")
         if out in src.parents:
             raise LlmpressError(f"destination {dst} contains the source {source}: replacing it would delete the source")
+    if blocker := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+        raise LlmpressError(f"destination {dst} cannot be made: {blocker} is a file, not a folder")
     if not out.exists():
         return out
     if not out.is_dir():

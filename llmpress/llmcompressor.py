@@ -37,10 +37,12 @@ Numbers that mean something different: llm-compressor's mask_structure "N:M" pru
 topk of the smallest scores in its SparseGPT and Wanda code), llmpress's pattern "N:M" keeps N; "2:4" is the same
 either way, "1:4" becomes "3:4". `group_size: -1` or `strategy: channel` is one scale per output channel
 (llmpress `group_size: null`). GPTQ's `actorder` defaults to "static" (on) for group quantization as in current
-llm-compressor. Scheme presets are those of compressed-tensors: W{2..7}A16 -> group 128 symmetric, W4A16_ASYM ->
-group 128 asymmetric, W8A16 -> 8 bits per channel symmetric (its long-standing definition; recent
-compressed-tensors releases moved it to group 128), W8A8/INT8 -> 8-bit channel weights with 8-bit per-token
-dynamic activations.
+llm-compressor; "weight"/"static" is llmpress's act_order, "group"/"dynamic"/true is refused (see ACTORDER). Under
+an N:M mask_structure llm-compressor ignores `sparsity`: one other than N/M is refused. Booleans must be YAML
+booleans (a quoted "false" is refused, not read as true), and a disabled stage (`enabled: false`) is refused.
+Scheme presets are those of compressed-tensors: W{2..7}A16 -> group 128 symmetric, W4A16_ASYM -> group 128
+asymmetric, W8A16 -> 8 bits per channel symmetric (its long-standing definition; recent compressed-tensors releases
+moved it to group 128), W8A8/INT8 -> 8-bit channel weights with 8-bit per-token dynamic activations.
 
 Targets: llm-compressor matches a class name ("Linear": every linear layer) or "re:<regex>" with re.match
 (a prefix match) against module names. llmpress stages only ever touch the linear layers of the decoder blocks,
@@ -63,6 +65,7 @@ SUPPORTED = ("SparseGPTModifier", "WandaPruningModifier", "MagnitudePruningModif
              "GPTQModifier", "AWQModifier", "SmoothQuantModifier")  # fmt: skip
 QUANT_MODIFIERS = ("QuantizationModifier", "GPTQModifier")
 IGNORED_TOP_LEVEL = ("version", "args", "metadata")
+STAGE_KEYS = ("run_type", "group", "args", "enabled")  # besides '<group>_modifiers'; `args` only feed eval()
 # Execution knobs (memory, offloading, pipeline bookkeeping) that do not change the result; accepted and unused.
 RUNTIME_KEYS = ("group", "index", "start", "end", "update", "sequential_targets", "sequential_update",
                 "offload_hessians", "offload_device", "calibration_function", "num_calibration_steps",
@@ -151,19 +154,26 @@ def _collect(data: dict[str, Any], source: str) -> list[tuple[str, str, dict[str
 def _stage_modifiers(stage: Any, where: str) -> list[tuple[str, str, dict[str, Any]]]:
     if not isinstance(stage, dict):
         raise ConfigError(f"{where}: a stage is a mapping of '<group>_modifiers' entries")
-    if str(stage.get("run_type", "oneshot")).lower() == "train":
+    run_type = stage.get("run_type", "oneshot")
+    if run_type == "train":
         raise ConfigError(
             f"{where}: run_type 'train' (fine-tuning) is not converted; llmpress runs one-shot stages and recovers "
             "quality with its own 'distill' stage"
         )
+    if run_type not in ("oneshot", None):
+        raise ConfigError(f"{where}.run_type: {run_type!r} is not one of 'oneshot', 'train'")
+    if not _flag(stage, "enabled", True, where):
+        raise ConfigError(f"{where}: a disabled stage (enabled: false) is not converted; delete it from the recipe")
     found = []
     for key, value in stage.items():
-        if key in ("run_type", "group", "args", "enabled"):
+        if key in STAGE_KEYS:
             continue
-        if key == "modifiers" or key.endswith("_modifiers"):
+        if isinstance(key, str) and (key == "modifiers" or key.endswith("_modifiers")):
             found.extend(_group_modifiers(value, f"{where}.{key}"))
         else:
-            raise ConfigError(f"{where}: unknown key {key!r} in a stage (expected '<group>_modifiers')")
+            raise ConfigError(
+                f"{where}: unknown key {key!r} in a stage; understood: '<group>_modifiers', {', '.join(STAGE_KEYS)}"
+            )
     return found
 
 
@@ -201,16 +211,33 @@ class _Args:
     """A modifier's arguments: take the known ones; whatever is left over at `done()` is an error."""
 
     def __init__(self, args: dict[str, Any], where: str, runtime: tuple[str, ...] = RUNTIME_KEYS) -> None:
-        self.args, self.where = dict(args), where
+        self.args, self.where, self.runtime = dict(args), where, runtime
+        self.known: dict[str, None] = {}  # the keys asked for, in order: the understood ones
         for key in runtime:
             self.args.pop(key, None)
 
     def pop(self, key: str, default: Any = None) -> Any:
+        self.known[key] = None
         return self.args.pop(key, default)
+
+    def flag(self, key: str, default: bool) -> bool:
+        self.known[key] = None
+        return _flag(self.args, key, default, self.where, pop=True)
 
     def done(self) -> None:
         if self.args:
-            raise ConfigError(f"{self.where}: unsupported argument(s) {', '.join(map(repr, self.args))}")
+            raise ConfigError(
+                f"{self.where}: unsupported argument(s) {', '.join(map(repr, self.args))}; understood: "
+                + ", ".join([*self.known, *self.runtime])
+            )
+
+
+def _flag(args: dict[str, Any], key: str, default: bool, where: str, pop: bool = False) -> bool:
+    """A YAML boolean; a string such as "false" is refused rather than read as bool("false") == True."""
+    value = args.pop(key, default) if pop else args.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}.{key}: expected true or false (a YAML boolean, unquoted), got {value!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,8 +295,9 @@ def _sparsity_fields(args: _Args, where: str, sparsity: Any) -> dict[str, Any]:
     if not match:
         raise ConfigError(f"{where}: mask_structure must look like 'N:M' (got {mask!r})")
     pruned, m = int(match.group(1)), int(match.group(2))
+    number = isinstance(sparsity, int | float) and not isinstance(sparsity, bool)
     if pruned == 0 and m == 0:
-        if not isinstance(sparsity, int | float) or isinstance(sparsity, bool):
+        if not number:
             raise ConfigError(
                 f"{where}: sparsity must be one number (got {sparsity!r}); per-layer sparsity lists are not "
                 "supported (llmpress's OWL profile sets per-layer sparsities from one target)"
@@ -277,6 +305,13 @@ def _sparsity_fields(args: _Args, where: str, sparsity: Any) -> dict[str, Any]:
         return {"sparsity": float(sparsity)}
     if not 0 < pruned < m:
         raise ConfigError(f"{where}: mask_structure {mask!r} must prune 0 < N < M of every M weights")
+    # llm-compressor's SparseGPT and Wanda ignore `sparsity` under an N:M mask (they prune N of every M), so a
+    # sparsity other than N/M would be dropped without a word: it must be left out or agree (to 2 decimals).
+    if sparsity is not None and not (number and abs(sparsity - pruned / m) <= 0.005):
+        raise ConfigError(
+            f"{where}: sparsity {sparsity!r} contradicts mask_structure {mask!r}, which prunes {pruned} of every "
+            f"{m} weights (sparsity {pruned / m:g}); give sparsity {pruned / m:g} or leave it out"
+        )
     return {"pattern": f"{m - pruned}:{m}"}  # llm-compressor prunes N of M, llmpress keeps N
 
 
@@ -295,7 +330,7 @@ def _pruning(kind: str, raw: dict[str, Any], where: str) -> dict[str, Any]:
             owl["lambda"] = owl_lmbda
         stage["owl"] = owl
     if method == "sparsegpt":
-        if args.pop("preserve_sparsity_mask", False):
+        if args.flag("preserve_sparsity_mask", False):
             raise ConfigError(f"{where}: preserve_sparsity_mask is not supported by llmpress's sparsegpt")
         block_size = args.pop("block_size")
         damp = args.pop("dampening_frac", args.pop("percdamp"))
@@ -312,7 +347,7 @@ def _magnitude(raw: dict[str, Any], where: str) -> dict[str, Any]:
     args = _Args(raw, where)
     for key in ("init_sparsity", "update_scheduler", "scheduler_args", "update_frequency"):
         args.pop(key)  # the gradual schedule collapses to one shot at final_sparsity
-    if args.pop("apply_globally", False) or args.pop("global_sparsity", False):
+    if args.flag("apply_globally", False) or args.flag("global_sparsity", False):
         raise ConfigError(f"{where}: global magnitude pruning is not supported (llmpress prunes each layer)")
     stage = {"method": "magnitude", **_sparsity_fields(args, where, args.pop("final_sparsity", args.pop("sparsity")))}
     stage.update(_targets(args, where))
@@ -333,7 +368,7 @@ def _weights(raw: Any, where: str) -> dict[str, Any]:
     kind = str(args.pop("type", "int")).lower()
     if kind != "int":
         raise ConfigError(f"{where}: {kind} weights (FP8/FP4 formats) are not implemented; llmpress quantizes to int")
-    if args.pop("dynamic", False):
+    if args.flag("dynamic", False):
         raise ConfigError(f"{where}: dynamic weight quantization is not supported")
     if args.pop("block_structure") is not None:
         raise ConfigError(f"{where}: block_structure (2-D block scales) is not supported; use group or channel")
@@ -352,11 +387,33 @@ def _weights(raw: Any, where: str) -> dict[str, Any]:
             f"{where}: weight strategy {strategy!r} is not supported; llmpress uses 'group' (a scale per "
             "group_size inputs) or 'channel' (a scale per output channel)"
         )
-    out = {"bits": args.pop("num_bits", 8), "group_size": group_size, "symmetric": bool(args.pop("symmetric", True))}
+    out = {"bits": args.pop("num_bits", 8), "group_size": group_size, "symmetric": args.flag("symmetric", True)}
     if "actorder" in args.args:
-        out["actorder"] = args.pop("actorder")
+        out["actorder"] = _actorder(args.pop("actorder"), f"{where}.actorder")
+        if out["actorder"] == "group" and strategy != "group":  # as compressed-tensors' QuantizationArgs
+            raise ConfigError(f"{where}.actorder: 'group' activation ordering needs strategy 'group'")
     args.done()
     return out
+
+
+# compressed-tensors' ActivationOrdering (as QuantizationArgs reads it: a boolean, null or a case-insensitive name)
+# and what each is in llmpress. "weight" (alias "static"): a group's grid is fitted on its columns in their own
+# order, then columns are quantized in order of decreasing Hessian diagonal: exactly llmpress's gptq act_order.
+# "group" (alias "dynamic"; `true` means "group"): the groups themselves are formed in activation order and stored
+# with a g_idx permutation, which llmpress's packed format cannot hold: refused rather than approximated.
+ACTORDER = {False: None, None: None, "weight": "weight", "static": "weight", True: "group", "group": "group",
+            "dynamic": "group"}  # fmt: skip
+
+
+def _actorder(value: Any, where: str) -> str | None:
+    """An actorder value as None, "weight" or "group"; anything llm-compressor would not accept is refused."""
+    key = value.lower() if isinstance(value, str) else value
+    if not (key is None or isinstance(key, str | bool)) or key not in ACTORDER:
+        raise ConfigError(
+            f"{where}: {value!r} is not an activation ordering; allowed: null, false, 'weight', 'static' "
+            "(llmpress's act_order), true, 'group', 'dynamic' (not implemented)"
+        )
+    return ACTORDER[key]
 
 
 def _activations(raw: Any, where: str) -> int | None:
@@ -367,7 +424,7 @@ def _activations(raw: Any, where: str) -> int | None:
         raise ConfigError(f"{where}: input_activations must be a mapping of quantization arguments")
     args = _Args(raw, where, runtime=("observer", "observer_kwargs", "scale_dtype", "zp_dtype"))
     kind, strategy = str(args.pop("type", "int")).lower(), str(args.pop("strategy", "token")).lower()
-    dynamic, symmetric = args.pop("dynamic", False), args.pop("symmetric", True)
+    dynamic, symmetric = args.flag("dynamic", False), args.flag("symmetric", True)
     if kind != "int" or strategy != "token" or dynamic is not True or not symmetric:
         raise ConfigError(
             f"{where}: activation quantization {kind}/{strategy}/dynamic={dynamic}/symmetric={symmetric} is not "
@@ -428,20 +485,34 @@ def _quant_stages(kind: str, raw: dict[str, Any], where: str) -> list[tuple[dict
     """A QuantizationModifier (-> rtn) or GPTQModifier (-> gptq) as stages, each with its activation bits."""
     args = _Args(raw, where)
     extra: dict[str, Any] = {}
-    actorder = "static"  # current llm-compressor default for GPTQ group quantization
+    actorder, given = "weight", False  # llm-compressor's default ("static") for GPTQ group quantization
     if kind == "GPTQModifier":
         block_size, damp = args.pop("block_size"), args.pop("dampening_frac", args.pop("percdamp"))
         if block_size is not None:
             extra["block_size"] = block_size
         if damp is not None:
             extra["dampening"] = damp
-        actorder = args.pop("actorder", actorder)
+        given = "actorder" in args.args
+        actorder = _actorder(args.pop("actorder", "static"), f"{where}.actorder")
     out = []
     for weights, act_bits, targets in _schemes(args, where):
-        order = weights.pop("actorder", actorder)
+        order = weights.pop("actorder", None)
         stage = {"method": "gptq" if kind == "GPTQModifier" else "rtn", **weights, **extra, **targets}
         if kind == "GPTQModifier":
-            stage["act_order"] = weights["group_size"] is not None and order not in (None, False, "none")
+            # as GPTQModifier.resolve_quantization_config: the ordering only applies to group quantization; its
+            # default yields to a config group's own, a value given on the modifier must agree with it
+            if given and order is not None and order != actorder:
+                raise ConfigError(
+                    f"{where}: actorder {actorder or 'null'} differs from a config group's actorder {order}; "
+                    "give it in one place"
+                )
+            order = actorder if given else order or actorder
+            if weights["group_size"] is not None and order == "group":
+                raise ConfigError(
+                    f"{where}: actorder 'group' (groups formed in activation order, stored with a g_idx) is not "
+                    "implemented; use 'weight' (alias 'static', llmpress's act_order) or null"
+                )
+            stage["act_order"] = weights["group_size"] is not None and order == "weight"
         out.append((stage, act_bits))
     args.done()
     return out
@@ -492,13 +563,13 @@ def _awq(raw: dict[str, Any], where: str, follower: Any) -> tuple[dict[str, Any]
     for key in ("mappings", "duo_scaling"):
         args.pop(key)  # llmpress's awq searches its scales on the Llama block pairs itself
     grid = args.pop("n_grid")
-    legacy = {k: args.pop(k) for k in ("num_bits", "group_size", "symmetric")}
+    legacy = {k: v for k in ("num_bits", "group_size", "symmetric") if (v := args.pop(k)) is not None}
     absorbed = 0
-    if any(v is not None for v in legacy.values()):  # the older AWQModifier carried its own bits
-        group_size = legacy["group_size"] if legacy["group_size"] is not None else 128
+    if legacy:  # the older AWQModifier carried its own bits
+        group_size = legacy.get("group_size", 128)
         group_size = None if group_size == -1 else group_size
-        stage = {"method": "awq", "bits": legacy["num_bits"] or 4, "group_size": group_size,
-                 "symmetric": bool(legacy["symmetric"]), **_targets(args, where)}  # fmt: skip
+        stage = {"method": "awq", "bits": legacy.get("num_bits", 4), "group_size": group_size,
+                 "symmetric": _flag(legacy, "symmetric", False, where), **_targets(args, where)}  # fmt: skip
     elif args.args.get("scheme") is not None or args.args.get("config_groups") is not None:
         stage = _single_weight_stage(_quantization("QuantizationModifier", args.args, where), where)
         args.args.clear()

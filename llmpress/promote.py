@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llmpress.bundle import MANIFEST, sha256_file, verify_bundle
-from llmpress.errors import LlmpressError
+from llmpress.errors import LlmpressError, redact
 from llmpress.sources import parse_s3_uri
 
 ALIAS_PRODUCTION = "production"
@@ -74,9 +74,25 @@ def check_request(tracking_uri: str, name: str, version_or_alias: str) -> Any:
 
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
         raise PromotionError(f"model {name!r} is not registered: there is no MLflow database at {tracking_uri}")
+    if tracking_uri.startswith(("http://", "https://")):
+        _check_server(tracking_uri)
     version = resolve_version(tracking.client(tracking_uri), name, version_or_alias)
     check_promotable(version)
     return version
+
+
+def _check_server(tracking_uri: str, timeout: float = 10.0) -> None:
+    """An MLflow server that does not answer: said at once, not after minutes of the client's retries."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise PromotionError(f"the MLflow server at {redact(tracking_uri)} does not answer ({reason}); start it or "
+                             "fix tracking.tracking_uri / MLFLOW_TRACKING_URI") from None  # fmt: skip
 
 
 def resolve_version(client: Any, name: str, version_or_alias: str) -> Any:
@@ -88,6 +104,8 @@ def resolve_version(client: Any, name: str, version_or_alias: str) -> Any:
             return client.get_model_version(name, str(version_or_alias))
         return client.get_model_version_by_alias(name, version_or_alias)
     except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise PromotionError(f"the model registry could not be read: {' '.join(str(exc).split())[:300]}") from None
         raise PromotionError(f"model {name!r} has no version or alias {version_or_alias!r}") from exc
 
 

@@ -14,6 +14,12 @@ and the message names the log to read. Everything lives under the state folder:
     logs/*.log      each server's output          s3.json    SeaweedFS identities (mode 600)
     seaweedfs/  mlflow/  prefect/                 data of each
 
+`up` refuses, before creating or starting anything, a `--dir` that is not a folder and a port that is taken or
+asked for twice. A PID in state.json is signalled only while it is still the server `up` started: its start time
+(field 22 of /proc/PID/stat, recorded by `up`) must match, or for a state file without it, its command line must
+name the server's program. A PID reused by another process is left alone and dropped as stale. Without /proc
+(macOS) there is nothing to compare and the recorded PID is trusted.
+
 The S3 key pair is generated on the first `up` and kept. Nothing here is meant for a shared network: every server
 binds 127.0.0.1. For the team setup see infra/README.md.
 """
@@ -35,11 +41,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from llmpress.errors import LlmpressError
+from llmpress.loading import read_json_object
 
 HOST = "127.0.0.1"
 BUCKETS = ("mlflow-artifacts", "dvc", "edge")
 DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "prefect": 4200}
 SERVICES = ("s3", "mlflow", "prefect")
+PROGRAMS = {"s3": "weed", "mlflow": "mlflow", "prefect": "prefect"}  # what each server's command line runs
 
 
 class ServiceError(LlmpressError):
@@ -54,6 +62,7 @@ class Running:
     url: str
     log: str
     stop_signal: int = signal.SIGTERM
+    started: int | None = None  # field 22 of /proc/PID/stat when `up` started it; None without /proc
 
 
 @dataclass
@@ -79,13 +88,53 @@ class State:
         return out
 
 
+_STATE_KEYS = {"root": str, "access_key": str, "secret_key": str, "services": dict}
+_RUNNING_KEYS = {"name": str, "pid": int, "port": int, "url": str, "log": str, "stop_signal": int, "started": int}
+
+
 def load_state(root: str | Path) -> State | None:
+    """The state in `root`/state.json, None when there is none; a file `up` did not write is refused."""
     path = Path(root) / "state.json"
-    if not path.is_file():
+    if not path.exists():
         return None
-    data = json.loads(path.read_text())
-    data["services"] = {k: Running(**v) for k, v in data.get("services", {}).items()}
-    return State(**data)
+    data = read_json_object(path, "services state file")
+
+    def bad(where: str, what: str) -> ServiceError:
+        return ServiceError(f"{path}: {where}: {what}; not a state file that `llmpress services up` wrote")
+
+    _check_keys(data, _STATE_KEYS, ("access_key", "secret_key"), "", bad)
+    services: dict[str, Running] = {}
+    for name, entry in data.get("services", {}).items():
+        where = f"services.{name}"
+        if name not in SERVICES:
+            raise bad(where, f"unknown service; expected one of {list(SERVICES)}")
+        if not isinstance(entry, dict):
+            raise bad(where, "expected an object")
+        _check_keys(entry, _RUNNING_KEYS, ("name", "pid", "port", "url", "log"), f"{where}.", bad)
+        if entry["name"] != name:
+            raise bad(f"{where}.name", f"expected {name!r}")
+        if not 1 < entry["pid"] < 2**31:  # 0 and -1 would signal this process group or every process
+            raise bad(f"{where}.pid", "expected a process id from 2 to 2**31 - 1")
+        if not 0 <= entry["port"] <= 65535:
+            raise bad(f"{where}.port", "expected 0 to 65535")
+        if entry.get("stop_signal", signal.SIGTERM) not in signal.valid_signals():
+            raise bad(f"{where}.stop_signal", "not a signal number")
+        services[name] = Running(**entry)
+    # rooted where it was read, not where it says: state.json and env.sh are rewritten there and nowhere else
+    return State(str(Path(root).resolve()), data["access_key"], data["secret_key"], services)
+
+
+def _check_keys(data: dict, types: dict[str, type], required: tuple[str, ...], prefix: str,
+                bad: Callable[[str, str], ServiceError]) -> None:  # fmt: skip
+    if unknown := sorted(set(data) - set(types)):
+        raise bad(prefix.rstrip(".") or "top level", f"unknown key(s) {unknown}")
+    if missing := [key for key in required if key not in data]:
+        raise bad(prefix.rstrip(".") or "top level", f"missing key(s) {missing}")
+    for key, value in data.items():
+        if value is None and key == "started":
+            continue
+        if not isinstance(value, types[key]) or isinstance(value, bool):
+            raise bad(prefix + key, f"expected {'an' if types[key] is int else 'a'} {types[key].__name__}")
 
 
 def _save_state(state: State) -> None:
@@ -119,6 +168,32 @@ def alive(pid: int) -> bool:
         return done == 0
     except ChildProcessError:
         return True
+
+
+def _start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks after boot): with the PID, names one process; None if unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[19])  # after the command name, which may hold spaces
+
+
+def _ours(service: Running) -> bool:
+    """Whether `service.pid` is still the server `up` started, not a process that later got the same PID."""
+    if not Path("/proc/self/stat").exists():
+        return True  # nothing to compare with: trust the PID
+    if service.started is not None:
+        return _start_time(service.pid) == service.started
+    try:  # a state file from before start times were recorded: the command line must name the program
+        argv = Path(f"/proc/{service.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(Path(arg.decode(errors="replace")).name == PROGRAMS[service.name] for arg in argv)
+
+
+def is_running(service: Running) -> bool:
+    return alive(service.pid) and _ours(service)
 
 
 def port_free(port: int) -> bool:
@@ -215,7 +290,7 @@ def start_seaweedfs(root: Path, port: int, access_key: str, secret_key: str, buc
         client.put_object(Bucket=buckets[0], Key=".llmpress-probe", Body=b"ok")
         return client.get_object(Bucket=buckets[0], Key=".llmpress-probe")["Body"].read() == b"ok"
 
-    running = Running("s3", pid, port, url, str(log), stop_signal=signal.SIGKILL)  # weed ignores SIGTERM
+    running = Running("s3", pid, port, url, str(log), signal.SIGKILL, _start_time(pid))  # weed ignores SIGTERM
     return _healthy_or_stopped(running, "S3 (SeaweedFS)", ready, timeout)
 
 
@@ -243,7 +318,7 @@ def start_mlflow(root: Path, port: int, s3: Running | None, access_key: str, sec
            f"sqlite:///{data / 'mlflow.db'}", "--artifacts-destination", destination, "--host", HOST, "--port",
            str(port), "--workers", "1"]  # fmt: skip
     pid = _spawn(cmd, log, env)
-    running = Running("mlflow", pid, port, f"http://{HOST}:{port}", str(log))
+    running = Running("mlflow", pid, port, f"http://{HOST}:{port}", str(log), started=_start_time(pid))
     return _healthy_or_stopped(running, "MLflow", lambda: _http_ok(f"{running.url}/health"), timeout)
 
 
@@ -257,7 +332,7 @@ def start_prefect(root: Path, port: int, timeout: float = 120.0) -> Running:
     log = root / "logs" / "prefect.log"
     cmd = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
     pid = _spawn(cmd, log, env)
-    running = Running("prefect", pid, port, f"http://{HOST}:{port}", str(log))
+    running = Running("prefect", pid, port, f"http://{HOST}:{port}", str(log), started=_start_time(pid))
     return _healthy_or_stopped(running, "Prefect", lambda: _http_ok(f"{running.url}/api/health"), timeout)
 
 
@@ -293,15 +368,19 @@ def up(root: str | Path = ".services", ports: dict[str, int] | None = None, only
     unknown = set(only) - set(SERVICES)
     if unknown:
         raise ServiceError(f"unknown service(s) {sorted(unknown)}; choose from {list(SERVICES)}")
+    folder = next(p for p in (root, *root.parents) if p.exists())
+    if not folder.is_dir():
+        raise ServiceError(f"--dir {root}: {folder} exists and is not a folder")
     state = load_state(root) or State(str(root), f"llmpress-{secrets.token_hex(6)}", secrets.token_urlsafe(24))
-    state.services = {k: v for k, v in state.services.items() if alive(v.pid)}
+    state.services = {k: v for k, v in state.services.items() if is_running(v)}
     for name, service in state.services.items():
         log(f"{name}: already running (pid {service.pid}) at {service.url}")
     wanted = [name for name in SERVICES if name in only and name not in state.services]
-    for name in wanted:  # every port checked before anything is created or started
-        if ports[name] and not port_free(ports[name]):
-            raise ServiceError(f"{name}: port {ports[name]} on {HOST} is taken; pass another (--{name}-port)")
-    root.mkdir(parents=True, exist_ok=True)
+    _check_ports({name: ports[name] for name in wanted})
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ServiceError(f"--dir {root}: cannot create it ({exc.strerror})") from None
     started: list[Running] = []
     try:
         for name in wanted:
@@ -325,15 +404,39 @@ def up(root: str | Path = ".services", ports: dict[str, int] | None = None, only
     return state
 
 
+def _check_ports(requested: dict[str, int]) -> None:
+    """Every fixed port free and none wanted twice: checked before anything is created or started."""
+    owner: dict[int, str] = {}
+    for name, port in requested.items():
+        if not port:
+            continue
+        flag = f"--{name}-port {port}"
+        for needed in (port, port + 10000) if name == "s3" else (port,):  # weed binds its S3 port + 10000 (gRPC)
+            user = name if needed == port else "s3 for gRPC (--s3-port + 10000)"
+            if needed in owner:
+                raise ServiceError(f"{flag}: port {needed} is wanted by {owner[needed]} too; give each its own")
+            if needed > 65535 or not port_free(needed):
+                why = "over 65535" if needed > 65535 else f"taken on {HOST}"
+                raise ServiceError(f"{flag}: port {needed}, wanted by {user}, is {why}; pass another (0: any free)")
+            owner[needed] = user
+
+
 def down(root: str | Path = ".services", log: Callable[[str], None] = print) -> None:
     state = load_state(root)
     if state is None:
         log(f"no services recorded in {root}")
         return
     for name in reversed(SERVICES):
-        if name in state.services:
-            stop(state.services[name])
-            log(f"{name}: stopped (pid {state.services[name].pid})")
+        service = state.services.get(name)
+        if service is None:
+            continue
+        if not alive(service.pid):
+            log(f"{name}: not running (pid {service.pid})")
+        elif not _ours(service):
+            log(f"{name}: stale entry, pid {service.pid} is no longer the server llmpress started; left alone")
+        else:
+            stop(service)
+            log(f"{name}: stopped (pid {service.pid})")
     state.services = {}
     _save_state(state)
 
@@ -347,8 +450,8 @@ def status(root: str | Path = ".services") -> dict[str, dict[str, object]]:
         name: {
             "pid": s.pid,
             "url": s.url,
-            "running": alive(s.pid),
-            "healthy": alive(s.pid) and healthy(s, state),
+            "running": is_running(s),
+            "healthy": is_running(s) and healthy(s, state),
             "log": s.log,
         }
         for name, s in state.services.items()

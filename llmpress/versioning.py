@@ -30,8 +30,7 @@ def reproduce(project_dir: str | Path, push: bool = True) -> dict[str, str]:
     subprocess keeps that (and DVC's logging) away from the flow's threads.
     """
     project_dir = Path(project_dir).resolve()
-    if not (project_dir / "dvc.yaml").is_file():
-        raise LlmpressError(f"{project_dir} has no dvc.yaml: run from the project folder or pass --project")
+    check_project(project_dir)
     if use_remote_from_env(project_dir):
         # A checkout on a worker: fetch what dvc.lock names from the team remote rather than rebuild it.
         try:
@@ -44,6 +43,16 @@ def reproduce(project_dir: str | Path, push: bool = True) -> dict[str, str]:
     if push:
         _dvc(project_dir, "push")
     return data_versions(project_dir)
+
+
+def check_project(project_dir: str | Path) -> None:
+    """A project the data stages can run in: its dvc.yaml, and a DVC repository (`.dvc/`) to version with."""
+    project_dir = Path(project_dir)
+    if not (project_dir / "dvc.yaml").is_file():
+        raise LlmpressError(f"{project_dir} has no dvc.yaml: run from the project folder or pass --project")
+    if not (project_dir / ".dvc").is_dir():
+        raise LlmpressError(f"{project_dir} is not a DVC repository (no .dvc/): run `dvc init` there (with `--no-scm` "
+                            "outside git) and `dvc remote add -d NAME URL` for where data versions go")  # fmt: skip
 
 
 def use_remote_from_env(project_dir: str | Path) -> str | None:

@@ -60,8 +60,7 @@ def apply_model_(model: nn.Module, stage: DropBlocksStage, ctx: ModelContext) ->
 
     blocks_name, blocks = find_decoder_blocks(model)
     n = len(blocks)
-    if stage.blocks >= n:
-        raise LlmpressError(f"drop_blocks: blocks={stage.blocks} would remove all {n} decoder blocks; use < {n}")
+    check(model, stage)
     if ctx.calibration_ids is None:
         raise LlmpressError("drop_blocks measures block influence on calibration data; none was given")
     influence = block_influence(model, ctx.calibration_ids, ctx.device, ctx.batch_size)
@@ -90,4 +89,10 @@ def apply_model_(model: nn.Module, stage: DropBlocksStage, ctx: ModelContext) ->
     ]
 
 
-register(Method(DropBlocksStage, "model", apply_model_))
+def check(model: nn.Module, stage: DropBlocksStage) -> None:
+    n = len(find_decoder_blocks(model)[1])
+    if stage.blocks >= n:
+        raise LlmpressError(f"drop_blocks: blocks={stage.blocks} would remove all {n} decoder blocks; use < {n}")
+
+
+register(Method(DropBlocksStage, "model", apply_model_, check=check))

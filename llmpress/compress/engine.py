@@ -53,6 +53,37 @@ from llmpress.errors import LlmpressError
 log = logging.getLogger(__name__)
 
 
+def check_recipe(model: nn.Module, recipe: Recipe) -> None:
+    """Everything about `recipe` that can be checked against `model` before any layer changes: targets and N:M
+    tiling (`targets.check_targets`), each method's own limits (`Method.check`), and no layer quantized by two
+    stages (the second would silently replace the first's codes)."""
+    check_targets(model, recipe)
+    for i, stage in enumerate(recipe.stages):
+        if (check := method_for(stage).check) is not None:
+            try:
+                check(model, stage)
+            except LlmpressError as exc:
+                raise LlmpressError(f"recipe {recipe.name!r} stage {i} ({stage.method}): {exc}") from None
+    quantizing = [(i, s) for i, s in enumerate(recipe.stages) if hasattr(s, "targets") and _quantizes_weights(s)]
+    if len(quantizing) < 2:
+        return
+    blocks_name, blocks = find_decoder_blocks(model)
+    for j, block in enumerate(blocks):
+        owners: dict[str, int] = {}
+        for i, stage in quantizing:
+            for name in targeted_linears(block, f"{blocks_name}.{j}", stage):
+                if name in owners:
+                    raise LlmpressError(f"recipe {recipe.name!r}: {name} is quantized by stage {owners[name]} "
+                                        f"({recipe.stages[owners[name]].method}) and again by stage {i} "
+                                        f"({stage.method}); the second would replace the first's codes. Quantize "
+                                        "each layer once")  # fmt: skip
+                owners[name] = i
+
+
+def _quantizes_weights(stage: Any) -> bool:
+    return bool(getattr(stage, "bits", None) or getattr(stage, "weight_bits", None))
+
+
 def _stage_groups(recipe: Recipe) -> list[list[int]]:
     """Stage indices split into passes: runs of layer/block stages, and every model stage on its own."""
     groups: list[list[int]] = []
@@ -89,7 +120,7 @@ def compress_(
     report.calibration_tokens = calibration_ids.numel() if needs_data and calibration_ids is not None else 0
     start = time.perf_counter()
     model.eval()
-    check_targets(model, recipe)
+    check_recipe(model, recipe)
 
     snapshot: nn.Module | None = None
     if teacher is None and any(stage.method == "distill" for stage in recipe.stages):

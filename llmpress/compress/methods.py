@@ -23,6 +23,10 @@ Three kinds, by what a method needs to see at once:
     "model"  the whole model, between block passes (distillation, dropping blocks, embeddings):
              `apply(model, stage, ctx: ModelContext) -> list[dict]`.
 
+`check(model, stage)`, where given, refuses settings the model cannot take (more blocks dropped than it has, more
+heads removed than a group holds) before any layer changes: `engine.check_recipe` runs it, for `llmpress check
+--model` and at the start of `compress_`.
+
 The rows a block or model method returns are {"name", "layer" or "shape", details...}; `records.add_layer_records`
 turns them into the report.
 """
@@ -51,6 +55,7 @@ class Method:
     dense_weight: bool = False  # layer methods: also the weight as it was before this pass changed the block
     apply_shared: Callable[..., dict[str, dict]] | None = None
     needs_data: Callable[[Any], bool] | None = None  # when the stage's settings decide; see `wants_data`
+    check: Callable[[nn.Module, Any], None] | None = None  # refuses settings this model cannot take (LlmpressError)
 
     @property
     def name(self) -> str:

@@ -54,6 +54,7 @@ from llmpress.compress.anatomy import BlockAnatomy, anatomy
 from llmpress.compress.calibration import BlockCalibration
 from llmpress.compress.methods import Method, register
 from llmpress.compress.storage import set_submodule
+from llmpress.compress.targets import find_decoder_blocks
 from llmpress.config import StructuredStage
 from llmpress.errors import LlmpressError
 
@@ -73,9 +74,8 @@ def apply_block_(
     return rows
 
 
-def _prune_heads(block: nn.Module, a: BlockAnatomy, prefix: str, stage: StructuredStage,
-                 calib: BlockCalibration | None) -> list[dict[str, Any]]:  # fmt: skip
-    d, n_heads, n_kv = a.head_dim, a.n_heads, a.n_kv_heads
+def _heads_per_group(stage: StructuredStage, n_heads: int, n_kv: int) -> int:
+    """Query heads removed from each KV group: at least one, and at least one left."""
     group = n_heads // n_kv
     k = round(stage.heads * group)
     if not 0 < k < group:
@@ -83,6 +83,31 @@ def _prune_heads(block: nn.Module, a: BlockAnatomy, prefix: str, stage: Structur
             f"structured heads={stage.heads}: removes round({stage.heads} x {group}) = {k} of the {group} query "
             f"heads in each KV group ({n_heads} heads / {n_kv} KV heads); it must be between 1 and {group - 1}"
         )
+    return k
+
+
+def _channels(stage: StructuredStage, inter: int) -> int:
+    k = round(stage.mlp * inter)
+    if not 0 < k < inter:
+        raise LlmpressError(f"structured mlp={stage.mlp}: removes round({stage.mlp} x {inter}) = {k} of {inter} "
+                            f"channels; it must be between 1 and {inter - 1}")  # fmt: skip
+    return k
+
+
+def check(model: nn.Module, stage: StructuredStage) -> None:
+    """The heads and channels asked for, against the model's first block (every block has the same shapes)."""
+    a = anatomy(find_decoder_blocks(model)[1][0])
+    if stage.heads > 0:
+        _heads_per_group(stage, a.n_heads, a.n_kv_heads)
+    if stage.mlp > 0:
+        _channels(stage, a.gate.out_features)
+
+
+def _prune_heads(block: nn.Module, a: BlockAnatomy, prefix: str, stage: StructuredStage,
+                 calib: BlockCalibration | None) -> list[dict[str, Any]]:  # fmt: skip
+    d, n_heads, n_kv = a.head_dim, a.n_heads, a.n_kv_heads
+    group = n_heads // n_kv
+    k = _heads_per_group(stage, n_heads, n_kv)
     w_o = a.o.weight.float()  # [hidden, n_heads * d]
     gram = _input_gram(block, a.o, calib) if calib is not None and needs_data(stage) else None
     if stage.importance == "activation":
@@ -127,9 +152,7 @@ def _prune_heads(block: nn.Module, a: BlockAnatomy, prefix: str, stage: Structur
 def _prune_mlp(block: nn.Module, a: BlockAnatomy, prefix: str, stage: StructuredStage,
                calib: BlockCalibration | None) -> list[dict[str, Any]]:  # fmt: skip
     inter = a.gate.out_features
-    k = round(stage.mlp * inter)
-    if not 0 < k < inter:
-        raise LlmpressError(f"structured mlp={stage.mlp}: removes round({stage.mlp} x {inter}) = {k} channels")
+    k = _channels(stage, inter)
     w_down = a.down.weight.float()  # [hidden, inter]
     gram = None
     if calib is not None and needs_data(stage):
@@ -228,4 +251,4 @@ def _numel(layer: nn.Linear) -> int:
     return sum(p.numel() for p in layer.parameters())
 
 
-register(Method(StructuredStage, "block", apply_block_, needs_data=needs_data))
+register(Method(StructuredStage, "block", apply_block_, needs_data=needs_data, check=check))

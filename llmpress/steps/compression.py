@@ -141,11 +141,14 @@ def dequantize(src: str | Path, dst: str | Path, overwrite: bool = False) -> str
     Quantized weights keep their dequantized values and factorised layers are multiplied back, so the plain
     model computes what the compressed one does, except W8A8 activation quantization, which has no stock form.
     """
-    from llmpress.compress.storage import to_plain_
+    from llmpress.compress.storage import MANIFEST, to_plain_
     from llmpress.files import check_destination
 
     src, dst = Path(src), Path(dst)
     check_destination(dst, [src], overwrite)
+    if not (src / MANIFEST).is_file():
+        raise LlmpressError(f"{src} is not a compressed folder llmpress wrote (no {MANIFEST}): its weights are "
+                            "plain already, nothing to de-quantize")  # fmt: skip
     model = to_plain_(load_model(src))
     extra = {name: (src / name).read_text() for name in ("recipe.yaml", METADATA) if (src / name).is_file()}
     save_model(model, load_tokenizer(src), dst, extra_files=extra)

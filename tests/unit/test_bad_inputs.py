@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from flows.cli import main
-from tests.unit.conftest import build_tiny_llama
+from tests.unit.conftest import build_tiny_llama, byte_tokenizer_json
 
 REPO = Path(__file__).resolve().parents[2]
 WANDA = "name: x\nstages:\n  - method: wanda\n    sparsity: 0.5\n"
@@ -47,14 +47,17 @@ def run_with(*args: str) -> Callable[[Path], list[str]]:
 def tiny_model(project: Path, name: str = "tiny") -> Path:
     folder = project / "inputs" / name
     build_tiny_llama().save_pretrained(folder)
+    byte_tokenizer_json(folder)
     return folder
 
 
-def model_folder(mutate: Callable[[Path], None]) -> Callable[[Path], list[str]]:
+def model_folder(mutate: Callable[[Path], None], *command: str) -> Callable[[Path], list[str]]:
+    """A tiny model folder changed by `mutate`, given to `command` (default: resolve)."""
+
     def setup(project: Path) -> list[str]:
         folder = tiny_model(project)
         mutate(folder)
-        return ["resolve", str(folder)]
+        return [*(command or ("resolve",)), str(folder)]
 
     return setup
 
@@ -73,6 +76,11 @@ def _garbage_header(folder: Path) -> None:
 
 def _pickle_only(folder: Path) -> None:
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+
+
+def _corrupt_pickle(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04 not a pickle at all")
 
 
 def _no_weights(folder: Path) -> None:
@@ -99,6 +107,64 @@ def _integer_weights(folder: Path) -> None:
     name = next(n for n in tensors if n.endswith("q_proj.weight"))
     tensors[name] = tensors[name].to(torch.int8)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _config_set(**values: object) -> Callable[[Path], None]:
+    def mutate(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(config | values))
+
+    return mutate
+
+
+def _weights_replaced(kind: str) -> Callable[[Path], None]:
+    """model.safetensors turned into something that is not a regular file."""
+
+    def mutate(folder: Path) -> None:
+        weights = folder / "model.safetensors"
+        weights.unlink()
+        if kind == "folder":
+            weights.mkdir()
+        elif kind == "dangling-link":
+            weights.symlink_to(folder / "gone.safetensors")
+        else:
+            os.mkfifo(weights)  # opening it would wait for a writer forever
+
+    return mutate
+
+
+def _tokenizer(text: str | None) -> Callable[[Path], None]:
+    def mutate(folder: Path) -> None:
+        if text is None:
+            (folder / "tokenizer.json").unlink()
+        else:
+            (folder / "tokenizer.json").write_text(text)
+
+    return mutate
+
+
+def _gguf_with(arch: str, tokenizer: bool) -> Callable[[], bytes]:
+    """A small well-formed GGUF file: one tensor, architecture `arch`, with or without tokenizer metadata."""
+
+    def build() -> bytes:
+        import tempfile
+
+        import gguf
+        import numpy as np
+
+        with tempfile.TemporaryDirectory() as tmp:
+            writer = gguf.GGUFWriter(str(Path(tmp) / "m.gguf"), arch)
+            if tokenizer:
+                writer.add_tokenizer_model("gpt2")
+                writer.add_token_list(["a", "b"])
+            writer.add_tensor("token_embd.weight", np.zeros((2, 4), dtype=np.float32))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            return (Path(tmp) / "m.gguf").read_bytes()
+
+    return build
 
 
 def gguf_file(data: Callable[[], bytes]) -> Callable[[Path], list[str]]:
@@ -201,8 +267,12 @@ def corpus_then(*args: str) -> Callable[[Path], list[str]]:
 def check_with_model(recipe_text: str, params_text: str | None = None) -> Callable[[Path], list[str]]:
     def setup(project: Path) -> list[str]:
         (project / "bad.yaml").write_text(recipe_text)
-        if params_text:
-            (project / "params.yaml").write_text(params_text)
+        text = params_text or ""
+        if "eval:" not in text:  # windows that fit the tiny model's 128-token context
+            text += "eval:\n  window: 64\n  stride: 64\n  max_tokens: 128\n"
+        if "data:" not in text:
+            text += "data:\n  seq_len: 64\n"
+        (project / "params.yaml").write_text(text)
         return ["check", str(project / "bad.yaml"), "--model", str(tiny_model(project))]
 
     return setup
@@ -281,6 +351,35 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
         "match no Linear",
     ),
     ("seq-len-over-context", check_with_model(WANDA, "data:\n  seq_len: 4096\n"), "exceeds"),
+    (
+        "eval-window-over-context",
+        check_with_model(WANDA, "eval:\n  window: 4096\n  max_tokens: 8192\n"),
+        "eval.window=4096 exceeds",
+    ),
+    # what a method cannot do to this model, and a layer quantized twice: refused before any layer changes
+    (
+        "drop-blocks-all",
+        check_with_model("name: d\nstages:\n  - method: drop_blocks\n    blocks: 100\n"),
+        "would remove all",
+    ),
+    (
+        "structured-heads-all",
+        check_with_model("name: s\nstages:\n  - method: structured\n    heads: 0.99\n"),
+        "must be between",
+    ),
+    (
+        "structured-mlp-all",
+        check_with_model("name: s\nstages:\n  - method: structured\n    mlp: 0.9999\n"),
+        "must be between",
+    ),
+    (
+        "quantized-twice",
+        check_with_model(
+            "name: q\nstages:\n  - method: rtn\n    bits: 4\n    group_size: 32\n"
+            "  - method: rtn\n    bits: 8\n    group_size: null\n"
+        ),
+        "is quantized by stage 0",
+    ),
     (
         "recipe-pattern-does-not-tile",
         check_with_model("name: x\nstages:\n  - method: sparsegpt\n    pattern: '3:7'\n", "data:\n  seq_len: 64\n"),
@@ -434,6 +533,13 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
         "contains the source",
     ),
     ("dequantize-dst-project", dequantize_into(lambda p, src: p, "--overwrite"), "contains the source"),
+    (
+        "pickle-convert-corrupt",
+        lambda p: [*model_folder(_corrupt_pickle)(p), "--unsafe-load-pickled-weights"],
+        "unpickles nothing else",
+    ),
+    ("dequantize-dst-under-a-file", dequantize_into(lambda p, src: p / "params.yaml" / "out"), "is a file"),
+    ("dequantize-plain-source", dequantize_into(lambda p, src: p / "plain"), "nothing to de-quantize"),
     # model folders transformers would load wrongly without a word, GGUF files that are not whole
     ("source-blocks-missing", model_folder(_config_edit(num_hidden_layers=1)), "initialised at random"),
     ("source-blocks-extra", model_folder(_config_edit(num_hidden_layers=-1)), "would be ignored"),
@@ -444,6 +550,64 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("source-gguf-garbage", gguf_file(lambda: b"GGUF" + bytes(range(256)) * 8), "truncated or corrupt"),
     ("source-gguf-empty", gguf_file(lambda: b""), "truncated or corrupt"),
     ("source-gguf-not-gguf", gguf_file(lambda: b"PK\x03\x04 a zip file"), "truncated or corrupt"),
+    ("source-gguf-unknown-architecture", gguf_file(_gguf_with("bogusarch", True)), "cannot be converted"),
+    ("source-gguf-no-tokenizer", gguf_file(_gguf_with("llama", False)), "holds no tokenizer"),
+    # weights that are not a regular file, configs transformers refuses, tokenizers that do not load
+    ("source-weights-folder", model_folder(_weights_replaced("folder")), "not a regular file"),
+    ("source-weights-dangling-link", model_folder(_weights_replaced("dangling-link")), "not a regular file"),
+    ("source-weights-fifo", model_folder(_weights_replaced("fifo")), "not a regular file"),
+    ("source-config-unknown-model-type", model_folder(_config_set(model_type="bogus")), "not a config"),
+    ("source-config-heads-do-not-divide", model_folder(_config_set(num_attention_heads=7)), "not a config"),
+    ("source-config-layers-a-string", model_folder(_config_set(num_hidden_layers="2")), "not a config"),
+    ("source-tokenizer-corrupt", model_folder(_tokenizer("{broken")), "tokenizer"),
+    ("source-tokenizer-missing", model_folder(_tokenizer(None)), "has no tokenizer"),
+    ("run-source-tokenizer-missing", model_folder(_tokenizer(None), "run", "--model"), "has no tokenizer"),
+    # values the schema took that meant nothing: infinities, unbounded sizes
+    ("gate-infinite", params("gate:\n  min_cloze_ratio: .inf\n"), "finite"),
+    ("set-gate-nan", run_with("--set", "gate.onnx_noise_factor=.nan"), "finite"),
+    ("speed-threads-absurd", params("eval:\n  speed:\n    threads: 100000\n"), "less than or equal to 1024"),
+    ("speed-prompt-absurd", run_with("--set", "eval.speed.prompt_tokens=100000"), "less than or equal to 32768"),
+    (
+        "distill-seed-overflow",
+        recipe("name: d\nstages:\n  - method: distill\n    seed: 100000000000000000000000\n"),
+        "less than or equal to",
+    ),
+    ("experiment-blank", params("tracking:\n  experiment: '   '\n"), "experiment"),
+    ("tracking-sqlite-in-memory", params("tracking:\n  tracking_uri: 'sqlite://'\n"), "needs a path"),
+    ("tracking-file-no-path", params("tracking:\n  tracking_uri: 'file://'\n"), "needs a path"),
+    ("params-empty", params(""), "is empty"),
+    ("params-only-comments", params("# nothing here\n"), "is empty"),
+    # sweeps: every model checked like params' own, before Prefect
+    (
+        "sweep-model-credentials",
+        lambda p: ["sweep", "--recipes", "recipes/wanda-50.yaml", "--models", f"s3://AKIAEXAMPLE:{SECRET}@bucket/x"],
+        "credentials",
+    ),
+    (
+        "sweep-model-not-a-model",
+        lambda p: ["sweep", "--recipes", "recipes/wanda-50.yaml", "--models", "not a model"],
+        "is not a local folder",
+    ),
+    # data settings only through params.yaml, whichever way --set spells them
+    ("set-data-section", run_with("--set", "data={seed: 3}"), "DVC parameters"),
+    # params.yaml's own corpus is checked too, not only --data's; a project DVC cannot version is refused
+    ("run-params-corpus-missing", params("data:\n  corpus: /nonexistent/corpus.txt\n", "run"), "no such file"),
+    ("check-params-corpus-missing", params("data:\n  corpus: /nonexistent/corpus.txt\n", "check"), "no such file"),
+    ("check-params-recipe-missing", params("recipe: recipes/nope.yaml\n", "check"), "is not a file"),
+    ("run-no-dvc-yaml", run_with(), "has no dvc.yaml"),
+    (
+        "run-not-a-dvc-repository",
+        lambda p: (p / "dvc.yaml").write_text("stages: {}\n") and ["run"],
+        "not a DVC repository",
+    ),
+    (
+        "promote-tracking-server-down",
+        params("tracking:\n  tracking_uri: http://127.0.0.1:1\n", "promote", "m", "1", "--s3", "s3://bundles/x"),
+        "does not answer",
+    ),
+    # '..' in an S3 prefix would climb out of models/s3/<bucket>/ (and replace what it found there)
+    ("source-s3-dot-dot", run_with("--model", "s3://bucket/../../victim"), "'..' are not allowed"),
+    ("resolve-s3-dot", lambda p: ["resolve", "s3://bucket/./x"], "'..' are not allowed"),
     # model configs, manifests: bounded JSON
     ("source-config-not-object", model_folder(config_text("[1, 2]")), "is a JSON object"),
     ("source-config-duplicate-key", model_folder(config_text('{"a": 1, "a": 2}')), "duplicate key 'a'"),

@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     shutil.copy(REPO / "params.yaml", tmp_path)
+    shutil.copy(REPO / "dvc.yaml", tmp_path)
     shutil.copytree(REPO / "recipes", tmp_path / "recipes")
+    (tmp_path / ".dvc").mkdir()  # a DVC repository as far as the CLI's checks go (these runs stop at Prefect)
     return tmp_path
 
 

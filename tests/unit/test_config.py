@@ -208,9 +208,12 @@ def test_params_non_mapping_refused(tmp_path: Path, text: str) -> None:
         load_params(path)
 
 
-def test_params_empty_file_gives_defaults(tmp_path: Path) -> None:
-    path = _write(tmp_path, "", "params.yaml")
-    assert load_params(path) == Params()
+def test_params_empty_file_is_refused_and_a_partial_one_takes_the_code_defaults(tmp_path: Path) -> None:
+    """The code's defaults are not the shipped file's (its gate is tuned to its recipe): an empty file, most likely
+    a mistake, would silently change the gate; a file that sets something takes the code's defaults for the rest."""
+    with pytest.raises(ConfigError, match="is empty"):
+        load_params(_write(tmp_path, "", "params.yaml"))
+    assert load_params(_write(tmp_path, "model: default\n", "params.yaml")) == Params()
 
 
 @pytest.mark.parametrize(

@@ -123,7 +123,7 @@ CONVERSIONS = {
           sparsity_modifiers:
             WandaPruningModifier: {sparsity: 0.5, sparsity_profile: owl, owl_m: 7, owl_lmbda: 0.05}
           pruning_modifiers:
-            WandaPruningModifier: {sparsity: 0.0, mask_structure: "1:4", targets: ["re:.*o_proj"]}
+            WandaPruningModifier: {sparsity: 0.25, mask_structure: "1:4", targets: ["re:.*o_proj"]}
         """,
         [
             {"method": "wanda", "sparsity": 0.5, "owl": {"threshold": 7, "lambda": 0.05}, **ALL},

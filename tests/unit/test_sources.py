@@ -10,11 +10,13 @@ from safetensors.torch import save_file
 from llmpress.errors import LlmpressError
 from llmpress.hashing import data_hash, folder_hash, sha256_file
 from llmpress.sources import check_hf_folder, parse_s3_uri, resolve
+from tests.unit.conftest import byte_tokenizer_json
 
 
 def _config(folder: Path, **extra) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", **extra}))
+    byte_tokenizer_json(folder)  # a run needs one: resolve refuses a folder without
 
 
 def test_check_hf_folder_missing_folder(tmp_path: Path) -> None:
