@@ -80,6 +80,28 @@ def _in_project(corpus: str, project: Path) -> str:
     return corpus if corpus == "gensim-lee" or Path(corpus).is_absolute() else str(project / corpus)
 
 
+def _check_recipe_on(model: Any, name: str, params: Any, recipe: Any) -> None:
+    """A recipe and the context-bound settings against a model's layers and context (engine.check_recipe)."""
+    from llmpress.compress.engine import check_recipe
+
+    context = getattr(model.config, "max_position_embeddings", None)
+    for field, tokens in (("data.seq_len", params.data.seq_len), ("eval.window", params.eval.window)):
+        if context is not None and tokens > context:
+            raise ConfigError(f"{field}={tokens} exceeds {name}'s context ({context} tokens)")
+    check_recipe(model, recipe)
+
+
+def _check_against_model(params: Any, recipe: Any, project: Path) -> None:
+    """Before a run: the recipe against the model's skeleton (modules and shapes, no weights), where the model is
+    on this machine already - what would otherwise fail after Prefect and a model load."""
+    from llmpress.sources import local_folder, model_skeleton
+
+    folder = local_folder(params.model, project / "models")
+    skeleton = model_skeleton(folder) if folder is not None else None
+    if skeleton is not None:
+        _check_recipe_on(skeleton, params.model, params, recipe)
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -263,8 +285,9 @@ def _command(args: argparse.Namespace, project: Path) -> int:
 
             check_corpus(_in_project(params.data.corpus, project), params.data)
             recipe = load_recipe(project / (args.recipe or params.recipe))
-            export_recipe(recipe, params.export.precision, params.export.quantizer)
+            recipe = export_recipe(recipe, params.export.precision, params.export.quantizer)
             check_source(params.model)
+            _check_against_model(params, recipe, project)
             check_project(project)
             if args.data:
                 _set_corpus(project / args.params, args.data)
@@ -305,18 +328,13 @@ def _command(args: argparse.Namespace, project: Path) -> int:
                 export_recipe(recipe, params.export.precision, params.export.quantizer)
             model = None
             if args.model:  # targets and context length against a real model's layers (weights not needed)
-                from llmpress.compress.engine import check_recipe
                 from llmpress.sources import load_model
                 from llmpress.sources import resolve as resolve_source
 
                 model = load_model(resolve_source(args.model, project / "models").path)
-                context = getattr(model.config, "max_position_embeddings", None)
-                for field, tokens in (("data.seq_len", params.data.seq_len), ("eval.window", params.eval.window)):
-                    if context is not None and tokens > context:
-                        raise ConfigError(f"{field}={tokens} exceeds {args.model}'s context ({context} tokens)")
             for file, recipe in recipes.items():
                 if model is not None:
-                    check_recipe(model, recipe)
+                    _check_recipe_on(model, args.model, params, recipe)
                 print(f"{file}: ok ({recipe.name}, {len(recipe.stages)} stage(s))")
         elif args.command == "promote":
             # Refused before Prefect starts: no or a bad S3 destination, an unknown model, version or alias, a

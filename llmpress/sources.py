@@ -333,6 +333,31 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn
     return model.eval()
 
 
+def model_skeleton(folder: str | Path) -> torch.nn.Module | None:
+    """The model's modules and shapes without its weights (on the meta device, in a fraction of a second): what
+    recipe checks read. None for a compressed folder, whose shapes its own manifest rebuilds."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmpress.compress import storage
+
+    if (Path(folder) / storage.MANIFEST).is_file():
+        return None
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def local_folder(source: str, models_dir: str | Path) -> Path | None:
+    """The folder a model source names on this machine without converting or downloading anything: a local
+    folder, or the shipped model once converted; None otherwise."""
+    if source == "default":
+        folder = Path(models_dir) / SHIPPED_NAME
+        return folder if (folder / "config.json").is_file() else None
+    if "://" not in source and not source.endswith(".gguf") and Path(source).is_dir():
+        return Path(source)
+    return None
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 

@@ -299,6 +299,24 @@ def env_then(name: str, value: str, *args: str) -> Callable[[Path], list[str]]:
     return setup
 
 
+def run_on_tiny(recipe_text: str) -> Callable[[Path], list[str]]:
+    """`run --recipe R --model TINY` with windows that fit the tiny model's 128-token context."""
+
+    def setup(project: Path) -> list[str]:
+        (project / "bad.yaml").write_text(recipe_text)
+        text = (project / "params.yaml").read_text()
+        for long, short in (
+            ("window: 512", "window: 64"),
+            ("stride: 512", "stride: 64"),
+            ("seq_len: 256", "seq_len: 64"),
+        ):
+            text = text.replace(long, short)
+        (project / "params.yaml").write_text(text)
+        return ["run", "--recipe", "bad.yaml", "--model", str(tiny_model(project))]
+
+    return setup
+
+
 def registry_then(*args: str) -> Callable[[Path], list[str]]:
     """A project whose MLflow registry holds model `m` with no versions."""
 
@@ -561,6 +579,18 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("source-config-layers-a-string", model_folder(_config_set(num_hidden_layers="2")), "not a config"),
     ("source-tokenizer-corrupt", model_folder(_tokenizer("{broken")), "tokenizer"),
     ("source-tokenizer-missing", model_folder(_tokenizer(None)), "has no tokenizer"),
+    # a run checks the recipe against the model's skeleton (no weights) when the model is on this machine
+    ("run-window-over-model-context", model_folder(lambda folder: None, "run", "--model"), "data.seq_len=256 exceeds"),
+    (
+        "run-drop-all-blocks",
+        run_on_tiny("name: d\nstages:\n  - method: drop_blocks\n    blocks: 9\n"),
+        "would remove all",
+    ),
+    (
+        "run-targets-match-nothing",
+        run_on_tiny("name: t\nstages:\n  - method: magnitude\n    sparsity: 0.5\n    targets: ['.*conv.*']\n"),
+        "match no Linear",
+    ),
     ("run-source-tokenizer-missing", model_folder(_tokenizer(None), "run", "--model"), "has no tokenizer"),
     # values the schema took that meant nothing: infinities, unbounded sizes
     ("gate-infinite", params("gate:\n  min_cloze_ratio: .inf\n"), "finite"),
