@@ -58,6 +58,10 @@ def _set_corpus(params_file: Path, corpus: str) -> None:
     from ruamel.yaml import YAML
 
     yaml = YAML()
+    # keep the file as written but for the corpus line: nulls stay `null`, lists stay indented, no re-wrapping
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    yaml.width = 4096
     data = yaml.load(params_file.read_text()) if params_file.exists() else {}
     data = data or {}
     data.setdefault("data", {})

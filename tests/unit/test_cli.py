@@ -130,3 +130,15 @@ def test_summary_shows_base_in_pytorch_and_the_compressed_model_in_its_runtime(c
     out = capsys.readouterr().out
     assert "runtime measured" in out and "ONNX Runtime" in out
     assert "decode, batch 2 (tok/s)" in out and "25.0" in out and "2.50x" in out
+
+
+def test_data_rewrites_only_the_corpus_line_of_params(tmp_path: Path) -> None:
+    """`run --data` edits params.yaml like `dvc exp run -S`: the corpus value changes, every other byte stays."""
+    from flows.cli import _set_corpus
+
+    before = (REPO / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(before)
+    _set_corpus(tmp_path / "params.yaml", "inputs/news.txt")
+    after = (tmp_path / "params.yaml").read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before.splitlines(), after, strict=True) if a != b]
+    assert len(changed) == 1 and "corpus: inputs/news.txt" in changed[0][1] and "corpus:" in changed[0][0]
