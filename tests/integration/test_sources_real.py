@@ -13,6 +13,7 @@ from llmpress.errors import LlmpressError
 from llmpress.hashing import folder_hash
 from llmpress.sources import SHIPPED_NAME, load_model, resolve, shipped_gguf_path
 from tests.s3server import seaweedfs
+from tests.unit.conftest import byte_tokenizer_json
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -36,6 +37,7 @@ def _tiny_folder(path: Path) -> Path:
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(path)
+    byte_tokenizer_json(path)  # a model source needs its tokenizer (resolve refuses a folder without)
     return path
 
 
