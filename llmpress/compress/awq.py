@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from llmpress.compress import quant
-from llmpress.compress.anatomy import anatomy
+from llmpress.compress.anatomy import anatomy, fold_into_norm_
 from llmpress.compress.calibration import BlockCalibration
 from llmpress.compress.methods import Method, register
 from llmpress.compress.targets import matches, targeted_linears
@@ -72,16 +72,17 @@ class ScaleGroup:
     prev: nn.Module  # RMSNorm / LayerNorm, or the previous nn.Linear
     linears: dict[str, nn.Linear]  # full name -> layer
     inspect: nn.Module
+    norm_offset: float = 0.0  # a norm's weight offset (anatomy.Architecture)
 
 
 def scale_groups(block: nn.Module, prefix: str) -> list[ScaleGroup]:
-    """The reference's four Llama scale groups (v -> o only without a GQA shape mismatch)."""
+    """The reference's four scale groups, by the block's architecture (v -> o only without a GQA shape mismatch)."""
     a = anatomy(block)
-    n = a.names(prefix)
-    groups = [ScaleGroup(a.attn_norm, {n["q"]: a.q, n["k"]: a.k, n["v"]: a.v}, a.attn)]
+    n, offset = a.names(prefix), a.architecture.norm_offset
+    groups = [ScaleGroup(a.attn_norm, {n["q"]: a.q, n["k"]: a.k, n["v"]: a.v}, a.attn, offset)]
     if a.v.out_features == a.o.in_features:
         groups.append(ScaleGroup(a.v, {n["o"]: a.o}, a.o))
-    groups.append(ScaleGroup(a.mlp_norm, {n["gate"]: a.gate, n["up"]: a.up}, a.mlp))
+    groups.append(ScaleGroup(a.mlp_norm, {n["gate"]: a.gate, n["up"]: a.up}, a.mlp, offset))
     groups.append(ScaleGroup(a.up, {n["down"]: a.down}, a.down))
     return groups
 
@@ -179,10 +180,7 @@ def apply_scale_(group: ScaleGroup, scales: torch.Tensor) -> None:
         if prev.bias is not None:
             prev.bias[-s.numel() :].div_(s)
     else:
-        s = scales.to(prev.weight.device, prev.weight.dtype)
-        prev.weight.div_(s)
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.div_(s)
+        fold_into_norm_(prev, scales, group.norm_offset)
     for fc in group.linears.values():
         fc.weight.mul_(scales.to(fc.weight.device, fc.weight.dtype).view(1, -1))
 

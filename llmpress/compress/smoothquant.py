@@ -46,21 +46,22 @@ import torch
 from torch import nn
 
 from llmpress.compress import quant
-from llmpress.compress.anatomy import anatomy
+from llmpress.compress.anatomy import anatomy, fold_into_norm_
 from llmpress.compress.calibration import BlockCalibration
 from llmpress.compress.methods import Method, register
 from llmpress.compress.targets import matches, targeted_linears
 from llmpress.config import SmoothQuantStage
 
 
-def smooth_groups(block: nn.Module, prefix: str) -> list[tuple[nn.Module, dict[str, nn.Linear]]]:
-    """(norm, {full name: linear}) for the two norm -> linears pairs of a Llama-style block."""
+def smooth_groups(block: nn.Module, prefix: str) -> tuple[list[tuple[nn.Module, dict[str, nn.Linear]]], float]:
+    """(norm, {full name: linear}) for the two norm -> linears pairs of a block, by its architecture, and the
+    norms' weight offset."""
     a = anatomy(block)
     n = a.names(prefix)
     return [
         (a.attn_norm, {n["q"]: a.q, n["k"]: a.k, n["v"]: a.v}),
         (a.mlp_norm, {n["gate"]: a.gate, n["up"]: a.up}),
-    ]
+    ], a.architecture.norm_offset
 
 
 @torch.no_grad()
@@ -79,15 +80,14 @@ def activation_scales(
 
 
 @torch.no_grad()
-def smooth_ln_fcs_(norm: nn.Module, fcs: list[nn.Linear], act_scales: torch.Tensor, alpha: float) -> torch.Tensor:
+def smooth_ln_fcs_(norm: nn.Module, fcs: list[nn.Linear], act_scales: torch.Tensor, alpha: float,
+                   norm_offset: float = 0.0) -> torch.Tensor:  # fmt: skip
     """The reference's smooth_ln_fcs_llama_like: norm.weight /= s, W[:, j] *= s. Returns s (float32)."""
     weight_scales = torch.stack([fc.weight.detach().abs().amax(dim=0).float() for fc in fcs]).amax(dim=0)
     weight_scales = weight_scales.clamp(min=1e-5)
     act = act_scales.to(weight_scales.device).float()
     scales = (act.pow(alpha) / weight_scales.pow(1 - alpha)).clamp(min=1e-5)
-    norm.weight.div_(scales.to(norm.weight.dtype))
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.div_(scales.to(norm.bias.dtype))
+    fold_into_norm_(norm, scales, norm_offset)
     for fc in fcs:
         fc.weight.mul_(scales.to(fc.weight.dtype).view(1, -1))
     return scales
@@ -98,7 +98,8 @@ def smooth_block_(block: nn.Module, prefix: str, stage: SmoothQuantStage, calib:
     """Smooth every fully targeted norm -> linears group of the block (float output unchanged).
     Returns the names of the linears whose inputs were smoothed."""
 
-    groups = [(norm, fcs) for norm, fcs in smooth_groups(block, prefix) if all(matches(n, stage) for n in fcs)]
+    pairs, norm_offset = smooth_groups(block, prefix)
+    groups = [(norm, fcs) for norm, fcs in pairs if all(matches(n, stage) for n in fcs)]
     if not groups:
         return []
     # the linears of a group read the same tensor: observe the first of each
@@ -106,7 +107,7 @@ def smooth_block_(block: nn.Module, prefix: str, stage: SmoothQuantStage, calib:
     act = activation_scales(block, calib, firsts)
     smoothed: list[str] = []
     for (norm, fcs), first in zip(groups, firsts, strict=True):
-        smooth_ln_fcs_(norm, list(fcs.values()), act[first], stage.alpha)
+        smooth_ln_fcs_(norm, list(fcs.values()), act[first], stage.alpha, norm_offset)
         smoothed.extend(fcs)
     return smoothed
 
