@@ -269,168 +269,7 @@ def _command(args: argparse.Namespace, project: Path) -> int:
             check_environment()
         if args.command in ("run", "check", "sweep", "promote") and not (project / args.params).is_file():
             raise LlmpressError(f"--params {args.params}: no such file in {project} (the defaults are not guessed)")
-        if args.command == "run":
-            overrides = _parse_set(args.set)
-            if args.no_export:
-                overrides["export.onnx"] = False
-            # Validate everything before anything is written or Prefect starts: a typo costs a second, not a
-            # server start-up, and a refused run leaves params.yaml as it was.
-            from llmpress.config import export_recipe, load_params, load_recipe
-            from llmpress.sources import check_source
-
-            source = {"model": args.model} if args.model else {}
-            corpus = {"data.corpus": args.data} if args.data else {}
-            if args.data and args.data != "gensim-lee":
-                args.data = _corpus_path(args.data, project)
-                corpus = {"data.corpus": args.data}
-            params = load_params(project / args.params, overrides | source | corpus)
-            from llmpress.data import check_corpus
-            from llmpress.versioning import check_project
-
-            check_corpus(_in_project(params.data.corpus, project), params.data)
-            recipe = load_recipe(project / (args.recipe or params.recipe))
-            recipe = export_recipe(recipe, params.export.precision, params.export.quantizer)
-            check_source(params.model)
-            _check_against_model(params, recipe, project)
-            check_project(project)
-            if args.data:
-                _set_corpus(project / args.params, args.data)
-            ensure_api()
-            from flows.compress import compress
-
-            summary = compress(recipe=args.recipe, model=args.model, params_file=args.params,
-                               project_dir=str(project), overrides=overrides)  # fmt: skip
-            print_summary(summary)
-        elif args.command == "data":
-            from llmpress.versioning import reproduce
-
-            for path, md5 in reproduce(project).items():
-                print(f"{path}: {md5}")
-        elif args.command == "resolve":
-            from llmpress.sources import resolve as resolve_source
-
-            source = args.source
-            if args.unsafe_load_pickled_weights:
-                from llmpress.sources import convert_pickled_folder
-
-                source = str(convert_pickled_folder(args.source, project / "models"))
-                print(f"warning: converted pickled weights of {args.source} to {source}", file=sys.stderr)
-            resolved = resolve_source(source, project / "models")
-            print(f"{resolved.path}\nsha256 {resolved.sha256}")
-        elif args.command == "check":
-            from llmpress.config import export_recipe, load_params, load_recipe
-
-            params = load_params(project / args.params)
-            if not (project / params.recipe).is_file():
-                raise ConfigError(f"{args.params}: recipe: {params.recipe} is not a file in {project}")
-            from llmpress.data import check_corpus
-
-            check_corpus(_in_project(params.data.corpus, project), params.data)
-            print(f"{args.params}: ok")
-            recipes = {file: load_recipe(file) for file in args.files}
-            for recipe in recipes.values():  # with the quantization params.yaml's export.precision adds
-                export_recipe(recipe, params.export.precision, params.export.quantizer)
-            model = None
-            if args.model:  # targets and context length against a real model's layers (weights not needed)
-                from llmpress.sources import load_model
-                from llmpress.sources import resolve as resolve_source
-
-                model = load_model(resolve_source(args.model, project / "models").path)
-            for file, recipe in recipes.items():
-                if model is not None:
-                    _check_recipe_on(model, args.model, params, recipe)
-                print(f"{file}: ok ({recipe.name}, {len(recipe.stages)} stage(s))")
-        elif args.command == "promote":
-            # Refused before Prefect starts: no or a bad S3 destination, an unknown model, version or alias, a
-            # version that failed the gate or has no approval. The flow checks again (deployments run it too).
-            from llmpress import promote as promotion
-            from llmpress import tracking
-            from llmpress.config import load_params
-
-            params = load_params(project / args.params)
-            promotion.destination(args.s3, params.tracking.bundle_s3_prefix)
-            uri = tracking.resolve_tracking_uri(params.tracking.tracking_uri, project)
-            promotion.check_request(uri, args.model, args.version)
-            ensure_api()
-            from flows.promote import promote
-
-            record = promote(args.model, args.version, args.s3, args.params, str(project))
-            published = record["published"]
-            print(f"{args.model} v{record['version']} is production (was {record['production_before'] or 'none'}); "
-                  f"bundle at {published['uri']} ({published['uploaded']} files uploaded, "
-                  f"{published['already_there']} already there)")  # fmt: skip
-        elif args.command == "bundle":
-            from llmpress import bundle as edge_bundle
-
-            if args.bundle_command == "verify":
-                manifest = edge_bundle.verify_bundle(args.path)
-                size = sum(f["bytes"] for f in manifest["files"])
-                model = manifest.get("model", {})
-                print(f"{args.path}: ok ({len(manifest['files'])} files, {_fmt_bytes(size)}, "
-                      f"{model.get('precision', '?')}, opset {model.get('opset', '?')})")  # fmt: skip
-            else:
-                if not args.prompt.strip():
-                    raise LlmpressError("bundle run: the prompt is empty")
-                if args.max_new_tokens < 1:
-                    raise LlmpressError(f"bundle run: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
-                print(edge_bundle.run(args.path, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                                      args.top_p, args.seed))  # fmt: skip
-        elif args.command == "services":
-            from llmpress import services as svc
-
-            root = (project / args.dir) if not Path(args.dir).is_absolute() else Path(args.dir)
-            if args.action == "up":
-                ports = {"s3": args.s3_port, "mlflow": args.mlflow_port, "prefect": args.prefect_port}
-                for name, port in ports.items():
-                    if not 0 <= port <= 65535:
-                        raise LlmpressError(f"--{name}-port {port}: a port is 0 (any free one) to 65535")
-                svc.up(root, ports, tuple(args.only or svc.SERVICES))
-                print(f"environment for clients: source {root / 'env.sh'}")
-            elif args.action == "down":
-                svc.down(root)
-            else:
-                found = svc.status(root)
-                for name, info in found.items():
-                    state = "healthy" if info["healthy"] else ("running, not healthy" if info["running"] else "down")
-                    print(f"{name}: {state} (pid {info['pid']}) {info['url']}  log {info['log']}")
-                if not found:
-                    print(f"no services recorded in {root}")
-                return 0 if found and all(i["healthy"] for i in found.values()) else 1
-        elif args.command == "deploy":
-            from flows.deploy import deploy
-
-            deploy(project, args.gpus, args.git_url, args.pool_type)
-        elif args.command == "worker":
-            from flows.deploy import worker_command
-
-            cmd, env = worker_command(args.pool)
-            os.execve(cmd[0], cmd, env)
-        elif args.command == "sweep":
-            from llmpress.config import export_recipe, load_params, load_recipe
-
-            overrides = _parse_set(args.set)
-            params = load_params(project / args.params, overrides)
-            from llmpress.sources import check_source
-
-            for model in args.models or [params.model]:  # each as params' own model field is checked
-                check_source(load_params(project / args.params, overrides | {"model": model}).model)
-            for recipe in args.recipes:
-                export_recipe(load_recipe(project / recipe), params.export.precision, params.export.quantizer)
-            ensure_api()
-            from flows.sweep import sweep
-
-            result = sweep(args.recipes, args.models, args.deployment, args.cost, args.params, str(project),
-                           overrides)  # fmt: skip
-            print(f"sweep {result['name']}: MLflow run {result['mlflow_run_id']}")
-            for p in sorted(result["points"], key=lambda p: p["cost"]):
-                print(f"  {p['label']:40s} cost {p['cost']:10.2f}  perplexity {p['perplexity']:9.3f}"
-                      + ("  <- Pareto front" if p["on_front"] else ""))  # fmt: skip
-            for failed in result["failed"]:
-                print(f"  no result: {failed}")
-        elif args.command == "dequantize":
-            from llmpress.steps import dequantize
-
-            print(dequantize(args.src, args.dst, args.overwrite))
+        return COMMANDS[args.command](args, project)
     except LlmpressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -439,7 +278,227 @@ def _command(args: argparse.Namespace, project: Path) -> int:
             raise
         print(f"error: stopped by {sig.name}{stopping.describe(exc) or ''}", file=sys.stderr)
         return 128 + sig
+
+
+def _run(args: argparse.Namespace, project: Path) -> int:
+    """`llmpress run`: everything validated first (nothing written, no server), then the compress flow."""
+    overrides = _parse_set(args.set)
+    if args.no_export:
+        overrides["export.onnx"] = False
+    # Validate everything before anything is written or Prefect starts: a typo costs a second, not a
+    # server start-up, and a refused run leaves params.yaml as it was.
+    from llmpress.config import export_recipe, load_params, load_recipe
+    from llmpress.sources import check_source
+
+    source = {"model": args.model} if args.model else {}
+    corpus = {"data.corpus": args.data} if args.data else {}
+    if args.data and args.data != "gensim-lee":
+        args.data = _corpus_path(args.data, project)
+        corpus = {"data.corpus": args.data}
+    params = load_params(project / args.params, overrides | source | corpus)
+    from llmpress.data import check_corpus
+    from llmpress.versioning import check_project
+
+    check_corpus(_in_project(params.data.corpus, project), params.data)
+    recipe = load_recipe(project / (args.recipe or params.recipe))
+    recipe = export_recipe(recipe, params.export.precision, params.export.quantizer)
+    check_source(params.model)
+    _check_against_model(params, recipe, project)
+    check_project(project)
+    if args.data:
+        _set_corpus(project / args.params, args.data)
+    ensure_api()
+    from flows.compress import compress
+
+    summary = compress(recipe=args.recipe, model=args.model, params_file=args.params,
+                       project_dir=str(project), overrides=overrides)  # fmt: skip
+    print_summary(summary)
     return 0
+
+
+def _data(args: argparse.Namespace, project: Path) -> int:
+    """`llmpress data`: dvc repro + push, the data versions."""
+    from llmpress.versioning import reproduce
+
+    for path, md5 in reproduce(project).items():
+        print(f"{path}: {md5}")
+    return 0
+
+
+def _resolve(args: argparse.Namespace, project: Path) -> int:
+    """`llmpress resolve SOURCE`: the local folder and content hash of a model source."""
+    from llmpress.sources import resolve as resolve_source
+
+    source = args.source
+    if args.unsafe_load_pickled_weights:
+        from llmpress.sources import convert_pickled_folder
+
+        source = str(convert_pickled_folder(args.source, project / "models"))
+        print(f"warning: converted pickled weights of {args.source} to {source}", file=sys.stderr)
+    resolved = resolve_source(source, project / "models")
+    print(f"{resolved.path}\nsha256 {resolved.sha256}")
+    return 0
+
+
+def _check(args: argparse.Namespace, project: Path) -> int:
+    """`llmpress check FILE ... [--model M]`: params, recipes, and with a model its layers and context."""
+    from llmpress.config import export_recipe, load_params, load_recipe
+
+    params = load_params(project / args.params)
+    if not (project / params.recipe).is_file():
+        raise ConfigError(f"{args.params}: recipe: {params.recipe} is not a file in {project}")
+    from llmpress.data import check_corpus
+
+    check_corpus(_in_project(params.data.corpus, project), params.data)
+    print(f"{args.params}: ok")
+    recipes = {file: load_recipe(file) for file in args.files}
+    for recipe in recipes.values():  # with the quantization params.yaml's export.precision adds
+        export_recipe(recipe, params.export.precision, params.export.quantizer)
+    model = None
+    if args.model:  # targets and context length against a real model's layers (weights not needed)
+        from llmpress.sources import load_model
+        from llmpress.sources import resolve as resolve_source
+
+        model = load_model(resolve_source(args.model, project / "models").path)
+    for file, recipe in recipes.items():
+        if model is not None:
+            _check_recipe_on(model, args.model, params, recipe)
+        print(f"{file}: ok ({recipe.name}, {len(recipe.stages)} stage(s))")
+    return 0
+
+
+def _promote(args: argparse.Namespace, project: Path) -> int:
+    """`llmpress promote NAME [VERSION]`: refusals before Prefect, then the promote flow."""
+    # Refused before Prefect starts: no or a bad S3 destination, an unknown model, version or alias, a
+    # version that failed the gate or has no approval. The flow checks again (deployments run it too).
+    from llmpress import promote as promotion
+    from llmpress import tracking
+    from llmpress.config import load_params
+
+    params = load_params(project / args.params)
+    promotion.destination(args.s3, params.tracking.bundle_s3_prefix)
+    uri = tracking.resolve_tracking_uri(params.tracking.tracking_uri, project)
+    promotion.check_request(uri, args.model, args.version)
+    ensure_api()
+    from flows.promote import promote
+
+    record = promote(args.model, args.version, args.s3, args.params, str(project))
+    published = record["published"]
+    print(f"{args.model} v{record['version']} is production (was {record['production_before'] or 'none'}); "
+          f"bundle at {published['uri']} ({published['uploaded']} files uploaded, "
+          f"{published['already_there']} already there)")  # fmt: skip
+    return 0
+
+
+def _bundle(args: argparse.Namespace, project: Path) -> int:
+    """`llmpress bundle verify|run`: an edge bundle, with only onnxruntime and tokenizers."""
+    from llmpress import bundle as edge_bundle
+
+    if args.bundle_command == "verify":
+        manifest = edge_bundle.verify_bundle(args.path)
+        size = sum(f["bytes"] for f in manifest["files"])
+        model = manifest.get("model", {})
+        print(f"{args.path}: ok ({len(manifest['files'])} files, {_fmt_bytes(size)}, "
+              f"{model.get('precision', '?')}, opset {model.get('opset', '?')})")  # fmt: skip
+    else:
+        if not args.prompt.strip():
+            raise LlmpressError("bundle run: the prompt is empty")
+        if args.max_new_tokens < 1:
+            raise LlmpressError(f"bundle run: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        print(edge_bundle.run(args.path, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                              args.top_p, args.seed))  # fmt: skip
+    return 0
+
+
+def _services(args: argparse.Namespace, project: Path) -> int:
+    """`llmpress services up|down|status`."""
+    from llmpress import services as svc
+
+    root = (project / args.dir) if not Path(args.dir).is_absolute() else Path(args.dir)
+    if args.action == "up":
+        ports = {"s3": args.s3_port, "mlflow": args.mlflow_port, "prefect": args.prefect_port}
+        for name, port in ports.items():
+            if not 0 <= port <= 65535:
+                raise LlmpressError(f"--{name}-port {port}: a port is 0 (any free one) to 65535")
+        svc.up(root, ports, tuple(args.only or svc.SERVICES))
+        print(f"environment for clients: source {root / 'env.sh'}")
+    elif args.action == "down":
+        svc.down(root)
+    else:
+        found = svc.status(root)
+        for name, info in found.items():
+            state = "healthy" if info["healthy"] else ("running, not healthy" if info["running"] else "down")
+            print(f"{name}: {state} (pid {info['pid']}) {info['url']}  log {info['log']}")
+        if not found:
+            print(f"no services recorded in {root}")
+        return 0 if found and all(i["healthy"] for i in found.values()) else 1
+    return 0
+
+
+def _deploy(args: argparse.Namespace, project: Path) -> int:
+    """`llmpress deploy`: work pools and prefect.yaml's deployments."""
+    from flows.deploy import deploy
+
+    deploy(project, args.gpus, args.git_url, args.pool_type)
+    return 0
+
+
+def _worker(args: argparse.Namespace, project: Path) -> int:
+    """`llmpress worker gpu|cpu`: becomes a Prefect process worker (exec)."""
+    from flows.deploy import worker_command
+
+    cmd, env = worker_command(args.pool)
+    os.execve(cmd[0], cmd, env)
+    return 0
+
+
+def _sweep(args: argparse.Namespace, project: Path) -> int:
+    """`llmpress sweep`: every recipe and model checked first, then the sweep flow."""
+    from llmpress.config import export_recipe, load_params, load_recipe
+
+    overrides = _parse_set(args.set)
+    params = load_params(project / args.params, overrides)
+    from llmpress.sources import check_source
+
+    for model in args.models or [params.model]:  # each as params' own model field is checked
+        check_source(load_params(project / args.params, overrides | {"model": model}).model)
+    for recipe in args.recipes:
+        export_recipe(load_recipe(project / recipe), params.export.precision, params.export.quantizer)
+    ensure_api()
+    from flows.sweep import sweep
+
+    result = sweep(args.recipes, args.models, args.deployment, args.cost, args.params, str(project),
+                   overrides)  # fmt: skip
+    print(f"sweep {result['name']}: MLflow run {result['mlflow_run_id']}")
+    for p in sorted(result["points"], key=lambda p: p["cost"]):
+        print(f"  {p['label']:40s} cost {p['cost']:10.2f}  perplexity {p['perplexity']:9.3f}"
+              + ("  <- Pareto front" if p["on_front"] else ""))  # fmt: skip
+    for failed in result["failed"]:
+        print(f"  no result: {failed}")
+    return 0
+
+
+def _dequantize(args: argparse.Namespace, project: Path) -> int:
+    """`llmpress dequantize SRC DST`."""
+    from llmpress.steps import dequantize
+
+    print(dequantize(args.src, args.dst, args.overwrite))
+    return 0
+
+
+COMMANDS = {
+    "run": _run,
+    "data": _data,
+    "resolve": _resolve,
+    "check": _check,
+    "promote": _promote,
+    "bundle": _bundle,
+    "services": _services,
+    "deploy": _deploy,
+    "worker": _worker,
+    "sweep": _sweep,
+    "dequantize": _dequantize,
+}
 
 
 if __name__ == "__main__":
