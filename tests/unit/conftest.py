@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+REPO = Path(__file__).resolve().parents[2]
 
 VOCAB = 256
 
@@ -97,3 +101,43 @@ def byte_tokenizer_json(path: Path) -> Path:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.save(str(path / "tokenizer.json"))
     return path / "tokenizer.json"
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file (sha256) and folder under `root`: what a refused command must leave exactly as it was."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}  # fmt: skip
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The bad-input catalogs' project: the shipped params and recipes, no server or URI from the environment, and
+    Prefect trapped - a refusal comes before any server, so nothing can reach Prefect's database."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(REPO / "params.yaml", project)
+    shutil.copytree(REPO / "recipes", project / "recipes")
+    monkeypatch.chdir(project)
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "LLMPRESS_DVC_REMOTE",
+                "LLMPRESS_BUNDLE_S3_PREFIX"):  # fmt: skip
+        monkeypatch.delenv(key, raising=False)
+
+    def prefect_started() -> None:
+        raise AssertionError("Prefect was started for an input that should have been refused first")
+
+    monkeypatch.setattr("flows.cli.ensure_api", prefect_started)
+    return project
+
+
+@pytest.fixture
+def registry(tmp_path: Path):
+    """An MLflow client on a fresh SQLite store, an experiment, and a tiny model folder to register."""
+    from llmpress import tracking
+
+    c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracking.experiment_id(c, "unit", tmp_path)
+    folder = tmp_path / "hf"
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return c, exp, folder

@@ -4,7 +4,6 @@ folder (no database, no models/, no .services/, no half-written file, params.yam
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from flows.cli import main
-from tests.unit.conftest import build_tiny_llama, byte_tokenizer_json
+from tests.unit.conftest import build_tiny_llama, byte_tokenizer_json, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 WANDA = "name: x\nstages:\n  - method: wanda\n    sparsity: 0.5\n"
@@ -658,34 +657,6 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("services-port-too-high", lambda p: ["services", "up", "--mlflow-port", "70000"], "65535"),
     ("services-port-negative", lambda p: ["services", "up", "--s3-port", "-1"], "65535"),
 ]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}  # fmt: skip
-
-
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(REPO / "params.yaml", project)
-    shutil.copytree(REPO / "recipes", project / "recipes")
-    monkeypatch.chdir(project)
-    for key in (
-        "PREFECT_API_URL",
-        "MLFLOW_TRACKING_URI",
-        "AWS_ENDPOINT_URL",
-        "LLMPRESS_DVC_REMOTE",
-        "LLMPRESS_BUNDLE_S3_PREFIX",
-    ):
-        monkeypatch.delenv(key, raising=False)
-
-    def prefect_started() -> None:  # a refusal comes before any server: nothing can reach Prefect's database
-        raise AssertionError("Prefect was started for an input that should have been refused first")
-
-    monkeypatch.setattr("flows.cli.ensure_api", prefect_started)
-    return project
 
 
 def test_the_catalog_is_large_enough() -> None:

@@ -4,9 +4,7 @@ the line and what is allowed, no traceback, and nothing left behind; the valid f
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import pytest
 
 from flows.cli import main
 from llmpress.config import load_recipe
+from tests.unit.conftest import snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -145,28 +144,6 @@ def corpus_setup(name: str, text: str) -> Callable[[Path], list[str]]:
 CASES = [(f"recipe-{n}", recipe_setup(t), f) for n, t, f in BAD_RECIPES] + [
     (f"corpus-{n}", corpus_setup(file, t), [f]) for n, file, t, f in BAD_CORPORA
 ]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}  # fmt: skip
-
-
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(REPO / "params.yaml", project)
-    shutil.copytree(REPO / "recipes", project / "recipes")
-    monkeypatch.chdir(project)
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "LLMPRESS_DVC_REMOTE"):
-        monkeypatch.delenv(key, raising=False)
-
-    def prefect_started() -> None:
-        raise AssertionError("Prefect was started for an input that should have been refused first")
-
-    monkeypatch.setattr("flows.cli.ensure_api", prefect_started)
-    return project
 
 
 @pytest.mark.parametrize(("name", "setup", "expected"), CASES, ids=[c[0] for c in CASES])

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmpress import tracking
 from llmpress.config import GateParams
@@ -13,17 +10,6 @@ from llmpress.registration import Candidate, register_and_gate
 
 NAME = "tiny-edge"
 GATE = GateParams(max_onnx_logit_diff=None, max_repetition_increase=None)  # perplexity checks only: no ONNX here
-
-
-@pytest.fixture
-def registry(tmp_path: Path):
-    c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = tracking.experiment_id(c, "unit", tmp_path)
-    folder = tmp_path / "hf"
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=64)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return c, exp, folder
 
 
 def _offer(c, exp, folder, ppl: float, run_key: str) -> tuple[str, dict]:

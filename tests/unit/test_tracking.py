@@ -3,10 +3,7 @@ and the model card that reviewers read."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmpress import tracking
 from llmpress.card import model_card
@@ -14,17 +11,6 @@ from llmpress.config import GateParams
 from llmpress.gate import run_gate
 
 NAME = "tiny-edge"
-
-
-@pytest.fixture
-def store(tmp_path: Path):
-    c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = tracking.experiment_id(c, "unit", tmp_path)
-    folder = tmp_path / "hf"
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=64)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return c, exp, folder
 
 
 def _candidate(c, exp, folder, ppl: float, base_ppl: float = 15.0):
@@ -43,8 +29,8 @@ def _candidate(c, exp, folder, ppl: float, base_ppl: float = 15.0):
     return run_id, version, report
 
 
-def test_champion_moves_only_on_a_pass(store) -> None:
-    c, exp, folder = store
+def test_champion_moves_only_on_a_pass(registry) -> None:
+    c, exp, folder = registry
     _, v1, r1 = _candidate(c, exp, folder, ppl=20.0)
     assert r1.passed and tracking.alias_version(c, NAME, "champion") == v1 == "1"
     _, v2, r2 = _candidate(c, exp, folder, ppl=40.0)  # ratio 2.67 > 1.6 and 2x the champion
@@ -59,8 +45,8 @@ def test_champion_moves_only_on_a_pass(store) -> None:
     assert r3.passed and tracking.alias_version(c, NAME, "champion") == v3
 
 
-def test_registration_is_idempotent_per_run(store) -> None:
-    c, exp, folder = store
+def test_registration_is_idempotent_per_run(registry) -> None:
+    c, exp, folder = registry
     run_id, v1, _ = _candidate(c, exp, folder, ppl=20.0)
     again = tracking.register_model(c, run_id, folder, NAME, {"recipe_hash": "abc"})
     assert again == v1
@@ -82,10 +68,10 @@ def test_model_card_explains_a_failure() -> None:
     assert "`deadbeef`" in card and "models:/tiny-edge/7" in card and "bundle/model.onnx" in card
 
 
-def test_a_stopped_run_takes_back_its_registration_and_the_aliases_it_moved(store) -> None:
+def test_a_stopped_run_takes_back_its_registration_and_the_aliases_it_moved(registry) -> None:
     """A run stopped after its version was registered and made champion: the version is deleted, champion and
     candidate point where they did before it, the run is KILLED with its summary; an earlier run is untouched."""
-    c, exp, folder = store
+    c, exp, folder = registry
     first, v1, _ = _candidate(c, exp, folder, ppl=20.0)
     tracking.end_run(c, first)
     stopped, v2, report = _candidate(c, exp, folder, ppl=19.0)  # a pass: champion and candidate moved to it
@@ -97,15 +83,15 @@ def test_a_stopped_run_takes_back_its_registration_and_the_aliases_it_moved(stor
     assert "summary.json" in [a.path for a in c.list_artifacts(stopped)]
 
 
-def test_a_stopped_first_registration_leaves_no_registered_model(store) -> None:
-    c, exp, folder = store
+def test_a_stopped_first_registration_leaves_no_registered_model(registry) -> None:
+    c, exp, folder = registry
     stopped, v1, _ = _candidate(c, exp, folder, ppl=20.0)
     assert tracking.end_stopped_run(c, stopped, NAME, {}) == [v1]
     assert tracking.registry_aliases(c, NAME) is None  # the model it created is gone with its only version
 
 
-def test_a_run_stopped_before_registering_only_ends_killed(store) -> None:
-    c, exp, folder = store
+def test_a_run_stopped_before_registering_only_ends_killed(registry) -> None:
+    c, exp, folder = registry
     _, v1, _ = _candidate(c, exp, folder, ppl=20.0)
     stopped = tracking.start_run(c, exp, "stopped-early")
     done = tracking.start_run(c, exp, "data", parent_id=stopped)
