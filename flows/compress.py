@@ -18,7 +18,17 @@ from llmpress import tracking
 from llmpress.config import export_recipe, load_params, load_recipe
 from llmpress.lineage import code_version, content_key, lineage_tags, run_key
 from llmpress.registration import Candidate
-from llmpress.steps import recipe_info
+from llmpress.steps import (
+    BaselineJob,
+    BaselineRef,
+    BundleJob,
+    CompressJob,
+    DataFile,
+    EvaluateJob,
+    ExportJob,
+    SpeedJob,
+    recipe_info,
+)
 from llmpress.versioning import git_commit
 from tasks.compress import compress_model
 from tasks.credentials import BLOCK, load_secret_block
@@ -95,43 +105,53 @@ def compress(
             summary |= {"mlflow_run_id": run_id, "lineage": lineage}
         log_stage(tracking_uri, run_id, "data", data, seconds["data"])
 
-        baseline = timed("baseline", evaluate_base, base["path"], data["eval"], params.eval,
-                         str(project / "models" / "baselines"), base["sha256"], data["eval_version"])  # fmt: skip
+        held_out = DataFile(path=data["eval"], md5=data["eval_version"])
+        baseline = timed("baseline", evaluate_base, BaselineJob(
+            base_path=base["path"], base_sha256=base["sha256"], held_out=held_out, params=params.eval,
+            baselines_dir=str(project / "models" / "baselines"),
+        ))  # fmt: skip
         log_stage(tracking_uri, run_id, "baseline", baseline, seconds["baseline"])
+        base_eval = BaselineRef(path=baseline["path"], key=baseline["key"])
 
-        compressed = timed(
-            "compress", cached_output, compress_model, "path", base["path"], recipe_path, data["calibration"],
-            str(out_root / "hf"), params.data, params.eval, params.compress, lineage, data["calibration_version"],
-            params.export.precision, params.export.quantizer, content_key=key,
-        )  # fmt: skip
         hf = out_root / "hf"
+        compressed = timed("compress", cached_output, compress_model, "path", CompressJob(
+            model_path=base["path"], recipe_path=recipe_path, out_dir=str(hf), lineage=lineage,
+            calibration=DataFile(path=data["calibration"], md5=data["calibration_version"]),
+            data=params.data, add_bos=params.eval.add_bos, params=params.compress,
+            precision=params.export.precision, quantizer=params.export.quantizer,
+        ), content_key=key)  # fmt: skip
         files = {"recipe": str(hf / "recipe.yaml"), "report": str(hf / "llmpress.json")}
         log_stage(tracking_uri, run_id, "compress", compressed, seconds["compress"], artifacts=files)
 
-        evaluation = timed("evaluate", evaluate_model, compressed["path"], base["path"], baseline["path"],
-                           baseline["key"], data["eval"], params.eval, compressed["targeted_layers"],
-                           data["eval_version"], params.export.onnx, content_key=key)  # fmt: skip
+        evaluation = timed("evaluate", evaluate_model, EvaluateJob(
+            model_path=compressed["path"], base_path=base["path"], baseline=base_eval, held_out=held_out,
+            params=params.eval, layer_names=compressed["targeted_layers"], bundle_follows=params.export.onnx,
+        ), content_key=key)  # fmt: skip
         metrics, base_metrics = evaluation["metrics"], evaluation["base"]
         log_stage(tracking_uri, run_id, "evaluate", evaluation, seconds["evaluate"])
 
         if params.export.onnx:
-            exported = timed("export", cached_output, export_model, "onnx_path", compressed["path"],
-                             str(out_root / "onnx"), data["eval"], params.export,
-                             str(project / "models" / "onnx-templates"), content_key=key)  # fmt: skip
+            exported = timed("export", cached_output, export_model, "onnx_path", ExportJob(
+                model_path=compressed["path"], out_dir=str(out_root / "onnx"), eval_path=data["eval"],
+                params=params.export, template_dir=str(project / "models" / "onnx-templates"),
+            ), content_key=key)  # fmt: skip
             log_stage(tracking_uri, run_id, "export", exported, seconds["export"])
             metrics |= {k: v for k, v in exported.items() if k.startswith(("onnx_", "bundle_"))}
             summary["onnx_path"] = exported["onnx_path"]
             # What ships, scored on its own in onnxruntime at its serving settings (cached with the export's key:
             # the graph file it rewrites is the export's).
-            bundle = timed("bundle", evaluate_bundle, exported["onnx_path"], compressed["path"], base["path"],
-                           baseline["path"], baseline["key"], data["eval"], params.eval, params.export,
-                           content_key=key)  # fmt: skip
+            bundle = timed("bundle", evaluate_bundle, BundleJob(
+                onnx_path=exported["onnx_path"], model_path=compressed["path"], base_path=base["path"],
+                baseline=base_eval, eval_path=data["eval"], params=params.eval, export=params.export,
+            ), content_key=key)  # fmt: skip
             log_stage(tracking_uri, run_id, "bundle", bundle, seconds["bundle"])
             metrics |= bundle
 
         if params.eval.speed.enabled:
-            cost = timed("speed", measure_speed, compressed["path"], base["path"], data["eval"], params.eval.speed,
-                         summary.get("onnx_path"), content_key=key)  # fmt: skip
+            cost = timed("speed", measure_speed, SpeedJob(
+                model_path=compressed["path"], base_path=base["path"], eval_path=data["eval"],
+                params=params.eval.speed, onnx_path=summary.get("onnx_path"),
+            ), content_key=key)  # fmt: skip
             log_stage(tracking_uri, run_id, "speed", cost, seconds["speed"])
             metrics |= cost["compressed"]
             base_metrics |= cost["base"]

@@ -1,4 +1,5 @@
-"""The pipeline's steps as plain functions over paths and small dicts (what Prefect tasks wrap, one each).
+"""The pipeline's steps as plain functions, each given one typed job (`jobs`: paths, settings, versions) and
+returning a small dict; what Prefect tasks wrap, one each.
 
 No step takes or returns a tensor or a model: a step loads what it needs from disk and writes what it makes to
 disk, so each can run in another process, on another machine, or be skipped when its result is cached. One module
@@ -10,8 +11,19 @@ from llmpress.steps.common import check_data_version, folder_bytes, measure_spar
 from llmpress.steps.compression import METADATA, compress, dequantize, pick_device, recipe_info, save_model
 from llmpress.steps.evaluation import baseline, evaluate, evaluate_bundle, speed
 from llmpress.steps.exporting import edge_bundle, export, tensorrt_engine
+from llmpress.steps.jobs import (  # fmt: skip
+    BaselineJob,
+    BaselineRef,
+    BundleJob,
+    CompressJob,
+    DataFile,
+    EvaluateJob,
+    ExportJob,
+    SpeedJob,
+)
 from llmpress.steps.plots import plot_cost, plot_sparsity
 
-__all__ = ["METADATA", "baseline", "check_data_version", "compress", "dequantize", "edge_bundle", "evaluate",
-           "evaluate_bundle", "export", "folder_bytes", "measure_sparsity", "peak_memory", "pick_device",
+__all__ = ["METADATA", "BaselineJob", "BaselineRef", "BundleJob", "CompressJob", "DataFile", "EvaluateJob",
+           "ExportJob", "SpeedJob", "baseline", "check_data_version", "compress", "dequantize", "edge_bundle",
+           "evaluate", "evaluate_bundle", "export", "folder_bytes", "measure_sparsity", "peak_memory", "pick_device",
            "plot_cost", "plot_sparsity", "recipe_info", "save_model", "speed", "tensorrt_engine"]  # fmt: skip

@@ -16,20 +16,14 @@ from tqdm.auto import tqdm
 
 from llmpress.compress import compress_
 from llmpress.compress.storage import LowRankLinear, save_compressed
-from llmpress.config import (
-    CompressParams,
-    DataParams,
-    EvalParams,
-    Recipe,
-    export_recipe,
-    load_recipe,
-)
+from llmpress.config import Recipe, export_recipe, load_recipe
 from llmpress.data import calibration_windows
 from llmpress.errors import LlmpressError
 from llmpress.files import atomic_folder
 from llmpress.hashing import data_hash
 from llmpress.sources import load_model, load_tokenizer
 from llmpress.steps.common import check_data_version, folder_bytes, peak_memory
+from llmpress.steps.jobs import CompressJob
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +44,19 @@ def recipe_info(recipe: Recipe) -> dict[str, Any]:
     return {"name": recipe.name, "hash": data_hash(dumped), "recipe": dumped}
 
 
-def compress(model_path: str, recipe_path: str, calibration_path: str, out_dir: str, data: DataParams,
-             eval_params: EvalParams, params: CompressParams, lineage: dict[str, str],
-             calibration_md5: str | None = None, precision: str = "recipe", quantizer: str = "rtn"
-             ) -> dict[str, Any]:  # fmt: skip
-    """Compress the model at `model_path` with the recipe (followed by the quantization `precision` asks for, see
-    `config.export_recipe`); write an HF folder to `out_dir`. With `calibration_md5` (the data version DVC
-    recorded), the calibration file must still be that version."""
-    check_data_version(calibration_path, calibration_md5)
-    recipe = export_recipe(load_recipe(recipe_path), precision, quantizer)
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path)
+def compress(job: CompressJob) -> dict[str, Any]:
+    """Compress the model at `job.model_path` with the recipe (followed by the quantization `job.precision` asks
+    for, see `config.export_recipe`); write an HF folder to `job.out_dir`. The calibration file must still be the
+    data version DVC recorded (`job.calibration.md5`)."""
+    check_data_version(job.calibration.path, job.calibration.md5)
+    recipe = export_recipe(load_recipe(job.recipe_path), job.precision, job.quantizer)
+    tokenizer = load_tokenizer(job.model_path)
+    model = load_model(job.model_path)
     max_len = getattr(model.config, "max_position_embeddings", None)
-    if max_len is not None and data.seq_len > max_len:
-        raise LlmpressError(f"data.seq_len={data.seq_len} exceeds the model's context ({max_len} tokens)")
-    ids = calibration_windows(tokenizer, calibration_path, data.seq_len, eval_params.add_bos)
-    device = pick_device(params.device)
+    if max_len is not None and job.data.seq_len > max_len:
+        raise LlmpressError(f"data.seq_len={job.data.seq_len} exceeds the model's context ({max_len} tokens)")
+    ids = calibration_windows(tokenizer, job.calibration.path, job.data.seq_len, job.add_bos)
+    device = pick_device(job.params.device)
     bar = tqdm(total=len(_decoder_blocks(model)), desc=f"compress {recipe.name}", unit="block", leave=False)
     start = time.perf_counter()
 
@@ -74,18 +65,18 @@ def compress(model_path: str, recipe_path: str, calibration_path: str, out_dir: 
             bar.update(1)
         log.info("compress %s: %s, %.1f s elapsed", recipe.name, message, time.perf_counter() - start)
 
-    report = compress_(model, recipe, ids, device=device, batch_size=params.batch_size, progress=progress)
+    report = compress_(model, recipe, ids, device=device, batch_size=job.params.batch_size, progress=progress)
     bar.close()
     _check_finite(model)
-    meta = {"recipe": recipe.name, "recipe_hash": recipe_info(recipe)["hash"], **lineage,
+    meta = {"recipe": recipe.name, "recipe_hash": recipe_info(recipe)["hash"], **job.lineage,
             "report": report.to_dict()}  # fmt: skip
-    save_model(model, tokenizer, Path(out_dir), extra_files={
+    save_model(model, tokenizer, Path(job.out_dir), extra_files={
         "recipe.yaml": yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),  # what ran, nulls too
         METADATA: json.dumps(meta, indent=2),
     })  # fmt: skip
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear | LowRankLinear)}
     return {
-        "path": str(Path(out_dir).resolve()),
+        "path": str(Path(job.out_dir).resolve()),
         "seconds": report.total_seconds,
         "calibration_tokens": report.calibration_tokens,
         "device": device,

@@ -12,11 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmpress.config import (
-    EvalParams,
-    ExportParams,
-    SpeedParams,
-)
 from llmpress.errors import LlmpressError
 from llmpress.evaluate.agreement import compare_to_base
 from llmpress.evaluate.baseline import baseline_key, compute_baseline, load_baseline
@@ -28,48 +23,45 @@ from llmpress.hashing import data_hash
 from llmpress.progress import Progress, phase
 from llmpress.sources import load_model, load_tokenizer
 from llmpress.steps.common import check_data_version, folder_bytes, measure_sparsity
+from llmpress.steps.jobs import BaselineJob, BaselineRef, BundleJob, EvaluateJob, SpeedJob
 
 log = logging.getLogger(__name__)
 
 
-def baseline(base_path: str, eval_path: str, params: EvalParams, baselines_dir: str, base_sha256: str,
-             eval_md5: str | None = None) -> dict[str, Any]:  # fmt: skip
+def baseline(job: BaselineJob) -> dict[str, Any]:
     """The base model's evaluation (`llmpress.evaluate.baseline`) in `baselines_dir/<key>`: read back when it was made
     for the same base model, held-out text, protocol and code, computed and written there otherwise."""
-    check_data_version(eval_path, eval_md5)
-    key = baseline_key(base_sha256, eval_md5 or data_hash(Path(eval_path).read_text(encoding="utf-8")), params)
-    out_dir = Path(baselines_dir) / key[:16]
+    held_out = job.held_out
+    check_data_version(held_out.path, held_out.md5)
+    text = Path(held_out.path).read_text(encoding="utf-8")
+    key = baseline_key(job.base_sha256, held_out.md5 or data_hash(text), job.params)
+    out_dir = Path(job.baselines_dir) / key[:16]
     found = load_baseline(out_dir, key)
     if found is not None:
-        log.info("baseline of %s reused from %s", base_path, out_dir)
+        log.info("baseline of %s reused from %s", job.base_path, out_dir)
         return {"path": str(Path(out_dir).resolve()), "key": key, "reused": True, "metrics": found[0]}
-    tokenizer, base = load_tokenizer(base_path), load_model(base_path)
-    text = Path(eval_path).read_text(encoding="utf-8")
-    sizes = {"bytes_on_disk": folder_bytes(base_path), "weights_bytes": folder_bytes(base_path, "*.safetensors")}
-    metrics = compute_baseline(base, tokenizer, text, params, out_dir, key, sizes)
+    tokenizer, base = load_tokenizer(job.base_path), load_model(job.base_path)
+    sizes = {"bytes_on_disk": folder_bytes(job.base_path),
+             "weights_bytes": folder_bytes(job.base_path, "*.safetensors")}  # fmt: skip
+    metrics = compute_baseline(base, tokenizer, text, job.params, out_dir, key, sizes)
     return {"path": str(Path(out_dir).resolve()), "key": key, "reused": False, "metrics": metrics}
 
 
-def evaluate(model_path: str, base_path: str, baseline_dir: str, baseline_key: str, eval_path: str,
-             params: EvalParams, layer_names: list[str] | None = None, eval_md5: str | None = None,
-             bundle_follows: bool = False) -> dict[str, Any]:  # fmt: skip
+def evaluate(job: EvaluateJob) -> dict[str, Any]:
     """Everything measured on the held-out text, the compressed model against the base model's baseline (README,
-    "Evaluation"), whose side comes from `baseline_dir` (`steps.baseline`). With `bundle_follows` (the model is
+    "Evaluation"), whose side comes from `job.baseline` (`steps.baseline`). With `bundle_follows` (the model is
     exported, and `evaluate_bundle` scores the graph that ships), cloze accuracy and the repetition of greedy
     continuations are measured on that graph instead: what the PyTorch model keeps is the reference the bundle is
     checked against - perplexity, KL, top-1 agreement, generations - and its sparsity and size.
 
     Returns {"metrics": compressed model's, "base": base model's, "generations": [{prompt, base, compressed}]}.
     """
-    check_data_version(eval_path, eval_md5)
-    found = load_baseline(baseline_dir, baseline_key)
-    if found is None:
-        raise LlmpressError(f"no baseline {baseline_key[:12]} of the base model in {baseline_dir}: run the baseline "
-                            "step first")  # fmt: skip
-    base_metrics, base_hidden = found
+    check_data_version(job.held_out.path, job.held_out.md5)
+    base_metrics, base_hidden = _read_baseline(job.baseline)
+    params, model_path, layer_names, bundle_follows = job.params, job.model_path, job.layer_names, job.bundle_follows
     tokenizer = load_tokenizer(model_path)
-    model, base = load_model(model_path), load_model(base_path)
-    text = Path(eval_path).read_text(encoding="utf-8")
+    model, base = load_model(model_path), load_model(job.base_path)
+    text = Path(job.held_out.path).read_text(encoding="utf-8")
     start = time.perf_counter()
     with Progress("evaluate: perplexity, KL, top-1", "window") as progress:
         agreement = compare_to_base(model, base, tokenizer, text, params, progress=progress, base_hidden=base_hidden)
@@ -114,8 +106,7 @@ def evaluate(model_path: str, base_path: str, baseline_dir: str, baseline_key: s
     return {"metrics": metrics, "base": base_out, "generations": generations}
 
 
-def evaluate_bundle(onnx_path: str, model_path: str, base_path: str, baseline_dir: str, baseline_key: str,
-                    eval_path: str, params: EvalParams, export_params: ExportParams) -> dict[str, Any]:  # fmt: skip
+def evaluate_bundle(job: BundleJob) -> dict[str, Any]:
     """The graph that ships, judged on its own in onnxruntime at its serving settings (`export` leaves it so),
     scored under the pinned protocol against the base model's baseline - perplexity, KL to base, top-1 agreement,
     cloze accuracy, the repeated n-gram rate of its greedy continuations (its logit difference and greedy parity
@@ -128,24 +119,21 @@ def evaluate_bundle(onnx_path: str, model_path: str, base_path: str, baseline_di
     from llmpress.export.generate import OrtGenerator, onnx_session
     from llmpress.export.packed import precision_counts, precision_label
 
-    found = load_baseline(baseline_dir, baseline_key)
-    if found is None:
-        raise LlmpressError(f"no baseline {baseline_key[:12]} of the base model in {baseline_dir}: run the baseline "
-                            "step first")  # fmt: skip
-    _, base_hidden = found
-    graph = onnx.load(onnx_path, load_external_data=False)
+    _, base_hidden = _read_baseline(job.baseline)
+    params = job.params
+    graph = onnx.load(job.onnx_path, load_external_data=False)
     counts = precision_counts(graph)
     quantized = bool(counts.get("matmul_4bit") or counts.get("matmul_8bit"))
-    tokenizer = load_tokenizer(model_path)
-    text = Path(eval_path).read_text(encoding="utf-8")
-    generator = OrtGenerator(onnx_session(onnx_path, torch.get_num_threads()))
+    tokenizer = load_tokenizer(job.model_path)
+    text = Path(job.eval_path).read_text(encoding="utf-8")
+    generator = OrtGenerator(onnx_session(job.onnx_path, torch.get_num_threads()))
 
     def logits_fn(batch: torch.Tensor) -> torch.Tensor:
         ids = batch.numpy()
         logits, _ = generator.forward(ids, np.ones_like(ids), generator.empty_cache(ids.shape[0]))
         return torch.from_numpy(logits)
 
-    base = load_model(base_path)
+    base = load_model(job.base_path)
     with Progress("bundle: perplexity, KL, top-1 in onnxruntime", "window") as progress:
         agreement = compare_to_base(None, base, tokenizer, text, params, progress=progress, base_hidden=base_hidden,
                                     logits_fn=logits_fn)  # fmt: skip
@@ -167,27 +155,33 @@ def evaluate_bundle(onnx_path: str, model_path: str, base_path: str, baseline_di
         "bundle_repeated_ngram_rate": repetition,
         "bundle_kl_to_base": agreement.kl_to_base,
         "bundle_top1_agreement": agreement.top1_agreement,
-        "bundle_bytes": folder_bytes(Path(onnx_path).parent),
-        "bundle_accuracy_level": export_params.accuracy_level if quantized else None,
+        "bundle_bytes": folder_bytes(Path(job.onnx_path).parent),
+        "bundle_accuracy_level": job.export.accuracy_level if quantized else None,
         "bundle_precision": precision_label(counts),
         "bundle_precision_counts": counts,
     }
 
 
-def speed(model_path: str, base_path: str, eval_path: str, params: SpeedParams,
-          onnx_path: str | None) -> dict[str, Any]:  # fmt: skip
+def speed(job: SpeedJob) -> dict[str, Any]:
     """Latency, throughput and peak memory of the base model in PyTorch (what users would run instead) and of the
     compressed model in the runtime that serves it: onnxruntime when it was exported, else PyTorch. Measured in
     the same run, on the same machine and threads, one child process each (`llmpress.evaluate.speed`)."""
-    prompt = prompt_ids(load_tokenizer(base_path), eval_path, params)
-    params = params.model_copy(update={"threads": params.threads or torch.get_num_threads()})
+    prompt = prompt_ids(load_tokenizer(job.base_path), job.eval_path, job.params)
+    params = job.params.model_copy(update={"threads": job.params.threads or torch.get_num_threads()})
     with phase("speed: base model in PyTorch (child process)"):
-        base = measure_in_subprocess("torch", base_path, prompt, params)
-    runtime, path = ("ort", onnx_path) if onnx_path else ("torch", model_path)
-    with phase(f"speed: compressed model in {'onnxruntime' if onnx_path else 'PyTorch'} (child process)"):
+        base = measure_in_subprocess("torch", job.base_path, prompt, params)
+    runtime, path = ("ort", job.onnx_path) if job.onnx_path else ("torch", job.model_path)
+    with phase(f"speed: compressed model in {'onnxruntime' if job.onnx_path else 'PyTorch'} (child process)"):
         compressed = measure_in_subprocess(runtime, path, prompt, params)
     for batch in sorted({1, params.batch_size}):  # the deployable artifact against what users would run instead
         served = compressed[f"{runtime}_b{batch}_decode_tokens_per_s"]
         compressed[f"decode_speedup_b{batch}"] = served / base[f"torch_b{batch}_decode_tokens_per_s"]
     compressed["runtime"] = runtime
     return {"base": base, "compressed": compressed}
+
+
+def _read_baseline(ref: BaselineRef) -> tuple[dict[str, Any], Any]:
+    found = load_baseline(ref.path, ref.key)
+    if found is None:
+        raise LlmpressError(f"no baseline {ref.key[:12]} of the base model in {ref.path}: run the baseline step first")
+    return found

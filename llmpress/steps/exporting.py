@@ -10,32 +10,29 @@ from typing import Any
 
 import torch
 
-from llmpress.config import (
-    ExportParams,
-)
+from llmpress.config import ExportParams
 from llmpress.errors import LlmpressError
 from llmpress.export.onnx import check_parity, export_onnx, torch_trajectory
 from llmpress.files import atomic_folder
 from llmpress.progress import phase
 from llmpress.sources import load_model, load_tokenizer
 from llmpress.steps.common import folder_bytes
+from llmpress.steps.jobs import ExportJob
 
 log = logging.getLogger(__name__)
 
 
-def export(model_path: str, out_dir: str, eval_path: str, params: ExportParams,
-           template_dir: str | None = None) -> dict[str, Any]:  # fmt: skip
+def export(job: ExportJob) -> dict[str, Any]:
     """ONNX export (KV cache) and parity against PyTorch: prefill of the first `parity_tokens` held-out tokens, then
-    `parity_decode_steps` greedy steps. With `template_dir`, the traced graph of each architecture is kept there
-    and reused (`llmpress.export.template`)."""
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path)
+    `parity_decode_steps` greedy steps."""
+    tokenizer = load_tokenizer(job.model_path)
+    model = load_model(job.model_path)
     # The folder appears only once its graph was written, checked against PyTorch and set to its serving level: a
     # stopped or failed export leaves nothing a later step could take for a finished one.
-    with atomic_folder(out_dir) as staging:
-        path, record = _export_checked(model, tokenizer, staging, eval_path, params, template_dir)
-    path = Path(out_dir) / path.name
-    return record | {"onnx_path": str(path.resolve()), "onnx_bytes": folder_bytes(out_dir)}
+    with atomic_folder(job.out_dir) as staging:
+        path, record = _export_checked(model, tokenizer, staging, job.eval_path, job.params, job.template_dir)
+    path = Path(job.out_dir) / path.name
+    return record | {"onnx_path": str(path.resolve()), "onnx_bytes": folder_bytes(job.out_dir)}
 
 
 def _export_checked(model: torch.nn.Module, tokenizer: Any, out_dir: Path, eval_path: str, params: ExportParams,

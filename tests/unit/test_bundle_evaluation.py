@@ -47,17 +47,23 @@ def test_a_quantized_bundle_is_scored_as_it_ships(tmp_path, level) -> None:
     eval_path.write_text(TEXT)
     params = EvalParams(window=64, stride=64, batch_size=2, max_tokens=1024)
     params = params.model_copy(update={"cloze": params.cloze.model_copy(update={"min_context_words": 5})})
-    baseline = steps.baseline(base_dir, str(eval_path), params, str(tmp_path / "baselines"), "base-sha")
+    held_out = steps.DataFile(path=str(eval_path))
+    baseline = steps.baseline(steps.BaselineJob(base_path=base_dir, base_sha256="base-sha", held_out=held_out,
+                                                params=params, baselines_dir=str(tmp_path / "baselines")))  # fmt: skip
+    base_eval = steps.BaselineRef(path=baseline["path"], key=baseline["key"])
     export_params = ExportParams(parity_tokens=32, parity_decode_steps=8, accuracy_level=level)
-    exported = steps.export(model_dir, str(tmp_path / "onnx"), str(eval_path), export_params)
+    exported = steps.export(steps.ExportJob(model_path=model_dir, out_dir=str(tmp_path / "onnx"),
+                                            eval_path=str(eval_path), params=export_params))  # fmt: skip
     graph = onnx.load(exported["onnx_path"], load_external_data=False)
     levels = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
               if a.name == "accuracy_level"}  # fmt: skip
     assert levels == {level}  # the shipped graph runs at the serving level; parity was checked at level 0
     assert exported["onnx_max_abs_diff"] < 1e-4 and exported["onnx_greedy_identical"] == 1.0
-    bundle = steps.evaluate_bundle(exported["onnx_path"], model_dir, base_dir, baseline["path"], baseline["key"],
-                                   str(eval_path), params, export_params)  # fmt: skip
-    evaluation = steps.evaluate(model_dir, base_dir, baseline["path"], baseline["key"], str(eval_path), params)
+    bundle = steps.evaluate_bundle(steps.BundleJob(
+        onnx_path=exported["onnx_path"], model_path=model_dir, base_path=base_dir, baseline=base_eval,
+        eval_path=str(eval_path), params=params, export=export_params))  # fmt: skip
+    evaluation = steps.evaluate(steps.EvaluateJob(model_path=model_dir, base_path=base_dir, baseline=base_eval,
+                                                  held_out=held_out, params=params))  # fmt: skip
     torch_ppl = evaluation["metrics"]["perplexity"]
     assert bundle["bundle_precision"] == "int4-emb8"
     assert bundle["bundle_precision_counts"] == {"gather_8bit": 1, "matmul_4bit": 3 * 7, "matmul_8bit": 1}

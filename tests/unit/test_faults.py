@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from flows.cli import main
 from llmpress import steps
-from llmpress.config import CompressParams, DataParams, EvalParams
+from llmpress.config import CompressParams, DataParams
 from llmpress.errors import LlmpressError
 from llmpress.sources import CHECKSUMS, load_model
 from tests.unit.conftest import build_tiny_llama, byte_tokenizer_json
@@ -119,8 +119,10 @@ def _compress(folder: Path, calibration: Path, out: Path, md5: str | None = None
     recipe = out.parent / "wanda.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text("name: w\nstages:\n  - method: wanda\n    sparsity: 0.5\n")
-    return steps.compress(str(folder), str(recipe), str(calibration), str(out), DataParams(seq_len=32),
-                          EvalParams(), CompressParams(device="cpu", batch_size=2), {}, md5)  # fmt: skip
+    return steps.compress(steps.CompressJob(
+        model_path=str(folder), recipe_path=str(recipe), calibration=steps.DataFile(path=str(calibration), md5=md5),
+        out_dir=str(out), data=DataParams(seq_len=32), add_bos=True, params=CompressParams(device="cpu", batch_size=2),
+        lineage={}))  # fmt: skip
 
 
 def test_nan_from_compression_is_refused_and_nothing_saved(tmp_path: Path) -> None:

@@ -69,7 +69,9 @@ def test_speed_step_measures_an_exported_model_in_onnxruntime_against_the_base_i
     eval_path = tmp_path / "eval.txt"
     eval_path.write_text("the held-out text, long enough for a prompt of a few tokens " * 4)
     params = SpeedParams(prompt_tokens=8, decode_tokens=2, batch_size=2, warmup=0, repeats=1, threads=1)
-    result = steps.speed(str(folder), str(folder), str(eval_path), params, str(onnx_dir / "model.onnx"))
+    job = steps.SpeedJob(model_path=str(folder), base_path=str(folder), eval_path=str(eval_path), params=params,
+                         onnx_path=str(onnx_dir / "model.onnx"))  # fmt: skip
+    result = steps.speed(job)
     base, comp = result["base"], result["compressed"]
     assert comp["runtime"] == "ort" and comp["ort_b2_decode_tokens_per_s"] > 0 and comp["ort_peak_rss_mb"] > 0
     assert not any(k.startswith("torch_") for k in comp) and not any(k.startswith("ort_") for k in base)
