@@ -231,4 +231,4 @@ def _train(
     return losses
 
 
-register(Method(DistillStage, "model", apply_model_))
+register(Method(DistillStage, "model", apply_model_, needs_teacher=True))

@@ -123,7 +123,7 @@ def compress_(
     check_recipe(model, recipe)
 
     snapshot: nn.Module | None = None
-    if teacher is None and any(stage.method == "distill" for stage in recipe.stages):
+    if teacher is None and any(method_for(stage).needs_teacher for stage in recipe.stages):
         snapshot = copy.deepcopy(model).cpu()
 
     def get_teacher() -> nn.Module:

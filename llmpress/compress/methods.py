@@ -56,6 +56,7 @@ class Method:
     apply_shared: Callable[..., dict[str, dict]] | None = None
     needs_data: Callable[[Any], bool] | None = None  # when the stage's settings decide; see `wants_data`
     check: Callable[[nn.Module, Any], None] | None = None  # refuses settings this model cannot take (LlmpressError)
+    needs_teacher: bool = False  # model methods: `ctx.teacher()` is the model as it was before the recipe
 
     @property
     def name(self) -> str:
