@@ -474,6 +474,21 @@ class AWQStage(QuantStage):
     clip: bool = Field(True, description="also search a per-group weight clipping ratio (AWQ's auto_clip)")
 
 
+class QATStage(QuantStage):
+    """Quantization-aware training (LSQ): fake-quantized training against the teacher, converted to the same codes
+    as RTN and GPTQ."""
+
+    method: Literal["qat"]
+    steps: int = Field(40, ge=1, le=1_000_000)
+    lr: float = Field(
+        1e-5, gt=0.0, le=1.0, description="learning rate of the weights (and the blocks' other parameters)"
+    )
+    scale_lr: float = Field(1e-5, gt=0.0, le=1.0, description="learning rate of the quantization step sizes")
+    batch_size: int = Field(4, ge=1, le=4096)
+    temperature: float = Field(1.0, gt=0.0, le=100.0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+
+
 class SmoothQuantStage(Targeted):
     """SmoothQuant (Xiao et al. 2023): migrate activation outliers into the weights, then W8A8."""
 
@@ -485,12 +500,23 @@ class SmoothQuantStage(Targeted):
     activation_bits: int | None = Field(8, ge=4, le=8, description="per-token dynamic; null: weights only")
 
 
-class StructuredStage(Strict):
-    """Structured pruning that shrinks shapes: attention heads and MLP channels (same count in every block)."""
+class Shrinking(Strict):
+    """What a structured method removes: attention heads and MLP channels (same count in every block)."""
 
-    method: Literal["structured"]
     heads: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of query heads removed per KV group")
     mlp: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of MLP intermediate channels removed")
+
+    @model_validator(mode="after")
+    def _something(self) -> Shrinking:
+        if self.heads == 0 and self.mlp == 0:
+            raise ValueError("set 'heads' and/or 'mlp' to the fraction to remove (e.g. mlp: 0.2)")
+        return self
+
+
+class StructuredStage(Shrinking):
+    """Structured pruning scored without gradients, the output projections refitted by least squares."""
+
+    method: Literal["structured"]
     importance: Literal["activation", "magnitude"] = Field(
         "activation", description="'activation': output-energy of each head/channel on calibration data"
     )
@@ -499,11 +525,16 @@ class StructuredStage(Strict):
     )
     dampening: float = Field(0.01, gt=0.0, le=1.0)
 
-    @model_validator(mode="after")
-    def _something(self) -> StructuredStage:
-        if self.heads == 0 and self.mlp == 0:
-            raise ValueError("set 'heads' and/or 'mlp' to the fraction to remove (e.g. mlp: 0.2)")
-        return self
+
+class LlmPrunerStage(Shrinking):
+    """LLM-Pruner: heads and channels scored by the Taylor expansion of the calibration loss (gradients)."""
+
+    method: Literal["llm_pruner"]
+    importance: Literal["element1", "element2", "vector"] = Field(
+        "element1", description="'element1': sum |w dL/dw| over the group; 'element2' adds the Fisher term; "
+        "'vector': |sum w dL/dw| per layer of the group"
+    )  # fmt: skip
+    samples: int | None = Field(None, ge=1, le=1_000_000, description="calibration windows for gradients; null: all")
 
 
 class DropBlocksStage(Strict):
@@ -543,8 +574,10 @@ Stage = Annotated[
     | RTNStage
     | GPTQStage
     | AWQStage
+    | QATStage
     | SmoothQuantStage
     | StructuredStage
+    | LlmPrunerStage
     | DropBlocksStage
     | LowRankStage
     | DistillStage

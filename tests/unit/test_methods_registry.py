@@ -16,7 +16,7 @@ from llmpress.loading import read_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 COMPRESS = REPO / "llmpress" / "compress"
-LEAVES = ("engine", "methods", "calibration", "offload", "records", "targets")
+LEAVES = ("engine", "methods", "calibration", "offload", "records", "targets", "shrink")
 
 
 def test_every_stage_schema_has_exactly_one_registered_method() -> None:
