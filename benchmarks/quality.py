@@ -34,6 +34,7 @@ DEFAULT_RECIPES = [
     "sparsegpt-2of4-gptq-w4g128",
     "structured-mlp-20", "structured-heads-mlp", "drop-blocks-2", "lowrank-svd-mlp-50", "lowrank-mlp-50",
     "structured-mlp-20-distill-rtn-w8",
+    "llm-pruner-mlp-20", "structured-mlp-20-distill", "llm-pruner-mlp-20-distill", "qat-w4g128",
 ]  # fmt: skip
 
 
