@@ -72,12 +72,7 @@ def apply_model_(model: nn.Module, stage: DistillStage, ctx: ModelContext) -> li
     """Train `model` (the student, in place) to match `ctx.teacher()` on the calibration windows."""
 
     _refuse_quantized(model)
-    ids = ctx.calibration_ids
-    if ids is None or ids.numel() == 0:
-        raise LlmpressError("distill needs calibration data (token windows), none was given")
-    teacher = ctx.teacher()
-    if teacher is None or teacher is model:
-        raise LlmpressError("distill needs a teacher model distinct from the student")
+    ids, teacher = ctx.data("distill"), ctx.teacher_of(model, "distill")
     _, blocks = find_decoder_blocks(model)
 
     trainable = [p for p in blocks.parameters() if p.is_floating_point()]

@@ -61,9 +61,7 @@ def apply_model_(model: nn.Module, stage: DropBlocksStage, ctx: ModelContext) ->
     blocks_name, blocks = find_decoder_blocks(model)
     n = len(blocks)
     check(model, stage)
-    if ctx.calibration_ids is None:
-        raise LlmpressError("drop_blocks measures block influence on calibration data; none was given")
-    influence = block_influence(model, ctx.calibration_ids, ctx.device, ctx.batch_size)
+    influence = block_influence(model, ctx.data("drop_blocks"), ctx.device, ctx.batch_size)
     dropped = sorted(sorted(range(n), key=lambda i: influence[i])[: stage.blocks])
 
     for i in reversed(dropped):

@@ -62,7 +62,6 @@ from llmpress.compress.shrink import (
 )
 from llmpress.compress.targets import find_decoder_blocks
 from llmpress.config import LlmPrunerStage
-from llmpress.errors import LlmpressError
 
 ByWeight = dict[int, torch.Tensor]  # keyed by id(weight)
 
@@ -72,11 +71,7 @@ def apply_model_(model: nn.Module, stage: LlmPrunerStage, ctx: ModelContext) -> 
     """Score every head and channel of every block from the loss gradients, then remove the lowest in each block;
     one row per rebuilt linear."""
     check(model, stage)
-    ids = ctx.calibration_ids
-    if ids is None or ids.numel() == 0:
-        raise LlmpressError("llm_pruner scores structures by the gradients of the calibration loss; no calibration "
-                            "data was given")  # fmt: skip
-    ids = ids[: stage.samples]
+    ids = ctx.data("llm_pruner")[: stage.samples]
     blocks_name, blocks = find_decoder_blocks(model)
     parts = [anatomy(block) for block in blocks]
     scored = [layer for a in parts for layer in _scored_layers(a, stage)]

@@ -41,6 +41,8 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from llmpress.errors import LlmpressError
+
 Kind = Literal["layer", "block", "model"]
 Statistic = Literal["input_sq_norms", "hessian"]
 
@@ -80,6 +82,19 @@ class ModelContext:
     batch_size: int
     teacher: Callable[[], nn.Module]
     progress: Callable[[str], None]
+
+    def data(self, method: str) -> torch.Tensor:
+        """The calibration ids, refused by `method`'s name when there are none."""
+        if self.calibration_ids is None or self.calibration_ids.numel() == 0:
+            raise LlmpressError(f"{method} needs calibration data (token windows), none was given")
+        return self.calibration_ids
+
+    def teacher_of(self, model: nn.Module, method: str) -> nn.Module:
+        """The model before the recipe, refused by `method`'s name when there is none apart from `model`."""
+        teacher = self.teacher()
+        if teacher is None or teacher is model:
+            raise LlmpressError(f"{method} needs a teacher model distinct from the student")
+        return teacher
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -136,12 +136,7 @@ def convert_(layers: dict[str, nn.Linear]) -> dict[str, QuantizedWeight]:
 
 def apply_model_(model: nn.Module, stage: QATStage, ctx: ModelContext) -> list[dict[str, Any]]:
     """Fake-quantize the targeted linears, train against the teacher, convert to codes; one row per layer."""
-    ids = ctx.calibration_ids
-    if ids is None or ids.numel() == 0:
-        raise LlmpressError("qat trains on calibration data (token windows); none was given")
-    teacher = ctx.teacher()
-    if teacher is None or teacher is model:
-        raise LlmpressError("qat needs a teacher model distinct from the student")
+    ids, teacher = ctx.data("qat"), ctx.teacher_of(model, "qat")
     blocks_name, blocks = find_decoder_blocks(model)
     layers = {n: m for j, b in enumerate(blocks) for n, m in targeted_linears(b, f"{blocks_name}.{j}", stage).items()}
     flags = {p: p.requires_grad for p in [*model.parameters(), *teacher.parameters()]}
