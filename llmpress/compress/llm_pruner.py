@@ -135,7 +135,7 @@ def loss_gradients(
         model.to(device).eval()  # parameters move in place: `weights` are still the model's
         dtype = torch.promote_types(weights[0].dtype, torch.float32)
         grads = {id(w): torch.zeros(w.shape, dtype=dtype, device=w.device) for w in weights}
-        fisher = {id(w): torch.zeros_like(g) for w, g in zip(weights, grads.values(), strict=True)}
+        fisher = {k: torch.zeros_like(g) for k, g in grads.items()} if with_fisher else {}
         with torch.enable_grad():  # the engine runs every stage under no_grad
             for index, window in enumerate(ids):
                 batch = window[None].to(device)
@@ -152,7 +152,7 @@ def loss_gradients(
         model.to("cpu")
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return ({k: g.cpu() for k, g in grads.items()}, {k: f.cpu() for k, f in fisher.items()} if with_fisher else {})
+    return {k: g.cpu() for k, g in grads.items()}, {k: f.cpu() for k, f in fisher.items()}
 
 
 register(Method(LlmPrunerStage, "model", apply_model_, check=check))

@@ -95,18 +95,19 @@ class FakeQuant(nn.Module):
     def _expand(self, t: torch.Tensor) -> torch.Tensor:
         return t.repeat_interleave(self.group, dim=1)[:, : self.cols]
 
-    def codes(self, weight: torch.Tensor) -> torch.Tensor:
-        scale = self._expand(_Fp16STE.apply(self.scale, self.lsq_factor))
-        return torch.clamp(_RoundSTE.apply(weight * self.keep / scale) + self._expand(self.zero), 0, 2**self.bits - 1)
+    def _codes(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, scale, zero), the last two expanded to the weight's shape; the scale once per forward."""
+        scale, zero = self._expand(_Fp16STE.apply(self.scale, self.lsq_factor)), self._expand(self.zero)
+        return torch.clamp(_RoundSTE.apply(weight * self.keep / scale) + zero, 0, 2**self.bits - 1), scale, zero
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         # the same arithmetic as QuantizedWeight.dequantize, so the converted layer computes the same bits
-        scale = self._expand(_Fp16STE.apply(self.scale, self.lsq_factor))
-        return scale * (self.codes(weight) - self._expand(self.zero))
+        codes, scale, zero = self._codes(weight)
+        return scale * (codes - zero)
 
     @torch.no_grad()
     def quantized(self, weight: torch.Tensor) -> QuantizedWeight:
-        codes = self.codes(weight).to(torch.uint8)
+        codes = self._codes(weight)[0].to(torch.uint8)
         return QuantizedWeight(codes, self.scale.half(), self.zero.to(torch.uint8), self.bits, self.group_size,
                                self.symmetric)  # fmt: skip
 
@@ -152,8 +153,8 @@ def apply_model_(model: nn.Module, stage: QATStage, ctx: ModelContext) -> list[d
         scales = [fake.scale for fake in fakes.values()]
         for p in weights:
             p.requires_grad_(True)
-        losses = _train(model, teacher, [p for p in weights if all(p is not s for s in scales)], scales, ids, stage,
-                        ctx)  # fmt: skip
+        scale_ids = {id(s) for s in scales}
+        losses = _train(model, teacher, [p for p in weights if id(p) not in scale_ids], scales, ids, stage, ctx)
         quantized = convert_(layers)
     finally:
         for layer in layers.values():  # a failed run leaves no parametrization behind

@@ -141,3 +141,15 @@ def registry(tmp_path: Path):
                          num_key_value_heads=1, vocab_size=64)  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(folder)
     return c, exp, folder
+
+
+@pytest.fixture
+def calib() -> torch.Tensor:
+    """32 windows of 32 random tokens: enough that training stages (distill, qat) generalise to held-out ids."""
+    return torch.randint(0, VOCAB, (32, 32), generator=torch.Generator().manual_seed(1234))
+
+
+@pytest.fixture
+def held_out() -> torch.Tensor:
+    """16 windows the training stages never see."""
+    return torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(99))

@@ -15,19 +15,7 @@ from llmpress.config import Recipe
 from llmpress.errors import LlmpressError
 
 WANDA = {"method": "wanda", "sparsity": 0.5}
-VOCAB = 256  # the tiny Llama of conftest.py
 DISTILL = {"method": "distill", "steps": 30, "lr": 1e-3, "batch_size": 8}
-
-
-@pytest.fixture
-def calib() -> torch.Tensor:
-    """32 windows of 32 random tokens: enough that 30 steps generalise to held-out ids on the tiny model."""
-    return torch.randint(0, VOCAB, (32, 32), generator=torch.Generator().manual_seed(1234))
-
-
-@pytest.fixture
-def held_out() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(99))
 
 
 def _recipe(*stages: dict) -> Recipe:

@@ -17,18 +17,7 @@ from llmpress.compress.targets import targeted_linears
 from llmpress.config import QATStage, Recipe
 from llmpress.errors import LlmpressError
 
-VOCAB = 256  # the tiny Llama of conftest.py
 QAT = {"method": "qat", "bits": 3, "group_size": 16, "steps": 30, "lr": 1e-4, "scale_lr": 1e-5, "batch_size": 8}
-
-
-@pytest.fixture
-def calib() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (32, 32), generator=torch.Generator().manual_seed(1234))
-
-
-@pytest.fixture
-def held_out() -> torch.Tensor:
-    return torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(99))
 
 
 def _kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> float:
