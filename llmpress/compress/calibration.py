@@ -223,35 +223,11 @@ class BlockCalibration:
 def gram(x: torch.Tensor) -> torch.Tensor:
     """X^T X in fp32 for X [tokens, features].
 
-    fp16/bf16 inputs on CUDA use tensor cores with fp32 accumulation and fp32 output (`out_dtype`), or TF32 on
-    torch versions without it: the products of 16-bit values are exact in either, and the sums are fp32, as in
-    a plain fp32 matmul. fp32 inputs stay in full fp32 (TF32 would round them).
+    fp16/bf16 inputs on CUDA use tensor cores with fp32 accumulation and fp32 output (`out_dtype`): the products of
+    16-bit values are exact and the sums are fp32, as in a plain fp32 matmul. Elsewhere, and for fp32 inputs, a plain
+    fp32 matmul.
     """
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        try:
-            return torch.mm(x.T, x, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            with exact_tf32(x.dtype):
-                x32 = x.float()
-                return x32.T @ x32
+        return torch.mm(x.T, x, out_dtype=torch.float32)
     x32 = x.float()
     return x32.T @ x32
-
-
-@contextlib.contextmanager
-def exact_tf32(dtype: torch.dtype) -> Iterator[None]:
-    """Allow TF32 tensor cores for an fp32 matmul whose operands came from fp16/bf16 values.
-
-    TF32 keeps 10 mantissa bits and fp32's exponent range, so fp16 (10 bits) and bf16 (7 bits) values are
-    represented exactly; products are exact and accumulate in fp32, as in a plain fp32 matmul. For fp32
-    activations TF32 would round the operands, so it stays off.
-    """
-    if dtype not in (torch.float16, torch.bfloat16) or not torch.cuda.is_available():
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
