@@ -20,10 +20,7 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Prune the `sparsity` fraction of lowest scores over the whole matrix, as classic magnitude pruning does."""
-    n_prune = round(scores.numel() * sparsity)
-    if n_prune == 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    return ~_lowest(scores.reshape(1, -1), n_prune).view_as(scores)
+    return row_mask(scores.reshape(1, -1), sparsity).view_as(scores)
 
 
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:

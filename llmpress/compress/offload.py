@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from llmpress.compress.calibration import BlockCalibration, capture_block_inputs, to_device
-from llmpress.compress.records import untimed
 from llmpress.compress.targets import find_decoder_blocks
 
 
@@ -23,7 +22,7 @@ def iterate_blocks(
     calibration_ids: torch.Tensor | None,
     device: torch.device,
     batch_size: int,
-    timer: Callable[[str], contextlib.AbstractContextManager[None]] = untimed,
+    timer: Callable[[str], contextlib.AbstractContextManager] = contextlib.nullcontext,  # nullcontext(phase): untimed
 ) -> Iterator[tuple[int, str, nn.Module, BlockCalibration | None]]:
     """Yield (index, prefix, block on `device`, its calibration inputs) for every decoder block in order.
 
@@ -107,8 +106,11 @@ class BlockMover:
 
     # -- in the worker thread --------------------------------------------------------------------------------
 
-    def _views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Pinned staging views shaped like `tensors` (64-byte aligned), growing the buffer when needed."""
+    def _staged(self, block: nn.Module) -> tuple[list, list[torch.Tensor], list[torch.Tensor]]:
+        """The block's tensor slots (`_tensor_slots`), their tensors, and pinned staging views shaped like them
+        (64-byte aligned), growing the buffer when needed."""
+        slots = _tensor_slots(block)
+        tensors = [get() for _, get, _ in slots]
         sizes = [(t.numel() * t.element_size() + 63) // 64 * 64 for t in tensors]
         if self.staging.numel() < sum(sizes):
             self.staging = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
@@ -116,12 +118,10 @@ class BlockMover:
         for t, size in zip(tensors, sizes, strict=True):
             views.append(self.staging[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape))
             offset += size
-        return views
+        return slots, tensors, views
 
     def _upload(self, block: nn.Module) -> None:
-        slots = _tensor_slots(block)
-        tensors = [get() for _, get, _ in slots]
-        views = self._views(tensors)
+        slots, tensors, views = self._staged(block)
         with torch.cuda.stream(self.stream):
             on_device = []
             for t, view in zip(tensors, views, strict=True):
@@ -133,9 +133,7 @@ class BlockMover:
             put(t)
 
     def _download(self, block: nn.Module, after: torch.cuda.Event) -> None:
-        slots = _tensor_slots(block)
-        tensors = [get() for _, get, _ in slots]
-        views = self._views(tensors)
+        slots, tensors, views = self._staged(block)
         self.stream.wait_event(after)
         with torch.cuda.stream(self.stream):
             for t, view in zip(tensors, views, strict=True):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -83,10 +84,6 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def untimed(_phase: str) -> contextlib.AbstractContextManager[None]:
-    return contextlib.nullcontext()
-
-
 def add_layer_records(report: CompressionReport, model: nn.Module, index: int, stage: Any,
                        rows: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
     """Turn a method's rows ({"name", "layer" or "shape", details...}) into LayerRecords."""
@@ -108,7 +105,7 @@ def summarise(report: CompressionReport, index: int) -> dict[str, Any]:
     recs = [r for r in report.layers if r.stage == index]
     if not recs:
         return {}
-    sizes = [max(1, _numel(r.shape)) for r in recs]
+    sizes = [max(1, math.prod(r.shape)) for r in recs]
     summary: dict[str, Any] = {
         "layers": len(recs),
         "sparsity": sum(r.sparsity * n for r, n in zip(recs, sizes, strict=True)) / sum(sizes),
@@ -117,10 +114,3 @@ def summarise(report: CompressionReport, index: int) -> dict[str, Any]:
     if bits:
         summary["bits"] = sorted(bits)
     return summary
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
