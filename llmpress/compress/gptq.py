@@ -78,20 +78,18 @@ def apply_shared_(layers: dict[str, nn.Linear], stage: GPTQStage, stats: LayerSt
     if any(m is not None for m in masks):
         mask = torch.cat([torch.zeros_like(w, dtype=torch.bool) if m is None else m
                           for m, w in zip(masks, weights, strict=True)])  # fmt: skip
-    qw, row_losses = _gptq(
+    qw, row_losses = gptq_quantize(
         torch.cat(weights), stats.hessian, bits=stage.bits, group_size=stage.group_size, symmetric=stage.symmetric,
-        block_size=stage.block_size, dampening=stage.dampening, act_order=stage.act_order, mask=mask,
+        block_size=stage.block_size, dampening=stage.dampening, act_order=stage.act_order, mask=mask, per_row=True,
     )  # fmt: skip
+    sizes = [w.shape[0] for w in weights]
+    parts = zip(layers.items(), qw.codes.split(sizes), qw.scale.split(sizes), qw.zero.split(sizes),
+                row_losses.split(sizes), strict=True)  # fmt: skip
     out: dict[str, dict] = {}
-    start = 0
-    for (name, layer), w in zip(layers.items(), weights, strict=True):
-        stop = start + w.shape[0]
-        part = QuantizedWeight(qw.codes[start:stop], qw.scale[start:stop], qw.zero[start:stop], qw.bits,
-                               qw.group_size, qw.symmetric)  # fmt: skip
-        attach_(layer, part)
+    for (name, layer), codes, scale, zero, losses in parts:
+        attach_(layer, QuantizedWeight(codes, scale, zero, qw.bits, qw.group_size, qw.symmetric))
         out[name] = {"bits": stage.bits, "group_size": stage.group_size, "symmetric": stage.symmetric,
-                     "act_order": stage.act_order, "error": row_losses[start:stop].sum().item()}  # fmt: skip
-        start = stop
+                     "act_order": stage.act_order, "error": losses.sum().item()}  # fmt: skip
     return out
 
 
@@ -102,41 +100,16 @@ def _pruned(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def gptq_quantize(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    *,
-    bits: int,
-    group_size: int | None,
-    symmetric: bool,
-    block_size: int = 128,
-    dampening: float = 0.01,
-    act_order: bool = False,
-    mask: torch.Tensor | None = None,
-) -> tuple[QuantizedWeight, float]:
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int | None, symmetric: bool,
+                  block_size: int = 128, dampening: float = 0.01, act_order: bool = False,
+                  mask: torch.Tensor | None = None,
+                  per_row: bool = False) -> tuple[QuantizedWeight, float | torch.Tensor]:  # fmt: skip
     """GPTQ codes for `weight` [out, in] given H = 2/n X X^T [in, in]; `mask` (True = pruned) stays exactly 0.
 
     Returns the quantized weight (codes in the original column order, one grid per row and per `group_size`
-    consecutive inputs) and the reference's reconstruction loss sum_j (w_j - q_j)^2 / [H^-1]_jj^2 / 2.
+    consecutive inputs) and the reference's reconstruction loss sum_j (w_j - q_j)^2 / [H^-1]_jj^2 / 2: a float, or
+    with `per_row` a tensor of the loss of every output row.
     """
-    qw, row_losses = _gptq(weight, hessian, bits=bits, group_size=group_size, symmetric=symmetric,
-                           block_size=block_size, dampening=dampening, act_order=act_order, mask=mask)  # fmt: skip
-    return qw, row_losses.sum().item()
-
-
-def _gptq(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    *,
-    bits: int,
-    group_size: int | None,
-    symmetric: bool,
-    block_size: int,
-    dampening: float,
-    act_order: bool,
-    mask: torch.Tensor | None,
-) -> tuple[QuantizedWeight, torch.Tensor]:
-    """`gptq_quantize` returning the loss per output row."""
     W = weight.detach().float().clone()
     rows, cols = W.shape
     gs = group_size or cols
@@ -193,22 +166,12 @@ def _gptq(
     if act_order:
         codes = codes[:, torch.argsort(perm)]
     qw = QuantizedWeight(codes.to(torch.uint8), scale.half(), zero.to(torch.uint8), bits, group_size, symmetric)
-    return qw, row_losses
+    return qw, row_losses if per_row else row_losses.sum().item()
 
 
-def _quantize_columns(
-    W1: torch.Tensor,
-    U1: torch.Tensor,
-    S1: torch.Tensor,
-    Z1: torch.Tensor,
-    codes1: torch.Tensor,
-    Err1: torch.Tensor,
-    mask1: torch.Tensor | None,
-    fit_starts: tuple[int, ...],
-    gs: int,
-    bits: int,
-    symmetric: bool,
-) -> None:
+def _quantize_columns(W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor, codes1: torch.Tensor,
+                      Err1: torch.Tensor, mask1: torch.Tensor | None, fit_starts: tuple[int, ...], gs: int, bits: int,
+                      symmetric: bool) -> None:  # fmt: skip
     """GPTQ's inner loop over the columns of one block, in place (replayed from a CUDA graph on GPUs).
 
     W1 [rows, width + lookahead]: the block's current weights, then columns past it that a group begun here

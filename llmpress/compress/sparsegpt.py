@@ -91,13 +91,8 @@ def _unstructured_mask(scores: torch.Tensor, sparsity: float, start: int, per_ro
 
 
 @torch.no_grad()
-def prune_(
-    W: torch.Tensor,
-    hessian: torch.Tensor,
-    stage: SparseGPTStage,
-    input_sq_norms: torch.Tensor | None = None,
-    segments: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def prune_(W: torch.Tensor, hessian: torch.Tensor, stage: SparseGPTStage, input_sq_norms: torch.Tensor | None = None,
+           segments: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """SparseGPT on a weight matrix W [rows, cols] (not modified); returns (pruned fp32 weight, OBS loss per row).
 
     `segments` splits the rows into layers stacked together (default: one layer); see `apply_shared_`.
@@ -162,17 +157,9 @@ def prune_(
     return W, losses
 
 
-def _prune_columns(
-    W1: torch.Tensor,
-    U1: torch.Tensor,
-    P1: torch.Tensor,
-    Q1: torch.Tensor,
-    Err1: torch.Tensor,
-    x_norm1: torch.Tensor | None,
-    start: int,
-    stop: int,
-    n_m: tuple[int, int] | None,
-) -> None:
+def _prune_columns(W1: torch.Tensor, U1: torch.Tensor, P1: torch.Tensor, Q1: torch.Tensor, Err1: torch.Tensor,
+                   x_norm1: torch.Tensor | None, start: int, stop: int,
+                   n_m: tuple[int, int] | None) -> None:  # fmt: skip
     """SparseGPT's inner loop over columns [start, stop) of one block, in place (a CUDA graph on GPUs).
 
     W1 [rows, width]: the block's current weights; U1 [width, width]; P1: the prune mask (True = prune), chosen
@@ -209,12 +196,9 @@ def apply_shared_(layers: dict[str, nn.Linear], stage: SparseGPTStage, stats: La
     stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
     pruned, row_losses = prune_(stacked, stats.hessian, stage, stats.input_sq_norms, segments)
     out: dict[str, dict] = {}
-    start = 0
-    for (name, layer), n_rows in zip(layers.items(), segments, strict=True):
-        layer.weight.data.copy_(pruned[start : start + n_rows].to(layer.weight.dtype))
-        error = row_losses[start : start + n_rows].sum().item()
-        out[name] = {"block_size": stage.block_size, "importance": stage.importance, "error": error}
-        start += n_rows
+    for (name, layer), w, loss in zip(layers.items(), pruned.split(segments), row_losses.split(segments), strict=True):
+        layer.weight.data.copy_(w.to(layer.weight.dtype))
+        out[name] = {"block_size": stage.block_size, "importance": stage.importance, "error": loss.sum().item()}
     return out
 
 
