@@ -53,7 +53,7 @@ from torch import nn
 
 from llmpress.compress import quant
 from llmpress.compress.anatomy import anatomy, fold_into_norm_
-from llmpress.compress.calibration import BlockCalibration
+from llmpress.compress.calibration import BlockCalibration, block_output
 from llmpress.compress.methods import Method, register
 from llmpress.compress.targets import matches, targeted_linears
 from llmpress.config import AWQStage
@@ -88,15 +88,8 @@ def scale_groups(block: nn.Module, prefix: str) -> list[ScaleGroup]:
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> torch.Tensor:
-    """Q(w) on llmpress's grid, in float32: the values `quant.quantize_rtn(...).dequantize()` gives."""
-    w = w.float()
-    gs = group_size or w.shape[1]
-    out = torch.empty_like(w)
-    for start in range(0, w.shape[1], gs):
-        part = w[:, start : start + gs]
-        scale, zero = quant.fit_grid(part, bits, symmetric)
-        out[:, start : start + gs] = quant.fake_quantize(part, scale, zero, bits)
-    return out
+    """Q(w) on llmpress's grid, in float32: the values the final round-to-nearest step stores."""
+    return quant.quantize_rtn(w, bits, group_size, symmetric).dequantize()
 
 
 def search_calibration(calib: BlockCalibration, max_tokens: int = MAX_SEARCH_TOKENS) -> BlockCalibration:
@@ -127,24 +120,14 @@ def _capture_calls(block: nn.Module, calib: BlockCalibration, modules: list[nn.M
     return calls
 
 
-def _call(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    out = module(*args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    # self_attn is called with hidden_states=..., the MLP and linears positionally
-    return args[0] if args else kwargs["hidden_states"]
-
-
 @torch.no_grad()
 def search_scale(group: ScaleGroup, calls: list[tuple], stage: AWQStage) -> tuple[float, torch.Tensor]:
     """The reference's _search_module_scale: the best ratio and its scales [in_features] (float32)."""
-    xs = [_first_input(a, k) for a, k in calls]
+    xs = [a[0] if a else k["hidden_states"] for a, k in calls]  # self_attn gets hidden_states=..., the rest args
     features = xs[0].shape[-1]
     x_abs_sum = sum(x.reshape(-1, features).float().abs().sum(dim=0) for x in xs)
     x_max = x_abs_sum / sum(x.numel() // features for x in xs)  # mean |x| per channel (get_act_scale)
-    targets = [_call(group.inspect, a, k) for a, k in calls]
+    targets = [block_output(group.inspect(*a, **k)) for a, k in calls]
     originals = {name: fc.weight.detach().clone() for name, fc in group.linears.items()}
 
     best = (math.inf, -1.0, torch.ones_like(x_max))
@@ -157,7 +140,7 @@ def search_scale(group: ScaleGroup, calls: list[tuple], stage: AWQStage) -> tupl
             fc.weight.copy_(fake_quantize(w, stage.bits, stage.group_size, stage.symmetric) / scales)
         sq_err, count = 0.0, 0
         for (args, kwargs), target in zip(calls, targets, strict=True):
-            out = _call(group.inspect, args, kwargs)
+            out = block_output(group.inspect(*args, **kwargs))
             sq_err += (target.float() - out.float()).pow(2).sum().item()  # float prevents overflow
             count += target.numel()
         loss = sq_err / count
