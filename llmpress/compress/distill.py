@@ -76,14 +76,11 @@ def apply_model_(model: nn.Module, stage: DistillStage, ctx: ModelContext) -> li
     _, blocks = find_decoder_blocks(model)
 
     trainable = [p for p in blocks.parameters() if p.is_floating_point()]
-    saved_flags = {p: p.requires_grad for p in model.parameters()}
-    teacher_flags = {p: p.requires_grad for p in teacher.parameters()}
+    saved_flags = {p: p.requires_grad for p in [*model.parameters(), *teacher.parameters()]}
     device = ctx.device
     start = time.perf_counter()
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in teacher.parameters():
+        for p in saved_flags:
             p.requires_grad_(False)
         for p in trainable:
             p.requires_grad_(True)
@@ -95,8 +92,6 @@ def apply_model_(model: nn.Module, stage: DistillStage, ctx: ModelContext) -> li
         model.to("cpu")
         teacher.to("cpu")
         for p, flag in saved_flags.items():
-            p.requires_grad_(flag)
-        for p, flag in teacher_flags.items():
             p.requires_grad_(flag)
         model.zero_grad(set_to_none=True)
 
@@ -166,11 +161,7 @@ def _lr_factor(step: int, steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def distill_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    temperature: float,
-) -> torch.Tensor:
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """T^2 * KL(teacher || student) of the softened next-token distributions, averaged per token."""
     vocab = student_logits.shape[-1]
     s = F.log_softmax(student_logits.float().reshape(-1, vocab) / temperature, dim=-1)
@@ -179,16 +170,8 @@ def distill_loss(
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
 
-def _train(
-    model: nn.Module,
-    teacher: nn.Module,
-    trainable: list[nn.Parameter],
-    masks: dict[nn.Parameter, torch.Tensor],
-    ids: torch.Tensor,
-    stage: DistillStage,
-    device: torch.device,
-    ctx: ModelContext,
-) -> list[float]:
+def _train(model: nn.Module, teacher: nn.Module, trainable: list[nn.Parameter], masks: dict[nn.Parameter, torch.Tensor],
+           ids: torch.Tensor, stage: DistillStage, device: torch.device, ctx: ModelContext) -> list[float]:  # fmt: skip
     optimizer = torch.optim.AdamW(trainable, lr=stage.lr, weight_decay=stage.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, stage.steps))
     batches = _batches(ids.shape[0], stage.batch_size, torch.Generator().manual_seed(stage.seed))
