@@ -49,17 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmpress.compress import shrink
 from llmpress.compress.anatomy import BlockAnatomy, anatomy
 from llmpress.compress.methods import Method, ModelContext, register
-from llmpress.compress.shrink import (
-    channels,
-    check,
-    heads_per_group,
-    highest_channels,
-    lowest_heads,
-    remove_channels,
-    remove_heads,
-)
 from llmpress.compress.targets import find_decoder_blocks
 from llmpress.config import LlmPrunerStage
 
@@ -70,7 +62,7 @@ ByWeight = dict[int, torch.Tensor]  # keyed by id(weight)
 def apply_model_(model: nn.Module, stage: LlmPrunerStage, ctx: ModelContext) -> list[dict[str, Any]]:
     """Score every head and channel of every block from the loss gradients, then remove the lowest in each block;
     one row per rebuilt linear."""
-    check(model, stage)
+    shrink.check(model, stage)
     ids = ctx.data("llm_pruner")[: stage.samples]
     blocks_name, blocks = find_decoder_blocks(model)
     parts = [anatomy(block) for block in blocks]
@@ -87,12 +79,12 @@ def apply_model_(model: nn.Module, stage: LlmPrunerStage, ctx: ModelContext) -> 
         prefix = f"{blocks_name}.{i}"
         if stage.heads > 0:
             scores = member(a.q, 0, a.head_dim) + member(a.o, 1, a.head_dim)
-            removed = lowest_heads(scores, a.n_kv_heads, heads_per_group(stage, a.n_heads, a.n_kv_heads))
-            rows += remove_heads(block, a, prefix, removed, importance=stage.importance)
+            removed = shrink.lowest_heads(scores, a.n_kv_heads, shrink.heads_per_group(stage, a.n_heads, a.n_kv_heads))
+            rows += shrink.remove_heads(block, a, prefix, removed, importance=stage.importance)
         if stage.mlp > 0:
             scores = member(a.gate, 0, 1) + member(a.up, 0, 1) + member(a.down, 1, 1)
-            keep = highest_channels(scores, channels(stage, a.gate.out_features))
-            rows += remove_channels(block, a, prefix, keep, importance=stage.importance)
+            keep = shrink.highest_channels(scores, shrink.channels(stage, a.gate.out_features))
+            rows += shrink.remove_channels(block, a, prefix, keep, importance=stage.importance)
     ctx.progress(f"llm_pruner: {len(rows)} linears rebuilt in {len(blocks)} blocks ({stage.importance} scores)")
     return rows
 
@@ -155,4 +147,4 @@ def loss_gradients(
     return {k: g.cpu() for k, g in grads.items()}, {k: f.cpu() for k, f in fisher.items()}
 
 
-register(Method(LlmPrunerStage, "model", apply_model_, check=check))
+register(Method(LlmPrunerStage, "model", apply_model_, check=shrink.check))

@@ -41,19 +41,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmpress.compress import shrink
 from llmpress.compress.anatomy import BlockAnatomy, anatomy
 from llmpress.compress.calibration import BlockCalibration
 from llmpress.compress.methods import Method, register
-from llmpress.compress.shrink import (
-    channels,
-    check,
-    head_columns,
-    heads_per_group,
-    highest_channels,
-    lowest_heads,
-    remove_channels,
-    remove_heads,
-)
 from llmpress.config import StructuredStage
 from llmpress.errors import LlmpressError
 
@@ -76,7 +67,7 @@ def apply_block_(
 def _prune_heads(block: nn.Module, a: BlockAnatomy, prefix: str, stage: StructuredStage,
                  calib: BlockCalibration | None) -> list[dict[str, Any]]:  # fmt: skip
     d, n_heads, n_kv = a.head_dim, a.n_heads, a.n_kv_heads
-    k = heads_per_group(stage, n_heads, n_kv)
+    k = shrink.heads_per_group(stage, n_heads, n_kv)
     w_o = a.o.weight.float()  # [hidden, n_heads * d]
     gram = _input_gram(block, a.o, calib) if calib is not None and needs_data(stage) else None
     if stage.importance == "activation":
@@ -87,17 +78,17 @@ def _prune_heads(block: nn.Module, a: BlockAnatomy, prefix: str, stage: Structur
         q_norms = a.q.weight.float().reshape(n_heads, -1).norm(dim=1)
         o_norms = w_o.reshape(w_o.shape[0], n_heads, d).transpose(0, 1).reshape(n_heads, -1).norm(dim=1)
         scores = q_norms * o_norms
-    removed = lowest_heads(scores, n_kv, k)
-    keep = head_columns([h for h in range(n_heads) if h not in removed], d).to(w_o.device)
+    removed = shrink.lowest_heads(scores, n_kv, k)
+    keep = shrink.head_columns([h for h in range(n_heads) if h not in removed], d).to(w_o.device)
     new_o_weight = _refit(a.o.weight, gram, keep, stage.dampening) if stage.update == "least_squares" else None
-    rows = remove_heads(block, a, prefix, removed, new_o_weight, importance=stage.importance)
+    rows = shrink.remove_heads(block, a, prefix, removed, new_o_weight, importance=stage.importance)
     rows[-1]["update"] = stage.update
     return rows
 
 
 def _prune_mlp(block: nn.Module, a: BlockAnatomy, prefix: str, stage: StructuredStage,
                calib: BlockCalibration | None) -> list[dict[str, Any]]:  # fmt: skip
-    k = channels(stage, a.gate.out_features)
+    k = shrink.channels(stage, a.gate.out_features)
     w_down = a.down.weight.float()  # [hidden, inter]
     gram = None
     if calib is not None and needs_data(stage):
@@ -109,9 +100,9 @@ def _prune_mlp(block: nn.Module, a: BlockAnatomy, prefix: str, stage: Structured
         scores = energy * w_down.pow(2).sum(dim=0)
     else:
         scores = w_down.norm(dim=0) * (a.gate.weight.float().norm(dim=1) + a.up.weight.float().norm(dim=1))
-    keep = highest_channels(scores, k)
+    keep = shrink.highest_channels(scores, k)
     new_down_weight = _refit(a.down.weight, gram, keep, stage.dampening) if stage.update == "least_squares" else None
-    rows = remove_channels(block, a, prefix, keep, new_down_weight, importance=stage.importance)
+    rows = shrink.remove_channels(block, a, prefix, keep, new_down_weight, importance=stage.importance)
     rows[-1]["update"] = stage.update
     return rows
 
@@ -147,4 +138,4 @@ def _refit(weight: torch.Tensor, gram: torch.Tensor | None, keep: torch.Tensor, 
     return torch.linalg.solve(g_ss, rhs.T).T.to(weight.dtype)  # G[S, S] is symmetric
 
 
-register(Method(StructuredStage, "block", apply_block_, needs_data=needs_data, check=check))
+register(Method(StructuredStage, "block", apply_block_, needs_data=needs_data, check=shrink.check))
