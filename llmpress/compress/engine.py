@@ -197,14 +197,9 @@ def _run_pass(model: nn.Module, stages: list[tuple[int, Any]], calibration_ids: 
         report.stages.append(records[index])
 
 
-def _apply_layer_stage(
-    method: Method,
-    stage: Any,
-    layers: dict[str, nn.Linear],
-    stats: dict[str, LayerStats],
-    sparsities: dict[str, float] | None,
-    dense: dict[str, torch.Tensor],
-) -> list[dict[str, Any]]:
+def _apply_layer_stage(method: Method, stage: Any, layers: dict[str, nn.Linear], stats: dict[str, LayerStats],
+                       sparsities: dict[str, float] | None,
+                       dense: dict[str, torch.Tensor]) -> list[dict[str, Any]]:  # fmt: skip
     """Apply a layer method to every targeted layer of a block; one row per layer."""
     rows: list[dict[str, Any]] = []
     for names in _shared_groups(layers, stats, method, sparsities):
@@ -235,11 +230,7 @@ def _shared_groups(layers: dict[str, nn.Linear], stats: dict[str, LayerStats], m
     for name in layers:
         s = stats.get(name)
         key = id(s) if s is not None and method.apply_shared is not None else None
-        if (
-            key is not None
-            and key in by_stats
-            and (sparsities is None or sparsities[name] == sparsities[by_stats[key][0]])
-        ):
+        if key in by_stats and (sparsities is None or sparsities[name] == sparsities[by_stats[key][0]]):
             by_stats[key].append(name)
             continue
         groups.append([name])

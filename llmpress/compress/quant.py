@@ -163,8 +163,7 @@ def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def install_act_quant(layer: nn.Linear, bits: int) -> None:
     """Quantize `layer`'s input per token to `bits` on every forward (what a W8A8 kernel would see)."""
-    if getattr(layer, "llmpress_act_bits", None) is not None:
-        layer._llmpress_act_hook.remove()  # type: ignore[union-attr]
+    remove_act_quant(layer)  # installed again: one hook, the new bits
 
     def hook(_module: nn.Module, args: tuple) -> tuple:
         return (fake_quantize_per_token(args[0], bits), *args[1:])
