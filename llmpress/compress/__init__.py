@@ -13,5 +13,6 @@ from llmpress.compress.targets import find_decoder_blocks
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
+del _module
 
 __all__ = ["CompressionReport", "compress_", "find_decoder_blocks"]
