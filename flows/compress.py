@@ -44,19 +44,14 @@ def compress(
     if added := load_secret_block():
         logger.info("credentials from Prefect Secret block %s: %s", BLOCK, ", ".join(added))
     project = Path(project_dir).resolve()
-    overrides = dict(overrides or {})
-    if recipe:
-        overrides["recipe"] = recipe
-    if model:
-        overrides["model"] = model
+    overrides = dict(overrides or {}) | {k: v for k, v in {"recipe": recipe, "model": model}.items() if v}
     params = load_params(project / params_file, overrides)
     recipe_path = str((project / params.recipe).resolve())
     # validate before any work: the recipe, and the quantization export.precision adds to it
     recipe_obj = export_recipe(load_recipe(recipe_path), params.export.precision, params.export.quantizer)
     info = steps.recipe_info(recipe_obj)
     tracking_uri = tracking.resolve_tracking_uri(params.tracking.tracking_uri, project)
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    run_name = f"{info['name']}-{stamp}"
+    run_name = f"{info['name']}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     seconds: dict[str, float] = {}
     summary: dict[str, Any] = {"run_name": run_name, "tracking_uri": tracking_uri,
                                "registered_model": params.tracking.registered_model}  # fmt: skip
