@@ -14,21 +14,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows import stopping
-from llmpress import tracking
+from llmpress import steps, tracking
 from llmpress.config import export_recipe, load_params, load_recipe
 from llmpress.lineage import code_version, content_key, lineage_tags, run_key
 from llmpress.registration import Candidate
-from llmpress.steps import (
-    BaselineJob,
-    BaselineRef,
-    BundleJob,
-    CompressJob,
-    DataFile,
-    EvaluateJob,
-    ExportJob,
-    SpeedJob,
-    recipe_info,
-)
 from llmpress.versioning import git_commit
 from tasks.compress import compress_model
 from tasks.credentials import BLOCK, load_secret_block
@@ -55,19 +44,14 @@ def compress(
     if added := load_secret_block():
         logger.info("credentials from Prefect Secret block %s: %s", BLOCK, ", ".join(added))
     project = Path(project_dir).resolve()
-    overrides = dict(overrides or {})
-    if recipe:
-        overrides["recipe"] = recipe
-    if model:
-        overrides["model"] = model
+    overrides = dict(overrides or {}) | {k: v for k, v in {"recipe": recipe, "model": model}.items() if v}
     params = load_params(project / params_file, overrides)
     recipe_path = str((project / params.recipe).resolve())
     # validate before any work: the recipe, and the quantization export.precision adds to it
     recipe_obj = export_recipe(load_recipe(recipe_path), params.export.precision, params.export.quantizer)
-    info = recipe_info(recipe_obj)
+    info = steps.recipe_info(recipe_obj)
     tracking_uri = tracking.resolve_tracking_uri(params.tracking.tracking_uri, project)
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    run_name = f"{info['name']}-{stamp}"
+    run_name = f"{info['name']}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     seconds: dict[str, float] = {}
     summary: dict[str, Any] = {"run_name": run_name, "tracking_uri": tracking_uri,
                                "registered_model": params.tracking.registered_model}  # fmt: skip
@@ -83,6 +67,12 @@ def compress(
             raise
         seconds[name] = time.perf_counter() - start
         logger.info("step %s done in %.1fs", name, seconds[name])
+        return result
+
+    def stage(name: str, fn, *args, artifacts: dict[str, str] | None = None, **kwargs):
+        """A step of the open run: timed, and logged as its nested run."""
+        result = timed(name, fn, *args, **kwargs)
+        log_stage(tracking_uri, run_id, name, result, seconds[name], artifacts=artifacts)
         return result
 
     data = timed("data", version_data, str(project))
@@ -105,54 +95,48 @@ def compress(
             summary |= {"mlflow_run_id": run_id, "lineage": lineage}
         log_stage(tracking_uri, run_id, "data", data, seconds["data"])
 
-        held_out = DataFile(path=data["eval"], md5=data["eval_version"])
-        baseline = timed("baseline", evaluate_base, BaselineJob(
+        held_out = steps.DataFile(path=data["eval"], md5=data["eval_version"])
+        baseline = stage("baseline", evaluate_base, steps.BaselineJob(
             base_path=base["path"], base_sha256=base["sha256"], held_out=held_out, params=params.eval,
             baselines_dir=str(project / "models" / "baselines"),
         ))  # fmt: skip
-        log_stage(tracking_uri, run_id, "baseline", baseline, seconds["baseline"])
-        base_eval = BaselineRef(path=baseline["path"], key=baseline["key"])
+        base_eval = steps.BaselineRef(path=baseline["path"], key=baseline["key"])
 
         hf = out_root / "hf"
-        compressed = timed("compress", cached_output, compress_model, "path", CompressJob(
+        files = {"recipe": str(hf / "recipe.yaml"), "report": str(hf / "llmpress.json")}
+        compressed = stage("compress", cached_output, compress_model, "path", steps.CompressJob(
             model_path=base["path"], recipe_path=recipe_path, out_dir=str(hf), lineage=lineage,
-            calibration=DataFile(path=data["calibration"], md5=data["calibration_version"]),
+            calibration=steps.DataFile(path=data["calibration"], md5=data["calibration_version"]),
             data=params.data, add_bos=params.eval.add_bos, params=params.compress,
             precision=params.export.precision, quantizer=params.export.quantizer,
-        ), content_key=key)  # fmt: skip
-        files = {"recipe": str(hf / "recipe.yaml"), "report": str(hf / "llmpress.json")}
-        log_stage(tracking_uri, run_id, "compress", compressed, seconds["compress"], artifacts=files)
+        ), content_key=key, artifacts=files)  # fmt: skip
 
-        evaluation = timed("evaluate", evaluate_model, EvaluateJob(
+        evaluation = stage("evaluate", evaluate_model, steps.EvaluateJob(
             model_path=compressed["path"], base_path=base["path"], baseline=base_eval, held_out=held_out,
             params=params.eval, layer_names=compressed["targeted_layers"], bundle_follows=params.export.onnx,
         ), content_key=key)  # fmt: skip
         metrics, base_metrics = evaluation["metrics"], evaluation["base"]
-        log_stage(tracking_uri, run_id, "evaluate", evaluation, seconds["evaluate"])
 
         if params.export.onnx:
-            exported = timed("export", cached_output, export_model, "onnx_path", ExportJob(
+            exported = stage("export", cached_output, export_model, "onnx_path", steps.ExportJob(
                 model_path=compressed["path"], out_dir=str(out_root / "onnx"), eval_path=data["eval"],
                 params=params.export, template_dir=str(project / "models" / "onnx-templates"),
             ), content_key=key)  # fmt: skip
-            log_stage(tracking_uri, run_id, "export", exported, seconds["export"])
             metrics |= {k: v for k, v in exported.items() if k.startswith(("onnx_", "bundle_"))}
             summary["onnx_path"] = exported["onnx_path"]
             # What ships, scored on its own in onnxruntime at its serving settings (cached with the export's key:
             # the graph file it rewrites is the export's).
-            bundle = timed("bundle", evaluate_bundle, BundleJob(
+            bundle = stage("bundle", evaluate_bundle, steps.BundleJob(
                 onnx_path=exported["onnx_path"], model_path=compressed["path"], base_path=base["path"],
                 baseline=base_eval, eval_path=data["eval"], params=params.eval, export=params.export,
             ), content_key=key)  # fmt: skip
-            log_stage(tracking_uri, run_id, "bundle", bundle, seconds["bundle"])
             metrics |= bundle
 
         if params.eval.speed.enabled:
-            cost = timed("speed", measure_speed, SpeedJob(
+            cost = stage("speed", measure_speed, steps.SpeedJob(
                 model_path=compressed["path"], base_path=base["path"], eval_path=data["eval"],
                 params=params.eval.speed, onnx_path=summary.get("onnx_path"),
             ), content_key=key)  # fmt: skip
-            log_stage(tracking_uri, run_id, "speed", cost, seconds["speed"])
             metrics |= cost["compressed"]
             base_metrics |= cost["base"]
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
-from llmpress import hashing
+from llmpress.hashing import code_version as code_version  # the code part of the content key
 
 CONTENT = ("base_model_hash", "data_version", "recipe_hash")
 
@@ -30,11 +29,6 @@ def lineage_tags(git_commit: str, data: dict[str, str], base: dict[str, str], re
         "base_model": base["source"],
         "base_model_hash": base["sha256"],
     }
-
-
-def code_version(*source_folders: str | Path) -> str:
-    """sha256 of the Python source that runs (the flow passes llmpress, tasks and flows)."""
-    return hashing.code_version(*source_folders)
 
 
 def content_key(lineage: dict[str, str], code: str) -> str:

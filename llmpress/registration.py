@@ -9,7 +9,6 @@ re-run points at the version already there and registers nothing.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,16 +64,12 @@ def register_and_gate(c: MlflowClient, candidate: Candidate, gate: GateParams) -
     version = tracking.register_model(c, run_id, model_dir, model_name, version_tags)
     card = model_card(model_name, version, run_id, version_tags, metrics, base_metrics, champion, champion_before,
                       report, candidate.generations, onnx_artifact)  # fmt: skip
+    tracking.log_json(c, run_id, report.to_dict(), "gate_report.json")
+    c.log_text(run_id, card, "model_card.md")
+    tracking.log_json(c, run_id, candidate.generations, "generations.json")
     with tempfile.TemporaryDirectory() as tmp:
-        files = {"gate_report.json": json.dumps(report.to_dict(), indent=2), "model_card.md": card,
-                 "generations.json": json.dumps(candidate.generations, indent=2)}  # fmt: skip
-        for name, text in files.items():
-            (Path(tmp) / name).write_text(text)
-            c.log_artifact(run_id, str(Path(tmp) / name))
-        if metrics.get("sparsity_per_layer"):
-            plot = steps.plot_sparsity(
-                metrics["sparsity_per_layer"], candidate.sparsity_target, Path(tmp) / "sparsity_per_layer.png"
-            )
+        if per_layer := metrics.get("sparsity_per_layer"):
+            plot = steps.plot_sparsity(per_layer, candidate.sparsity_target, Path(tmp) / "sparsity_per_layer.png")
             c.log_artifact(run_id, str(plot), "plots")
         if served(metrics, "b1_prefill_ms") is not None and "torch_b1_prefill_ms" in base_metrics:
             plot = steps.plot_cost(base_metrics, metrics, Path(tmp) / "cost_vs_base.png")

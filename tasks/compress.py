@@ -5,7 +5,6 @@ from __future__ import annotations
 from prefect import task
 
 from llmpress import steps
-from llmpress.steps import CompressJob
 from tasks.cache import CACHED
 
 
@@ -13,5 +12,5 @@ from tasks.cache import CACHED
 # the task (~2 s each on a busy 2-core machine), so tags are kept for what uses them - `gpu`'s concurrency limit
 # (flows/deploy.py).
 @task(name="compress", tags=["gpu"], **CACHED)
-def compress_model(job: CompressJob, content_key: str | None = None) -> dict:
+def compress_model(job: steps.CompressJob, content_key: str | None = None) -> dict:
     return steps.compress(job)

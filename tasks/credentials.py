@@ -32,8 +32,7 @@ def load_secret_block(name: str = BLOCK) -> list[str]:
         return []
     if not isinstance(value, dict):
         raise ValueError(f"Prefect Secret block {name!r} must hold a JSON object of environment variables")
-    unknown = sorted(set(value) - ALLOWED)
-    if unknown:
+    if unknown := sorted(set(value) - ALLOWED):
         raise ValueError(f"Prefect Secret block {name!r}: unsupported keys {unknown}; allowed: {sorted(ALLOWED)}")
     added = [k for k in sorted(value) if not os.environ.get(k)]
     for key in added:

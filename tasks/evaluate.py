@@ -7,31 +7,30 @@ from __future__ import annotations
 from prefect import task
 
 from llmpress import steps
-from llmpress.steps import BaselineJob, BundleJob, EvaluateJob, ExportJob, SpeedJob
 from tasks.cache import CACHED
 
 
 @task(name="baseline")
-def evaluate_base(job: BaselineJob) -> dict:
+def evaluate_base(job: steps.BaselineJob) -> dict:
     """Not cached by Prefect: the baseline folder is its own cache, keyed by what it is a function of."""
     return steps.baseline(job)
 
 
 @task(name="evaluate", **CACHED)
-def evaluate_model(job: EvaluateJob, content_key: str | None = None) -> dict:
+def evaluate_model(job: steps.EvaluateJob, content_key: str | None = None) -> dict:
     return steps.evaluate(job)
 
 
 @task(name="export-onnx", **CACHED)
-def export_model(job: ExportJob, content_key: str | None = None) -> dict:
+def export_model(job: steps.ExportJob, content_key: str | None = None) -> dict:
     return steps.export(job)
 
 
 @task(name="evaluate-bundle", **CACHED)
-def evaluate_bundle(job: BundleJob, content_key: str | None = None) -> dict:
+def evaluate_bundle(job: steps.BundleJob, content_key: str | None = None) -> dict:
     return steps.evaluate_bundle(job)
 
 
 @task(name="measure-speed", **CACHED)
-def measure_speed(job: SpeedJob, content_key: str | None = None) -> dict:
+def measure_speed(job: steps.SpeedJob, content_key: str | None = None) -> dict:
     return steps.speed(job)

@@ -7,21 +7,12 @@ per step: `compression`, `evaluation` (baseline, evaluation, the bundle's, speed
 `plots`, and what they share in `common`.
 """
 
-from llmpress.steps.common import check_data_version, folder_bytes, measure_sparsity, peak_memory
-from llmpress.steps.compression import METADATA, compress, dequantize, pick_device, recipe_info, save_model
-from llmpress.steps.evaluation import baseline, evaluate, evaluate_bundle, speed
-from llmpress.steps.exporting import edge_bundle, export, tensorrt_engine
-from llmpress.steps.jobs import (  # fmt: skip
-    BaselineJob,
-    BaselineRef,
-    BundleJob,
-    CompressJob,
-    DataFile,
-    EvaluateJob,
-    ExportJob,
-    SpeedJob,
-)
-from llmpress.steps.plots import plot_cost, plot_sparsity
+from .common import check_data_version, folder_bytes, measure_sparsity, peak_memory
+from .compression import METADATA, compress, dequantize, pick_device, recipe_info, save_model
+from .evaluation import baseline, evaluate, evaluate_bundle, speed
+from .exporting import edge_bundle, export, tensorrt_engine
+from .jobs import BaselineJob, BaselineRef, BundleJob, CompressJob, DataFile, EvaluateJob, ExportJob, SpeedJob
+from .plots import plot_cost, plot_sparsity
 
 __all__ = ["METADATA", "BaselineJob", "BaselineRef", "BundleJob", "CompressJob", "DataFile", "EvaluateJob",
            "ExportJob", "SpeedJob", "baseline", "check_data_version", "compress", "dequantize", "edge_bundle",

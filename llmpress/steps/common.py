@@ -24,13 +24,11 @@ def check_data_version(path: str | Path, expected_md5: str | None) -> None:
     """Refuse a data file that is no longer the version DVC recorded (edited or replaced after `dvc repro`)."""
     if expected_md5 is None:
         return
-    digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected_md5:
+        digest = hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
+    if digest != expected_md5:
         raise LlmpressError(
-            f"{path} changed after DVC versioned it (md5 {digest.hexdigest()}, dvc.lock says {expected_md5}); "
+            f"{path} changed after DVC versioned it (md5 {digest}, dvc.lock says {expected_md5}); "
             "run `llmpress data` (dvc repro) to rebuild it, or `dvc checkout` to restore it"
         )
 

@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmpress.compress import compress_
+from llmpress.compress import compress_, find_decoder_blocks
 from llmpress.compress.storage import LowRankLinear, save_compressed
 from llmpress.config import Recipe, export_recipe, load_recipe
 from llmpress.data import calibration_windows
@@ -57,7 +57,7 @@ def compress(job: CompressJob) -> dict[str, Any]:
         raise LlmpressError(f"data.seq_len={job.data.seq_len} exceeds the model's context ({max_len} tokens)")
     ids = calibration_windows(tokenizer, job.calibration.path, job.data.seq_len, job.add_bos)
     device = pick_device(job.params.device)
-    bar = tqdm(total=len(_decoder_blocks(model)), desc=f"compress {recipe.name}", unit="block", leave=False)
+    bar = tqdm(total=len(find_decoder_blocks(model)[1]), desc=f"compress {recipe.name}", unit="block", leave=False)
     start = time.perf_counter()
 
     def progress(message: str) -> None:  # per block (and per stage, distillation step): with the elapsed time
@@ -93,19 +93,9 @@ def compress(job: CompressJob) -> dict[str, Any]:
 
 
 def _scalars(summary: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in summary.items():
-        if isinstance(value, list) and len(value) == 1:
-            value = value[0]
-        if isinstance(value, int | float):
-            out[key] = value
-    return out
-
-
-def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    from llmpress.compress import find_decoder_blocks
-
-    return find_decoder_blocks(model)[1]
+    """The summary's numbers, a one-element list counting as its element."""
+    values = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in summary.items()}
+    return {k: v for k, v in values.items() if isinstance(v, int | float)}
 
 
 def save_model(model: nn.Module, tokenizer, out: Path, extra_files: dict[str, str]) -> None:

@@ -27,6 +27,18 @@ class BaselineRef(Job):
     key: str
 
 
+class ModelJob(Job):
+    """A step on the model folder at `model_path`."""
+
+    model_path: str
+
+
+class ComparedJob(ModelJob):
+    """A step that measures the model against the base model at `base_path`."""
+
+    base_path: str
+
+
 class BaselineJob(Job):
     base_path: str
     base_sha256: str
@@ -35,10 +47,9 @@ class BaselineJob(Job):
     baselines_dir: str
 
 
-class CompressJob(Job):
+class CompressJob(ModelJob):
     """The recipe, followed by the quantization `precision` asks for (`config.export_recipe`), on `model_path`."""
 
-    model_path: str
     recipe_path: str
     calibration: DataFile
     out_dir: str
@@ -50,12 +61,10 @@ class CompressJob(Job):
     quantizer: str = "rtn"
 
 
-class EvaluateJob(Job):
+class EvaluateJob(ComparedJob):
     """`layer_names`: the layers whose sparsity is measured. `bundle_follows`: the model is exported and its graph
     scored (`BundleJob`), so the measures that graph gives are not taken twice."""
 
-    model_path: str
-    base_path: str
     baseline: BaselineRef
     held_out: DataFile
     params: EvalParams
@@ -63,31 +72,26 @@ class EvaluateJob(Job):
     bundle_follows: bool = False
 
 
-class ExportJob(Job):
+class ExportJob(ModelJob):
     """`template_dir`: where the traced graph of each architecture is kept and reused (`llmpress.export.template`)."""
 
-    model_path: str
     out_dir: str
     eval_path: str
     params: ExportParams
     template_dir: str | None = None
 
 
-class BundleJob(Job):
+class BundleJob(ComparedJob):
     onnx_path: str
-    model_path: str
-    base_path: str
     baseline: BaselineRef
     eval_path: str
     params: EvalParams
     export: ExportParams
 
 
-class SpeedJob(Job):
+class SpeedJob(ComparedJob):
     """`onnx_path`: the exported graph, served by onnxruntime; None: the compressed model runs in PyTorch."""
 
-    model_path: str
-    base_path: str
     eval_path: str
     params: SpeedParams
     onnx_path: str | None = None
