@@ -72,15 +72,12 @@ def fit_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor,
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
     empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
-    xmax = torch.where(empty, torch.ones_like(xmax), xmax)
+    xmin, xmax = xmin.masked_fill(empty, -1), xmax.masked_fill(empty, 1)
     exact = (xmax - xmin) / maxq
     scale16 = exact.half()
     # Round the scale *up* to fp16, so the group's extremes stay on the grid (never clamped by more than half a
     # step), and keep it above fp16 underflow so codes stay finite.
-    scale16 = torch.where(
-        scale16.float() < exact, torch.nextafter(scale16, torch.full_like(scale16, torch.inf)), scale16
-    )
+    scale16 = torch.where(scale16.float() < exact, torch.nextafter(scale16, scale16.new_tensor(torch.inf)), scale16)
     scale = scale16.float().clamp(min=torch.finfo(torch.float16).tiny)
     zero = torch.full_like(scale, (maxq + 1) // 2) if symmetric else torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
@@ -89,10 +86,6 @@ def fit_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor,
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Nearest codes for `w` on the grid (scale, zero), as float tensor of integers in [0, 2^bits - 1]."""
     return torch.clamp(torch.round(w.float() / scale) + zero, 0, 2**bits - 1)
-
-
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    return scale * (quantize_codes(w, scale, zero, bits) - zero)
 
 
 def fit_min_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

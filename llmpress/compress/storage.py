@@ -73,7 +73,7 @@ def compression_manifest(model: nn.Module) -> dict[str, Any]:
 
 def is_compressed(model: nn.Module) -> bool:
     manifest = compression_manifest(model)
-    return bool(manifest["quantized"] or manifest["low_rank"] or manifest["activation_quant"])
+    return any(manifest[kind] for kind in ("quantized", "low_rank", "activation_quant"))
 
 
 @torch.no_grad()
@@ -87,30 +87,25 @@ def save_compressed(model: nn.Module, folder: Path) -> None:
     index = json.loads(index_path.read_text()) if index_path.exists() else None
     for shard in sorted(folder.glob("*.safetensors")):
         tensors = load_file(shard)
-        changed = False
-        for name in manifest["quantized"]:
-            key = f"{name}.weight"
-            if key not in tensors:
-                continue
+        names = [name for name in manifest["quantized"] if f"{name}.weight" in tensors]
+        if not names:
+            continue
+        for name in names:
             qw = quantization_of(modules[name])
             assert qw is not None
-            del tensors[key]
-            tensors[f"{name}.weight_packed"] = pack_bits(qw.codes, qw.bits)
-            tensors[f"{name}.weight_scale"] = qw.scale.contiguous()
+            del tensors[f"{name}.weight"]
+            packed = {f"{name}.weight_packed": pack_bits(qw.codes, qw.bits), f"{name}.weight_scale": qw.scale}
             if qw.minimum is not None:
-                tensors[f"{name}.weight_min"] = qw.minimum.contiguous()
+                packed[f"{name}.weight_min"] = qw.minimum
             elif not qw.symmetric:
-                tensors[f"{name}.weight_zero"] = qw.zero.contiguous()
+                packed[f"{name}.weight_zero"] = qw.zero
+            tensors.update(packed)
             if index is not None:
-                del index["weight_map"][key]
-                for suffix in ("weight_packed", "weight_scale", "weight_zero", "weight_min"):
-                    if f"{name}.{suffix}" in tensors:
-                        index["weight_map"][f"{name}.{suffix}"] = shard.name
-            changed = True
-        if changed:
-            tmp = shard.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-            tmp.replace(shard)
+                del index["weight_map"][f"{name}.weight"]
+                index["weight_map"].update(dict.fromkeys(packed, shard.name))
+        tmp = shard.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        tmp.replace(shard)
     if index is not None:
         index_path.write_text(json.dumps(index, indent=2))
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -133,9 +128,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
     for name, spec in manifest["low_rank"].items():
         set_submodule(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
                                                  spec["bias"]).to(dtype))  # fmt: skip
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(shard))
+    state = {k: v for shard in sorted(folder.glob("*.safetensors")) for k, v in load_file(shard).items()}
     modules = dict(model.named_modules())
     quantized: dict[str, QuantizedWeight] = {}
     for name, spec in manifest["quantized"].items():
@@ -150,8 +143,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
             raise LlmpressError(f"{folder}: the minimums of {name} (offset 'min') are missing")
         zero = state.pop(f"{name}.weight_zero", None)
         if zero is None:
-            fill = 0 if minimum is not None else 2 ** (spec["bits"] - 1)
-            zero = torch.full_like(scale, fill, dtype=torch.uint8)
+            zero = torch.full_like(scale, 0 if minimum is not None else 2 ** (spec["bits"] - 1), dtype=torch.uint8)
         codes = unpack_bits(packed, spec["bits"], out * cols).view(out, cols)
         qw = QuantizedWeight(codes, scale, zero, spec["bits"], spec["group_size"], spec["symmetric"], minimum)
         state[f"{name}.weight"] = qw.dequantize(dtype)
