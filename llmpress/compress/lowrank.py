@@ -67,15 +67,14 @@ def factorise(weight: torch.Tensor, rank: int, hessian: torch.Tensor | None = No
               dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(down [rank, in], up [out, rank]) with up @ down ~ weight; whitened by hessian's Cholesky factor if given."""
     w = weight.double()
-    if hessian is None:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        root = s[:rank].sqrt()
-        return (root[:, None] * vh[:rank]).to(weight.dtype), (u[:, :rank] * root).to(weight.dtype)
-    chol = _cholesky(hessian.double().to(w.device), dampening)  # H + damp I = L L^T, L lower triangular
-    u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
+    # H + damp I = L L^T, L lower triangular
+    chol = None if hessian is None else _cholesky(hessian.double().to(w.device), dampening)
+    u, s, vh = torch.linalg.svd(w if chol is None else w @ chol, full_matrices=False)
     root = s[:rank].sqrt()
-    # down = S_r^(1/2) V_r^T L^-1, computed as the solution X of X L = V_r^T (triangular, no explicit inverse).
-    down = torch.linalg.solve_triangular(chol, root[:, None] * vh[:rank], upper=False, left=False)
+    down = root[:, None] * vh[:rank]
+    if chol is not None:
+        # down = S_r^(1/2) V_r^T L^-1, computed as the solution X of X L = V_r^T (triangular, no explicit inverse).
+        down = torch.linalg.solve_triangular(chol, down, upper=False, left=False)
     return down.to(weight.dtype), (u[:, :rank] * root).to(weight.dtype)
 
 

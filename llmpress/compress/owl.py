@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmpress.compress import wanda
 from llmpress.compress.offload import iterate_blocks
 from llmpress.compress.targets import targeted_linears
 
@@ -99,11 +100,7 @@ def layer_sparsities(
             continue
         assert calib is not None
         stats = calib.layer_stats(block, layers, "input_sq_norms")
-        scores = []
-        for name, layer in layers.items():
-            norms = stats[name].input_sq_norms
-            assert norms is not None
-            scores.append(layer.weight.abs().float() * norms.sqrt().unsqueeze(0))
+        scores = [wanda.scores(layer, stats[name].input_sq_norms) for name, layer in layers.items()]
         names.append(list(layers))
         ratios.append(outlier_ratio(scores, stage.owl.threshold))
         sizes.append(sum(layer.weight.numel() for layer in layers.values()))

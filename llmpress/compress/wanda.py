@@ -28,13 +28,17 @@ from llmpress.compress.methods import Method, register
 from llmpress.config import WandaStage
 
 
+def scores(layer: nn.Linear, input_sq_norms: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2, from sum_t x_tj^2 [in] (OWL reads the same scores)."""
+    return layer.weight.detach().abs().float() * input_sq_norms.float().sqrt().unsqueeze(0)
+
+
 @torch.no_grad()
 def apply_(layer: nn.Linear, stage: WandaStage, stats: LayerStats) -> dict:
     """Zero the lowest |W| * ||X|| weights of `layer` in place."""
     if stats.input_sq_norms is None:
         raise ValueError("wanda needs calibration activations (input_sq_norms)")
-    scores = layer.weight.detach().abs().float() * stats.input_sq_norms.float().sqrt().unsqueeze(0)
-    mask = select_mask(scores, stage.sparsity, stage.n_m, per_row=True)
+    mask = select_mask(scores(layer, stats.input_sq_norms), stage.sparsity, stage.n_m, per_row=True)
     layer.weight.mul_(mask.to(layer.weight.dtype))
     return {}
 
