@@ -95,7 +95,8 @@ def apply_model_(model: nn.Module, stage: DistillStage, ctx: ModelContext) -> li
             p.requires_grad_(flag)
         model.zero_grad(set_to_none=True)
 
-    zeros, total = _block_zeros(blocks)
+    zeros = sum(int((weight == 0).sum().item()) for weight in _linear_weights(blocks))
+    total = sum(weight.numel() for weight in _linear_weights(blocks))
     return [
         {
             "name": "<model>",
@@ -122,24 +123,14 @@ def _refuse_quantized(model: nn.Module) -> None:
             )
 
 
+def _linear_weights(blocks: nn.Module) -> list[nn.Parameter]:
+    return [module.weight for module in blocks.modules() if isinstance(module, nn.Linear)]
+
+
 def _zero_masks(blocks: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
     """Keep-masks (True = trainable) for the weights of pruned linear layers: more than 10 % exact zeros."""
-    masks = {}
-    for module in blocks.modules():
-        if isinstance(module, nn.Linear):
-            keep = module.weight.detach() != 0
-            if 1.0 - keep.float().mean().item() > MASK_MIN_ZEROS:
-                masks[module.weight] = keep
-    return masks
-
-
-def _block_zeros(blocks: nn.Module) -> tuple[int, int]:
-    zeros = total = 0
-    for module in blocks.modules():
-        if isinstance(module, nn.Linear):
-            zeros += int((module.weight == 0).sum().item())
-            total += module.weight.numel()
-    return zeros, total
+    keeps = {weight: weight.detach() != 0 for weight in _linear_weights(blocks)}
+    return {weight: keep for weight, keep in keeps.items() if 1.0 - keep.float().mean().item() > MASK_MIN_ZEROS}
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

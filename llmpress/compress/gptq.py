@@ -74,10 +74,7 @@ def apply_shared_(layers: dict[str, nn.Linear], stage: GPTQStage, stats: LayerSt
         raise ValueError("gptq needs calibration activations (the layer Hessian)")
     weights = [layer.weight.detach().float() for layer in layers.values()]
     masks = [_pruned(w) for w in weights]
-    mask = None
-    if any(m is not None for m in masks):
-        mask = torch.cat([torch.zeros_like(w, dtype=torch.bool) if m is None else m
-                          for m, w in zip(masks, weights, strict=True)])  # fmt: skip
+    mask = torch.cat(masks) if any(m.any() for m in masks) else None
     qw, row_losses = gptq_quantize(
         torch.cat(weights), stats.hessian, bits=stage.bits, group_size=stage.group_size, symmetric=stage.symmetric,
         block_size=stage.block_size, dampening=stage.dampening, act_order=stage.act_order, mask=mask, per_row=True,
@@ -93,10 +90,10 @@ def apply_shared_(layers: dict[str, nn.Linear], stage: GPTQStage, stats: LayerSt
     return out
 
 
-def _pruned(weight: torch.Tensor) -> torch.Tensor | None:
-    """The zeros of a pruned layer (kept by GPTQ), or None when under PRUNED_FRACTION of the weights are zero."""
+def _pruned(weight: torch.Tensor) -> torch.Tensor:
+    """The zeros of a pruned layer (kept by GPTQ); all False when under PRUNED_FRACTION of the weights are zero."""
     zeros = weight == 0
-    return zeros if zeros.float().mean().item() > PRUNED_FRACTION else None
+    return zeros if zeros.float().mean().item() > PRUNED_FRACTION else torch.zeros_like(zeros)
 
 
 @torch.no_grad()
