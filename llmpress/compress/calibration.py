@@ -36,10 +36,9 @@ class _StopForward(Exception):
 def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
+    if isinstance(obj, (tuple, list)):
+        moved = [to_device(o, device) for o in obj]
+        return tuple(moved) if isinstance(obj, tuple) else moved
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
     return obj
@@ -54,8 +53,7 @@ def capture_block_inputs(
     kwargs_per_batch: list[dict[str, Any]] = []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        states = args[0] if args else kwargs.pop("hidden_states")
-        hidden.append(states)
+        hidden.append(args[0] if args else kwargs.pop("hidden_states"))
         kwargs_per_batch.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
         raise _StopForward
 

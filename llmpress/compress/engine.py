@@ -65,8 +65,6 @@ def check_recipe(model: nn.Module, recipe: Recipe) -> None:
             except LlmpressError as exc:
                 raise LlmpressError(f"recipe {recipe.name!r} stage {i} ({stage.method}): {exc}") from None
     quantizing = [(i, s) for i, s in enumerate(recipe.stages) if hasattr(s, "targets") and _quantizes_weights(s)]
-    if len(quantizing) < 2:
-        return
     blocks_name, blocks = find_decoder_blocks(model)
     for j, block in enumerate(blocks):
         owners: dict[str, int] = {}
@@ -126,16 +124,13 @@ def compress_(
     if teacher is None and any(method_for(stage).needs_teacher for stage in recipe.stages):
         snapshot = copy.deepcopy(model).cpu()
 
-    def get_teacher() -> nn.Module:
-        return teacher() if teacher is not None else snapshot  # type: ignore[return-value]
-
     for group in _stage_groups(recipe):
         stages = [(i, recipe.stages[i]) for i in group]
         first = recipe.stages[group[0]]
         if method_for(first).kind == "model":
             record = StageRecord(group[0], first.method, first.model_dump(mode="json", by_alias=True))
             t0 = time.perf_counter()
-            ctx = ModelContext(calibration_ids, device, batch_size, get_teacher, say)
+            ctx = ModelContext(calibration_ids, device, batch_size, teacher or (lambda: snapshot), say)
             rows = method_for(first).apply(model, first, ctx)
             record.seconds = time.perf_counter() - t0
             record.summary = add_layer_records(report, model, group[0], first, rows)
@@ -144,8 +139,7 @@ def compress_(
             say(f"stage {group[0]} ({first.method}) done in {record.seconds:.1f}s")
             continue
         wanted = any(method_for(s).wants_data(s) for _, s in stages)
-        _run_pass(model, stages, calibration_ids if wanted else None,
-                  device, batch_size, report, say)  # fmt: skip
+        _run_pass(model, stages, calibration_ids if wanted else None, device, batch_size, report, say)
 
     report.total_seconds = time.perf_counter() - start
     return report
@@ -174,7 +168,6 @@ def _run_pass(model: nn.Module, stages: list[tuple[int, Any]], calibration_ids: 
         for index, stage in stages:
             t0 = time.perf_counter()
             method = method_for(stage)
-            rows: list[dict[str, Any]] = []
             if method.kind == "block":
                 with timer("compress"):
                     rows = method.apply(block, prefix, stage, calib)
@@ -185,8 +178,7 @@ def _run_pass(model: nn.Module, stages: list[tuple[int, Any]], calibration_ids: 
                     if calib is not None and layers:
                         stats = calib.layer_stats(block, layers, method.statistic, method.input_sum)
                 with timer("compress"):
-                    sparsities = per_layer_sparsity.get(index)
-                    rows = _apply_layer_stage(method, stage, layers, stats, sparsities, dense)
+                    rows = _apply_layer_stage(method, stage, layers, stats, per_layer_sparsity.get(index), dense)
             records[index].seconds += time.perf_counter() - t0
             records[index].layers += len(rows)
             add_layer_records(report, model, index, stage, rows)
@@ -206,15 +198,12 @@ def _apply_layer_stage(method: Method, stage: Any, layers: dict[str, nn.Linear],
         layer_stage = stage if sparsities is None else stage.model_copy(update={"sparsity": sparsities[names[0]]})
         group_stats = stats.get(names[0], LayerStats(tokens=0))
         if len(names) > 1:  # layers reading one input, processed as one matrix (same result, fewer steps)
-            group = {name: layers[name] for name in names}
-            for name, details in method.apply_shared(group, layer_stage, group_stats).items():
-                rows.append({"name": name, "layer": layers[name], **details})
-            continue
-        name = names[0]
-        if method.dense_weight:
-            group_stats = dataclasses.replace(group_stats, dense_weight=dense.get(name))
-        details = method.apply(layers[name], layer_stage, group_stats) or {}
-        rows.append({"name": name, "layer": layers[name], **details})
+            results = method.apply_shared({name: layers[name] for name in names}, layer_stage, group_stats)
+        else:
+            if method.dense_weight:
+                group_stats = dataclasses.replace(group_stats, dense_weight=dense.get(names[0]))
+            results = {names[0]: method.apply(layers[names[0]], layer_stage, group_stats) or {}}
+        rows += [{"name": name, "layer": layers[name], **details} for name, details in results.items()]
     return rows
 
 

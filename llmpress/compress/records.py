@@ -93,8 +93,7 @@ def add_layer_records(report: CompressionReport, model: nn.Module, index: int, s
         name = row.pop("name")
         layer = row.pop("layer", None)
         shape = tuple(row.pop("shape", tuple(layer.weight.shape) if layer is not None else ()))
-        sparsity = row.pop("sparsity", None)
-        if sparsity is None:
+        if (sparsity := row.pop("sparsity", None)) is None:
             sparsity = (layer.weight == 0).float().mean().item() if layer is not None else 0.0
         row_target = row.pop("target_sparsity", target)
         report.layers.append(LayerRecord(name, stage.method, index, shape, row_target, sparsity, row))

@@ -90,8 +90,7 @@ def remove_heads(block: nn.Module, a: BlockAnatomy, prefix: str, removed: list[i
     a.attn.num_key_value_groups = len(kept) // a.n_kv_heads
     if hasattr(a.attn, "num_heads"):
         a.attn.num_heads = len(kept)
-    config = getattr(a.attn, "config", None)
-    if config is not None:
+    if (config := getattr(a.attn, "config", None)) is not None:
         config.num_attention_heads = len(kept)
         config.head_dim = a.head_dim
     common = {"removed_heads": removed, "heads_left": len(kept), **details}
@@ -117,8 +116,7 @@ def remove_channels(block: nn.Module, a: BlockAnatomy, prefix: str, keep: torch.
                      "params_removed": numel(old) - numel(new), **details})  # fmt: skip
     if hasattr(a.mlp, "intermediate_size"):
         a.mlp.intermediate_size = len(keep)
-    config = getattr(a.mlp, "config", None)
-    if config is not None:
+    if (config := getattr(a.mlp, "config", None)) is not None:
         config.intermediate_size = len(keep)
     return rows
 

@@ -90,10 +90,9 @@ def _prune_mlp(block: nn.Module, a: BlockAnatomy, prefix: str, stage: Structured
                calib: BlockCalibration | None) -> list[dict[str, Any]]:  # fmt: skip
     k = shrink.channels(stage, a.gate.out_features)
     w_down = a.down.weight.float()  # [hidden, inter]
-    gram = None
-    if calib is not None and needs_data(stage):
-        # The full Gram matrix only for the refit; the score needs its diagonal, sum_t h_c^2.
-        gram = _input_gram(block, a.down, calib, full=stage.update == "least_squares")
+    # The full Gram matrix only for the refit; the score needs its diagonal, sum_t h_c^2.
+    full = stage.update == "least_squares"
+    gram = _input_gram(block, a.down, calib, full) if calib is not None and needs_data(stage) else None
     if stage.importance == "activation":
         assert gram is not None
         energy = gram.diagonal() if gram.dim() == 2 else gram
