@@ -49,8 +49,7 @@ def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device: torch.device
 ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     """Run everything before block 0 on `device` and record, per batch, block 0's hidden states and kwargs."""
-    hidden: list[torch.Tensor] = []
-    kwargs_per_batch: list[dict[str, Any]] = []
+    hidden, kwargs_per_batch = [], []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden.append(args[0] if args else kwargs.pop("hidden_states"))
@@ -88,21 +87,21 @@ def pre_block_tensors(model: nn.Module, blocks: nn.ModuleList) -> list[tuple[nn.
 def on_device(tensors: list[tuple[nn.Module, str, torch.Tensor]], device: torch.device) -> Iterator[None]:
     """Put `tensors` on `device` for the duration, then hand every module its own host tensors back (nothing is
     copied back: the device copies are only read). A tensor shared by several modules is moved once."""
-    host = {id(t): t.data for _, _, t in tensors}
+    host = {id(t): t.data if isinstance(t, nn.Parameter) else t for _, _, t in tensors}
     copies = {key: data.to(device) for key, data in host.items()}
-    try:
+
+    def place(data: dict[int, torch.Tensor]) -> None:
         for module, name, t in tensors:
             if isinstance(t, nn.Parameter):
-                t.data = copies[id(t)]
+                t.data = data[id(t)]
             else:
-                module._buffers[name] = copies[id(t)]
+                module._buffers[name] = data[id(t)]
+
+    try:
+        place(copies)
         yield
     finally:
-        for module, name, t in tensors:
-            if isinstance(t, nn.Parameter):
-                t.data = host[id(t)]
-            else:
-                module._buffers[name] = t
+        place(host)
 
 
 def block_output(out: Any) -> torch.Tensor:
@@ -210,12 +209,9 @@ class BlockCalibration:
                 assert s.input_sq_norms is not None
                 s.input_sq_norms.copy_(s.hessian.diagonal())  # sum_t x_tj^2
                 s.hessian.mul_(2.0 / max(s.tokens, 1))
-        for name, first in shared.items():
-            stats[name] = stats[first]
-        for name, layer in layers.items():  # a layer the forward never reached (an unused expert): zero statistics
-            if name not in stats:
-                stats[name] = empty(layer.in_features, layer.weight.device)
-        return {name: stats[name] for name in layers}
+        stats.update({name: stats[first] for name, first in shared.items()})
+        # a layer the forward never reached (an unused expert): zero statistics
+        return {n: stats.get(n) or empty(layer.in_features, layer.weight.device) for n, layer in layers.items()}
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:

@@ -39,14 +39,12 @@ def run(fn: Callable[..., None], tensors: Sequence[torch.Tensor | None], setting
         fn(*tensors, *settings)
         return list(tensors)
     key = (fn, settings, tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) for t in tensors))
-    entry = _graphs.get(key)
-    if entry is None:
-        entry = _graphs[key] = _capture(fn, tensors, settings)
+    if key not in _graphs:
+        _graphs[key] = _capture(fn, tensors, settings)
         while len(_graphs) > MAX_GRAPHS:
-            _graphs.popitem(last=False)
-    else:
-        _graphs.move_to_end(key)
-    graph, static = entry
+            _graphs.popitem(last=False)  # the least recently used
+    _graphs.move_to_end(key)
+    graph, static = _graphs[key]
     for buffer, value in zip(static, tensors, strict=True):
         if buffer is not None:
             buffer.copy_(value)

@@ -45,12 +45,9 @@ def block_influence(model: nn.Module, calibration_ids: torch.Tensor, device: tor
     influence = []
     for _index, _prefix, block, calib in iterate_blocks(model, calibration_ids, device, batch_size):
         assert calib is not None
-        total, count = 0.0, 0
-        for x, y in zip(calib.hidden, calib.outputs(block), strict=True):
-            cos = F.cosine_similarity(x.float(), y.float(), dim=-1)  # one value per token
-            total += cos.sum().item()
-            count += cos.numel()
-        influence.append(1.0 - total / count)
+        pairs = zip(calib.hidden, calib.outputs(block), strict=True)  # (input, output) [batch, seq, hidden]
+        total = sum(F.cosine_similarity(x.float(), y.float(), dim=-1).sum().item() for x, y in pairs)  # over tokens
+        influence.append(1.0 - total / calib.tokens)
     return influence
 
 

@@ -26,8 +26,7 @@ from llmpress.config import MagnitudeStage
 @torch.no_grad()
 def apply_(layer: nn.Linear, stage: MagnitudeStage, stats: LayerStats | None = None) -> dict:
     """Zero the smallest-magnitude weights of `layer` in place."""
-    scores = layer.weight.detach().abs().float()
-    mask = select_mask(scores, stage.sparsity, stage.n_m, per_row=False)
+    mask = select_mask(layer.weight.detach().abs().float(), stage.sparsity, stage.n_m, per_row=False)
     layer.weight.mul_(mask.to(layer.weight.dtype))
     return {}
 

@@ -91,9 +91,7 @@ def layer_sparsities(
 
     if stage.owl is None or stage.sparsity is None:
         raise ValueError("OWL needs an unstructured 'sparsity' and an 'owl' section on the stage")
-    names: list[list[str]] = []
-    ratios: list[float] = []
-    sizes: list[int] = []
+    names, ratios, sizes = [], [], []  # per block: targeted layer names, outlier ratio, weights
     for _, prefix, block, calib in iterate_blocks(model, calibration_ids, device, batch_size):
         layers = targeted_linears(block, prefix, stage)
         if not layers:

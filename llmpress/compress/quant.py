@@ -187,10 +187,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
             packed |= flat[:, i] << (i * bits)
         return packed
     flat = codes.flatten().to(torch.int64)
-    shifts = torch.arange(bits, dtype=torch.int64)
-    bitplanes = ((flat.unsqueeze(1) >> shifts) & 1).flatten()
-    pad = (-bitplanes.numel()) % 8
-    bitplanes = torch.cat([bitplanes, bitplanes.new_zeros(pad)]).view(-1, 8)
+    bitplanes = ((flat.unsqueeze(1) >> torch.arange(bits, dtype=torch.int64)) & 1).flatten()
+    bitplanes = torch.cat([bitplanes, bitplanes.new_zeros((-bitplanes.numel()) % 8)]).view(-1, 8)
     return (bitplanes << torch.arange(8, dtype=torch.int64)).sum(dim=1).to(torch.uint8)
 
 

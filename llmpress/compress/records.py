@@ -109,7 +109,6 @@ def summarise(report: CompressionReport, index: int) -> dict[str, Any]:
         "layers": len(recs),
         "sparsity": sum(r.sparsity * n for r, n in zip(recs, sizes, strict=True)) / sum(sizes),
     }
-    bits = {r.details["bits"] for r in recs if r.details.get("bits") is not None}
-    if bits:
+    if bits := {r.details["bits"] for r in recs if r.details.get("bits") is not None}:
         summary["bits"] = sorted(bits)
     return summary

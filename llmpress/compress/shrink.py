@@ -105,11 +105,9 @@ def remove_channels(block: nn.Module, a: BlockAnatomy, prefix: str, keep: torch.
     """Keep only MLP channels `keep` in gate/up (rows) and down (columns; replaced by `down_weight` when given);
     one report row per rebuilt linear, with `details`."""
     inter = a.gate.out_features
-    rebuilt_parts = {"gate": rebuilt(a.gate, rows=keep), "up": rebuilt(a.up, rows=keep),
-                     "down": rebuilt(a.down, cols=keep, weight=down_weight)}  # fmt: skip
+    new_layers = [rebuilt(a.gate, rows=keep), rebuilt(a.up, rows=keep), rebuilt(a.down, cols=keep, weight=down_weight)]
     rows = []
-    for part, new in rebuilt_parts.items():
-        old = getattr(a, part)
+    for old, new in zip((a.gate, a.up, a.down), new_layers, strict=True):
         name = path(block, old)
         set_submodule(block, name, new)
         rows.append({"name": f"{prefix}.{name}", "layer": new, "removed_channels": inter - len(keep),

@@ -80,13 +80,10 @@ def _unstructured_mask(scores: torch.Tensor, sparsity: float, start: int, per_ro
         if k > 0:
             mask.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], True)
         return mask
-    first = 0
-    for n_rows in segments:
-        k = _prune_count(sparsity, n_rows, start, start + cols)
+    for part, part_scores in zip(mask.split(segments), scores.split(segments), strict=True):
+        k = _prune_count(sparsity, part.shape[0], start, start + cols)
         if k > 0:
-            part = mask[first : first + n_rows]
-            part.view(-1)[torch.argsort(scores[first : first + n_rows].flatten(), stable=True)[:k]] = True
-        first += n_rows
+            part.view(-1)[torch.argsort(part_scores.flatten(), stable=True)[:k]] = True
     return mask
 
 
@@ -140,8 +137,7 @@ def prune_(W: torch.Tensor, hessian: torch.Tensor, stage: SparseGPTStage, input_
             W1, _, P1, Q1, Err1, _ = cuda_graphs.run(_prune_columns, args, (0, width, n_m))
             prune[:, i1:i2] = P1
         else:
-            starts = [c - i1 for c in range(i1, i2) if c % mask_block == 0]
-            bounds = sorted({0, width, *starts})
+            bounds = sorted({0, width, *(c - i1 for c in range(i1, i2) if c % mask_block == 0)})  # mask starts
             for a, b in itertools.pairwise(bounds):
                 if (i1 + a) % mask_block == 0:
                     choose_mask(W1, Err1, i1, i2, i1 + a)

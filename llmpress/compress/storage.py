@@ -59,8 +59,7 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def compression_manifest(model: nn.Module) -> dict[str, Any]:
     quantized, low_rank, act = {}, {}, {}
     for name, module in model.named_modules():
-        qw = quantization_of(module)
-        if qw is not None:
+        if (qw := quantization_of(module)) is not None:
             quantized[name] = {"bits": qw.bits, "group_size": qw.group_size, "symmetric": qw.symmetric,
                                "offset": qw.offset, "shape": list(qw.codes.shape)}  # fmt: skip
         if isinstance(module, LowRankLinear):

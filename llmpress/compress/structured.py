@@ -59,8 +59,10 @@ def apply_block_(
     rows: list[dict[str, Any]] = []
     if stage.heads > 0:
         rows += _prune_heads(block, anatomy(block), prefix, stage, calib)
+        rows[-1]["update"] = stage.update  # on the refitted projection's row
     if stage.mlp > 0:
         rows += _prune_mlp(block, anatomy(block), prefix, stage, calib)
+        rows[-1]["update"] = stage.update
     return rows
 
 
@@ -81,9 +83,7 @@ def _prune_heads(block: nn.Module, a: BlockAnatomy, prefix: str, stage: Structur
     removed = shrink.lowest_heads(scores, n_kv, k)
     keep = shrink.head_columns([h for h in range(n_heads) if h not in removed], d).to(w_o.device)
     new_o_weight = _refit(a.o.weight, gram, keep, stage.dampening) if stage.update == "least_squares" else None
-    rows = shrink.remove_heads(block, a, prefix, removed, new_o_weight, importance=stage.importance)
-    rows[-1]["update"] = stage.update
-    return rows
+    return shrink.remove_heads(block, a, prefix, removed, new_o_weight, importance=stage.importance)
 
 
 def _prune_mlp(block: nn.Module, a: BlockAnatomy, prefix: str, stage: StructuredStage,
@@ -101,9 +101,7 @@ def _prune_mlp(block: nn.Module, a: BlockAnatomy, prefix: str, stage: Structured
         scores = w_down.norm(dim=0) * (a.gate.weight.float().norm(dim=1) + a.up.weight.float().norm(dim=1))
     keep = shrink.highest_channels(scores, k)
     new_down_weight = _refit(a.down.weight, gram, keep, stage.dampening) if stage.update == "least_squares" else None
-    rows = shrink.remove_channels(block, a, prefix, keep, new_down_weight, importance=stage.importance)
-    rows[-1]["update"] = stage.update
-    return rows
+    return shrink.remove_channels(block, a, prefix, keep, new_down_weight, importance=stage.importance)
 
 
 def needs_data(stage: StructuredStage) -> bool:
