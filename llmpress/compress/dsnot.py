@@ -91,8 +91,7 @@ def refine(
 ) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """DSnoT on `weight` [rows, cols] (zeros = pruned), `dense` its weight before pruning, and the per-input mean,
     variance and sum of squares of the calibration inputs. Returns (new weight, details); inputs not modified."""
-    W = weight.float()
-    Wd = dense.float()
+    W, Wd = weight.float(), dense.float()
     rows, cols = W.shape
     pruned = W == 0
     grow_metric = Wd * mean  # e_i drops by this when the weight is grown back

@@ -79,8 +79,7 @@ def block_sparsities(ratios: list[float], sizes: list[int], target: float, lambd
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if clipped_mean(mid) < target else (lo, mid)
-    shift = (lo + hi) / 2
-    return (sparsity + shift).clamp(0.0, MAX_SPARSITY).tolist()
+    return (sparsity + (lo + hi) / 2).clamp(0.0, MAX_SPARSITY).tolist()
 
 
 @torch.no_grad()

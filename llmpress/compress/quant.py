@@ -88,6 +88,10 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w.float() / scale) + zero, 0, 2**bits - 1)
 
 
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return scale * (quantize_codes(w, scale, zero, bits) - zero)
+
+
 def fit_min_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and minimum per row of `w` [rows, cols] for offset "min": the grid from min(w) to max(w).
 
