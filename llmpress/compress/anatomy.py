@@ -1,14 +1,21 @@
 """Which layers of a decoder block feed which, as data keyed by the model type: what block-level methods (AWQ,
-SmoothQuant, structured pruning) rewire.
+SmoothQuant, structured pruning, LLM-Pruner) rewire.
 
     x -> attn_norm -> q, k, v -> attention -> o -> + x
       -> mlp_norm  -> gate, up -> act(gate) * up -> down -> + x
 
-`ARCHITECTURES` maps a transformers `model_type` to the module paths of these parts inside one block, and how its
-norms scale (Gemma's RMSNorm multiplies by 1 + weight, so a scale folded into it must keep that offset). A model
-type not listed is read with Llama's names, which most decoder-only families share; a block that does not have
-them gets a clear error naming what is missing (fused projections such as Phi-3's qkv_proj are not supported).
-Adding a family is adding a row (llm-compressor keeps its AWQ mappings the same way).
+`ARCHITECTURES` maps a transformers `model_type` to the module paths of these parts inside one block, how its
+norms scale (Gemma's RMSNorm multiplies by 1 + weight, so a scale folded into it must keep that offset) and
+whether they have a weight at all (OLMo's LayerNorm has none, so no scale can be folded into it). A model type
+not listed is refused by name before any work (`check_layout`, run by `llmpress check --model`): a family that merely
+shares Llama's module names may wire them differently (a parallel residual, a norm after the attention instead of
+before the MLP), and folding scales by the wrong wiring corrupts the model without any error. Adding a family is
+adding a row (llm-compressor keeps its AWQ mappings the same way) and a tiny model of it to
+tests/unit/test_architectures.py, which checks that folded scales leave its blocks' float output unchanged.
+
+At run time the scale-moving methods check the same invariant on the real block (`check_unchanged`): the block's
+float output on a calibration batch, before and after folding, must agree to the dtype's rounding, or the method
+stops with an error naming the block - the last guard against a layout the row does not describe.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from llmpress.compress.calibration import BlockCalibration, block_output
+from llmpress.compress.targets import find_decoder_blocks
 from llmpress.errors import LlmpressError
 
 
@@ -37,18 +46,22 @@ class Architecture:
     up: str = "mlp.up_proj"
     down: str = "mlp.down_proj"
     norm_offset: float = 0.0  # the norm computes x_hat * (offset + weight)
+    norm_weights: bool = True  # False: the norms have no weight, nothing can be folded into them
 
 
 LLAMA = Architecture()
 GEMMA = Architecture(norm_offset=1.0)
 ARCHITECTURES: dict[str, Architecture] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "olmo"), LLAMA),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "granite", "smollm3"), LLAMA),
+    "olmo": Architecture(norm_weights=False),
     "gemma": GEMMA,
     # Gemma 2/3 normalise the attention output again (post_attention_layernorm); the norm before the MLP is
     # pre_feedforward_layernorm.
     **dict.fromkeys(("gemma2", "gemma3_text"), Architecture(mlp_norm="pre_feedforward_layernorm", norm_offset=1.0)),
 }
-PARTS = tuple(f.name for f in fields(Architecture) if f.name != "norm_offset")
+PARTS = tuple(f.name for f in fields(Architecture) if f.type == "str")
+# Relative L2 change of a block's float output that folding may cause: the rounding of the rescaled weights.
+FOLD_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
 @dataclass
@@ -97,11 +110,23 @@ def model_type(block: nn.Module) -> str | None:
     return getattr(config, "model_type", None)
 
 
+def architecture_for(kind: str | None) -> Architecture:
+    """The row of ARCHITECTURES for a model type, or LlmpressError naming the type and the supported ones."""
+    if kind not in ARCHITECTURES:
+        raise LlmpressError(
+            f"model type {kind!r} has no row in llmpress/compress/anatomy.py ARCHITECTURES, so block-level methods "
+            f"(awq, smoothquant, structured, llm_pruner) do not know which norm feeds which layers; supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}. Layer methods (magnitude, wanda, sparsegpt, rtn, gptq, ...) work on "
+            "any family"
+        )
+    return ARCHITECTURES[kind]
+
+
 def anatomy(block: nn.Module) -> BlockAnatomy:
-    """Name the parts of a block by its model type's row of ARCHITECTURES (Llama's names for types not listed), or
-    raise LlmpressError saying which part is missing."""
+    """Name the parts of a block by its model type's row of ARCHITECTURES, or raise LlmpressError saying that the
+    type is not described or which part is missing."""
     kind = model_type(block)
-    architecture = ARCHITECTURES.get(kind or "", LLAMA)
+    architecture = architecture_for(kind)
     found = {}
     for part in PARTS:
         path = getattr(architecture, part)
@@ -117,3 +142,30 @@ def anatomy(block: nn.Module) -> BlockAnatomy:
     if head_dim is None:
         raise LlmpressError(f"{type(found['attn']).__name__} has no head_dim attribute")
     return BlockAnatomy(head_dim=int(head_dim), architecture=architecture, **found)
+
+
+def check_layout(model: nn.Module, _stage: object = None) -> None:
+    """Refuse, before any work, a model whose blocks a block-level method cannot name (`Method.check`)."""
+    anatomy(find_decoder_blocks(model)[1][0])
+
+
+@torch.no_grad()
+def first_batch_output(block: nn.Module, calib: BlockCalibration) -> torch.Tensor:
+    """The block's float output on its first calibration batch (what `check_unchanged` compares)."""
+    return block_output(block(calib.hidden[0], **calib.kwargs[0])).float()
+
+
+def check_unchanged(block: nn.Module, calib: BlockCalibration, before: torch.Tensor, method: str, prefix: str) -> None:
+    """After folding scales into a block, its float output must be what it was (`before`, `first_batch_output`) up
+    to the rounding of the rescaled weights; otherwise the block is not wired as its ARCHITECTURES row says and
+    quantizing it would corrupt the model silently - refuse instead."""
+    after = first_batch_output(block, calib)
+    change = ((after - before).norm() / before.norm().clamp(min=1e-12)).item()
+    allowed = FOLD_TOLERANCE.get(calib.hidden[0].dtype, 5e-2)
+    if not change <= allowed:  # NaN fails too
+        raise LlmpressError(
+            f"{method}: folding its scales changed the float output of {prefix} by {change:.2%} (relative L2; "
+            f"folding must leave it unchanged up to {allowed:.1%}): this block (model type "
+            f"{model_type(block)!r}) is not wired as llmpress/compress/anatomy.py ARCHITECTURES describes it, and "
+            "quantizing it would corrupt the model. Nothing was saved"
+        )

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from llmpress.compress import quant
-from llmpress.compress.anatomy import anatomy, fold_into_norm_
+from llmpress.compress.anatomy import anatomy, check_layout, check_unchanged, first_batch_output, fold_into_norm_
 from llmpress.compress.calibration import BlockCalibration, block_output
 from llmpress.compress.methods import Method, register
 from llmpress.compress.targets import matches, targeted_linears
@@ -84,7 +84,8 @@ def scale_groups(block: nn.Module, prefix: str) -> list[ScaleGroup]:
         groups.append(ScaleGroup(a.v, {n["o"]: a.o}, a.o))
     groups.append(ScaleGroup(a.mlp_norm, {n["gate"]: a.gate, n["up"]: a.up}, a.mlp, offset))
     groups.append(ScaleGroup(a.up, {n["down"]: a.down}, a.down))
-    return groups
+    # norms without a weight (OLMo) cannot absorb a scale: only the linear -> linear groups remain
+    return [g for g in groups if a.architecture.norm_weights or isinstance(g.prev, nn.Linear)]
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> torch.Tensor:
@@ -205,10 +206,12 @@ def scale_block_(block: nn.Module, prefix: str, stage: AWQStage, calib: BlockCal
     search = search_calibration(calib)
     calls = _capture_calls(block, search, [g.inspect for g in groups])
     found = [search_scale(g, c, stage) for g, c in zip(groups, calls, strict=True)]
+    before = first_batch_output(block, calib)
     ratios: dict[str, float] = {}
     for group, (ratio, scales) in zip(groups, found, strict=True):
         apply_scale_(group, scales)
         ratios.update(dict.fromkeys(group.linears, ratio))
+    check_unchanged(block, calib, before, "awq", prefix)
     return ratios
 
 
@@ -236,4 +239,4 @@ def apply_block_(block: nn.Module, prefix: str, stage: AWQStage, calib: BlockCal
     return rows
 
 
-register(Method(AWQStage, "block", apply_block_))
+register(Method(AWQStage, "block", apply_block_, check=check_layout))

@@ -153,9 +153,12 @@ def quantization_of(layer: nn.Module) -> QuantizedWeight | None:
 
 
 def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """In fp32 whatever x's dtype: in fp16 the floor 1e-8 on the step would underflow to 0, and an all-zero
+    token would become 0/0 = NaN."""
     maxq = 2 ** (bits - 1) - 1
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / maxq
-    return torch.clamp(torch.round(x / scale), -maxq - 1, maxq) * scale
+    x32 = x.float()
+    scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / maxq
+    return (torch.clamp(torch.round(x32 / scale), -maxq - 1, maxq) * scale).to(x.dtype)
 
 
 def install_act_quant(layer: nn.Linear, bits: int) -> None:

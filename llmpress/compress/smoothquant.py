@@ -46,11 +46,12 @@ import torch
 from torch import nn
 
 from llmpress.compress import quant
-from llmpress.compress.anatomy import anatomy, fold_into_norm_
+from llmpress.compress.anatomy import anatomy, check_unchanged, first_batch_output, fold_into_norm_
 from llmpress.compress.calibration import BlockCalibration
 from llmpress.compress.methods import Method, register
-from llmpress.compress.targets import matches, targeted_linears
+from llmpress.compress.targets import find_decoder_blocks, matches, targeted_linears
 from llmpress.config import SmoothQuantStage
+from llmpress.errors import LlmpressError
 
 
 def smooth_groups(block: nn.Module, prefix: str) -> tuple[list[tuple[nn.Module, dict[str, nn.Linear]]], float]:
@@ -105,11 +106,22 @@ def smooth_block_(block: nn.Module, prefix: str, stage: SmoothQuantStage, calib:
     # the linears of a group read the same tensor: observe the first of each
     firsts = {next(iter(fcs)): next(iter(fcs.values())) for _, fcs in groups}
     act = activation_scales(block, calib, firsts)
+    before = first_batch_output(block, calib)
     smoothed: list[str] = []
     for (norm, fcs), first in zip(groups, firsts, strict=True):
         smooth_ln_fcs_(norm, list(fcs.values()), act[first], stage.alpha, norm_offset)
         smoothed.extend(fcs)
+    check_unchanged(block, calib, before, "smoothquant", prefix)
     return smoothed
+
+
+def check(model: nn.Module, stage: SmoothQuantStage) -> None:
+    """The block's parts are described (`anatomy.check_layout`), and its norms can absorb the smoothing scales."""
+    a = anatomy(find_decoder_blocks(model)[1][0])
+    if not a.architecture.norm_weights:
+        raise LlmpressError(f"smoothquant folds its scales into the norms before q/k/v and gate/up, but this model's "
+                            f"norms ({type(a.attn_norm).__name__}) have no weight to absorb them; use rtn or gptq "
+                            "for its weights")  # fmt: skip
 
 
 @torch.no_grad()
@@ -135,4 +147,4 @@ def apply_block_(
     return rows
 
 
-register(Method(SmoothQuantStage, "block", apply_block_))
+register(Method(SmoothQuantStage, "block", apply_block_, check=check))

@@ -4,6 +4,8 @@ including Gemma's norms, which multiply by 1 + weight."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import transformers
@@ -21,6 +23,9 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", {}),
     "gemma": ("GemmaConfig", {"head_dim": 8}),
     "gemma2": ("Gemma2Config", {"head_dim": 8}),
+    "qwen3": ("Qwen3Config", {"head_dim": 8}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 8}),
+    "olmo": ("OlmoConfig", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),  # norms without weights
 }
 
 
@@ -37,7 +42,10 @@ def tiny(family: str) -> torch.nn.Module:
 
 def _block_output(block: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     position_ids = torch.arange(x.shape[1]).unsqueeze(0)
-    embeddings = model.model.rotary_emb(x, position_ids)
+    rotary = model.model.rotary_emb  # Gemma 3 keeps one rotary table per layer type (sliding, full)
+    by_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    layer_type = model.config.layer_types[block.self_attn.layer_idx] if by_type else None
+    embeddings = rotary(x, position_ids, layer_type) if by_type else rotary(x, position_ids)
     out = block(x, position_embeddings=embeddings, position_ids=position_ids)
     return out[0] if isinstance(out, tuple) else out
 
@@ -49,7 +57,9 @@ def test_the_parts_are_found_by_model_type(family: str) -> None:
     assert model_type(block) == family
     a = anatomy(block)
     assert a.architecture is ARCHITECTURES[family]
-    expected_mlp_norm = "pre_feedforward_layernorm" if family == "gemma2" else "post_attention_layernorm"
+    expected_mlp_norm = (
+        "pre_feedforward_layernorm" if family.startswith(("gemma2", "gemma3")) else "post_attention_layernorm"
+    )
     assert a.mlp_norm is block.get_submodule(expected_mlp_norm)
     assert (a.n_heads, a.n_kv_heads) == (4, 2)
     assert a.names("model.layers.0")["gate"] == "model.layers.0.mlp.gate_proj"
@@ -63,7 +73,7 @@ def test_smoothing_and_awq_scales_leave_the_block_function_unchanged(family: str
     with torch.no_grad():
         before = _block_output(block, model, x)
         pairs, offset = smoothquant.smooth_groups(block, "model.layers.0")
-        for norm, fcs in pairs:
+        for norm, fcs in pairs if ARCHITECTURES[family].norm_weights else []:
             smoothquant.smooth_ln_fcs_(norm, list(fcs.values()), torch.rand(32) * 4 + 0.1, 0.5, offset)
         for group in awq.scale_groups(block, "model.layers.0"):
             n = next(iter(group.linears.values())).in_features
@@ -96,10 +106,79 @@ def test_every_block_method_runs_on_every_family(family: str, method: str) -> No
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(ids).logits
-    report = compress_(model, Recipe(name=method, stages=[STAGES[method]]), ids, progress=lambda _: None)
+    recipe = Recipe(name=method, stages=[STAGES[method]])
+    if method == "smoothquant" and not ARCHITECTURES[family].norm_weights:
+        with pytest.raises(LlmpressError, match="no weight to absorb"):
+            compress_(model, recipe, ids, progress=lambda _: None)
+        return
+    report = compress_(model, recipe, ids, progress=lambda _: None)
     with torch.no_grad():
         logits = model(ids).logits
     assert logits.shape == reference.shape and torch.isfinite(logits).all()
     assert report.layers and not torch.equal(logits, reference)  # it did something
     if method == "structured":
         assert model.config.num_attention_heads == 2 and model.config.intermediate_size == 48
+
+
+def test_a_family_without_a_row_is_refused_before_any_work() -> None:
+    """StableLM shares Llama's module names, but may run attention and MLP in parallel on one norm's output:
+    names alone do not say how a block is wired, so a type not described is refused, by name, at check time."""
+    from llmpress.compress.engine import check_recipe
+    from llmpress.config import Recipe
+
+    config = transformers.StableLmConfig(**SHAPE)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    for method in STAGES:
+        recipe = Recipe(name=method, stages=[STAGES[method]])
+        with pytest.raises(LlmpressError, match=r"model type 'stablelm' has no row.*supported: .*llama"):
+            check_recipe(model, recipe)
+    check_recipe(model, Recipe(name="rtn", stages=[{"method": "rtn", "bits": 4, "group_size": 16}]))  # any family
+
+
+@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+def test_a_wrong_row_is_caught_by_the_block_output_before_quantizing(method: str, monkeypatch) -> None:
+    """The run-time guard: a row that names real modules but the wrong wiring (here the two norms swapped, as a
+    family with another norm order would be read) changes the block's float output when scales are folded, and
+    the method stops with an error naming the block instead of writing a corrupted model."""
+    from llmpress.compress import anatomy as anatomy_module
+    from llmpress.compress.anatomy import Architecture
+    from llmpress.compress.engine import compress_
+    from llmpress.config import Recipe
+
+    swapped = Architecture(attn_norm="post_attention_layernorm", mlp_norm="input_layernorm")
+    monkeypatch.setitem(anatomy_module.ARCHITECTURES, "llama", swapped)
+    model = tiny("llama")
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(LlmpressError, match=rf"{method}: folding its scales changed the float output of "
+                                            r"model\.layers\.0 by .*not wired as"):  # fmt: skip
+        compress_(model, Recipe(name=method, stages=[STAGES[method]]), ids, progress=lambda _: None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_guard_lets_correct_folds_through_in_half_precision(dtype: torch.dtype) -> None:
+    """Folding rounds the rescaled weights in 16 bits: the guard's tolerance must not refuse a correct fold. (In
+    fp16 this also checks that W8A8's per-token activation steps stay finite on all-zero tokens.)"""
+    from llmpress.compress.engine import compress_
+    from llmpress.config import Recipe
+
+    for family in ("llama", "gemma2"):
+        for method in ("awq", "smoothquant"):
+            model = tiny(family).to(dtype)
+            ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+            report = compress_(model, Recipe(name=method, stages=[STAGES[method]]), ids, progress=lambda _: None)
+            assert len(report.layers) == 2 * 7
+            with torch.no_grad():
+                assert torch.isfinite(model(ids).logits).all()
+
+
+def test_olmo_awq_scales_only_what_can_absorb_them() -> None:
+    """OLMo's LayerNorm has no weight: AWQ folds only into the previous linear (up -> down; v -> o without GQA),
+    and the rows say which layers were scaled."""
+    from llmpress.compress.engine import compress_
+    from llmpress.config import Recipe
+
+    model = tiny("olmo")
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    report = compress_(model, Recipe(name="awq", stages=[STAGES["awq"]]), ids, progress=lambda _: None)
+    scaled = {r.name.split(".")[-1] for r in report.layers if r.details["scale_ratio"] is not None}
+    assert scaled == {"down_proj"}  # 4 heads over 2 KV heads: v -> o is skipped as in the reference
