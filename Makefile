@@ -53,7 +53,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: fetch lint browser
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --durations=40
 
 test-unit: setup
 	$(BIN)/pytest -q -ra tests/unit
