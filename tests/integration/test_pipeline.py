@@ -441,10 +441,16 @@ def test_killed_during_compression_registers_nothing(runs: dict, tmp_path: Path)
     c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     before = {(v.version, tuple(sorted(v.aliases))) for v in c.search_model_versions(f"name = '{MODEL_NAME}'")}
     log = tmp_path / "run.log"
+    # The Prefect home the SIGTERM and Ctrl-C tests below share: its database is created (~20 s on 2 cores) once
+    # for the three. Temporary files stay in tmp_path: a killed process cannot remove its own.
+    home = project.parent / "stopped-prefect"
+    env = dict(os.environ, PREFECT_HOME=str(home), TMPDIR=str(tmp_path))
+    env.pop("PREFECT_API_URL", None)
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "--project", str(project), "run", "--recipe",
                                  "recipes/wanda-mlp-30.yaml", "--no-export", "--set", "eval.speed.enabled=false"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)  # fmt: skip
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
+                                env=env)  # fmt: skip
         deadline = time.monotonic() + 300
         while "compress wanda-mlp-30:" not in log.read_text(errors="replace"):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
