@@ -65,6 +65,8 @@ def check_recipe(model: nn.Module, recipe: Recipe) -> None:
             except LlmpressError as exc:
                 raise LlmpressError(f"recipe {recipe.name!r} stage {i} ({stage.method}): {exc}") from None
     quantizing = [(i, s) for i, s in enumerate(recipe.stages) if hasattr(s, "targets") and _quantizes_weights(s)]
+    if len(quantizing) < 2:  # one quantizing stage cannot collide with itself: skip the name matching
+        return
     blocks_name, blocks = find_decoder_blocks(model)
     for j, block in enumerate(blocks):
         owners: dict[str, int] = {}
