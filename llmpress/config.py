@@ -408,6 +408,9 @@ class SurgeonStage(SparsityStage):
     dampening_g: float = Field(0.1, gt=0.0, le=10.0, description="added to G's diagonal, x mean(diag G)")
     dampening_a: float = Field(0.01, gt=0.0, le=10.0, description="added to A's diagonal, x mean(diag A)")
     max_layer_sparsity: float = Field(0.95, gt=0.0, le=1.0, description="most any one layer may lose (unstructured)")
+    correlate_rows: bool = Field(
+        False, description="share each row's update with the other rows through G^-1 (the full Kronecker update)"
+    )
     samples: int | None = Field(None, ge=1, le=1_000_000, description="calibration windows for curvature; null: all")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the sampled labels")
 

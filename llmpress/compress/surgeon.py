@@ -26,9 +26,10 @@ Update (section 3.4, correlated weights): removing the set Q of weights, the los
 
 with (E_Q^T F^-1 E_Q)_pq = [G^-1]_{r_p r_q} [A^-1]_{c_p c_q}. The system is not solved whole (the reference bounds
 it too, `--max_correlate`): each row's own part, -[G^-1]_rr lambda_r^T A^-1, is solved exactly (the row's removed
-weights correlated through A^-1, or equivalently its kept weights through A, whichever set is smaller), and the
-rows then share it through G^-1 - the correlation between rows that SparseGPT's H = X X^T lacks. Removed weights
-end at exactly 0.
+weights correlated through A^-1, or equivalently its kept weights through A, whichever set is smaller). With
+`correlate_rows: true` the rows then share it through G^-1, the correlation between rows that SparseGPT's
+H = X X^T lacks; by default they do not: with the system split by rows, the shared part measured worse on the
+shipped model (README). Removed weights end at exactly 0.
 
 Multi-shot (section 3.5): shot t of `shots` prunes to t/shots of the target, each shot on curvature computed
 afresh from the model as the previous shots left it; removed weights stay removed.
@@ -98,7 +99,7 @@ def apply_model_(model: nn.Module, stage: SurgeonStage, ctx: ModelContext) -> li
         new_kept = allocate(costs, kept, share, stage.n_m, stage.max_layer_sparsity)
         t_update = time.perf_counter()
         for name, layer in layers.items():
-            update_(layer.weight, kept[name] & ~new_kept[name], new_kept[name], *inverses[name])
+            update_(layer.weight, kept[name] & ~new_kept[name], new_kept[name], *inverses[name], stage.correlate_rows)
         kept = new_kept
         del costs, inverses
         pruned = sum(int((~k).sum()) for k in kept.values()) / sum(k.numel() for k in kept.values())
@@ -260,15 +261,16 @@ def _mask(cost: torch.Tensor, units: torch.Tensor, kept: torch.Tensor, before: t
 
 
 def update_(weight: torch.Tensor, removed: torch.Tensor, kept: torch.Tensor, G_inv: torch.Tensor,
-            A_inv: torch.Tensor, A: torch.Tensor) -> None:  # fmt: skip
+            A_inv: torch.Tensor, A: torch.Tensor, correlate_rows: bool = False) -> None:  # fmt: skip
     """Remove the weights in `removed` and compensate the rest, in place: dW = -G^-1 Lambda A^-1 with each row's
     lambda solving [G^-1]_rr A^-1[Q_r, Q_r] lambda_r = w_r[Q_r] (Q_r the row's removed inputs). `A` is the damped
     factor whose inverse is `A_inv`. Every weight outside `kept` ends at exactly 0.
 
     A row's own part D_r = -[G^-1]_rr lambda_r^T A^-1 is the OBS update of the row under A; it is found by a solve
     of the smaller side: over the k removed inputs with A^-1 when k <= in/2, else over the kept ones with A
-    (d_K = A_KK^-1 A_KQ w_Q, d_Q = -w_Q: the same optimum), so no row costs more than (in/2)^3. The rows then share
-    it through G^-1: dW = G^-1 diag(G^-1)^-1 D."""
+    (d_K = A_KK^-1 A_KQ w_Q, d_Q = -w_Q: the same optimum), so no row costs more than (in/2)^3. With
+    `correlate_rows` the rows then share it through G^-1, dW = G^-1 diag(G^-1)^-1 D; without, dW = D (G taken as
+    diagonal, as SparseGPT's update is)."""
     device = G_inv.device
     W = weight.detach().to(device).float()
     removed = removed.to(device)
@@ -299,8 +301,7 @@ def update_(weight: torch.Tensor, removed: torch.Tensor, kept: torch.Tensor, G_i
             D[rows] = torch.zeros_like(w_removed).scatter(1, order, x) - w_removed
         else:  # x = lambda_r [G^-1]_rr
             D[rows] = -torch.zeros_like(w_removed).scatter(1, order, x) @ A_inv
-    if first:
-        W += G_inv @ (D / G_inv.diagonal()[:, None])
+    W += G_inv @ (D / G_inv.diagonal()[:, None]) if correlate_rows else D
     W.mul_(kept.to(device))
     weight.data.copy_(W.to(weight.device, weight.dtype))
 

@@ -85,9 +85,10 @@ def test_removal_cost_is_the_obs_loss_of_one_weight() -> None:
     assert torch.allclose(cost, expected, rtol=1e-5)
 
 
-def _update(W: torch.Tensor, removed: torch.Tensor, G_inv: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+def _update(W: torch.Tensor, removed: torch.Tensor, G_inv: torch.Tensor, A: torch.Tensor,
+            correlate_rows: bool = True) -> torch.Tensor:  # fmt: skip
     weight = torch.nn.Parameter(W.clone().float(), requires_grad=False)
-    update_(weight, removed, ~removed, G_inv.float(), torch.linalg.inv(A).float(), A.float())
+    update_(weight, removed, ~removed, G_inv.float(), torch.linalg.inv(A).float(), A.float(), correlate_rows)
     return weight.double()
 
 
@@ -112,6 +113,8 @@ def test_update_is_the_exact_obs_solution_within_a_row_and_with_uncorrelated_row
     new = _update(W, removed, diagonal, A)
     assert torch.allclose(new, _dense_obs(W, diagonal, A_inv, removed), atol=1e-5)
     assert bool((new[removed] == 0).all())
+    # without correlate_rows G counts as diagonal whatever it is: each row alone, exactly
+    assert torch.allclose(_update(W, removed, G_inv, A, correlate_rows=False), new, atol=1e-5)
 
 
 def test_update_lowers_the_quadratic_loss_against_zeroing() -> None:
@@ -121,7 +124,7 @@ def test_update_lowers_the_quadratic_loss_against_zeroing() -> None:
     W = torch.randn(16, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     removed = torch.rand(16, 24, generator=torch.Generator().manual_seed(9)) < 0.5
     weight = torch.nn.Parameter(W.clone().float(), requires_grad=False)
-    update_(weight, removed, ~removed, G_inv.float(), A_inv.float(), A.float())
+    update_(weight, removed, ~removed, G_inv.float(), A_inv.float(), A.float(), correlate_rows=True)
 
     def loss(new: torch.Tensor) -> float:
         d = (new - W).flatten()
