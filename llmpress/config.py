@@ -396,6 +396,32 @@ class SparseGPTStage(WandaStage):
     )
 
 
+class SurgeonStage(SparsityStage):
+    """The LLM Surgeon (van der Ouderaa et al. 2024): K-FAC curvature of the model's loss, one threshold over all
+    targeted layers, correlated weight updates, several shots with the curvature refreshed between them."""
+
+    method: Literal["surgeon"]
+    shots: int = Field(5, ge=1, le=100, description="prune in this many steps, curvature recomputed before each")
+    fisher: Literal["sampled", "empirical"] = Field(
+        "sampled", description="'sampled': labels drawn from the model (true Fisher); 'empirical': the data's tokens"
+    )
+    dampening_g: float = Field(0.1, gt=0.0, le=10.0, description="added to G's diagonal, x mean(diag G)")
+    dampening_a: float = Field(0.01, gt=0.0, le=10.0, description="added to A's diagonal, x mean(diag A)")
+    max_layer_sparsity: float = Field(0.95, gt=0.0, le=1.0, description="most any one layer may lose (unstructured)")
+    correlate_rows: bool = Field(
+        False, description="share each row's update with the other rows through G^-1 (the full Kronecker update)"
+    )
+    samples: int | None = Field(None, ge=1, le=1_000_000, description="calibration windows for curvature; null: all")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the sampled labels")
+
+    @model_validator(mode="after")
+    def _cap_reaches_target(self) -> SurgeonStage:
+        if self.sparsity is not None and self.max_layer_sparsity < self.sparsity:
+            raise ValueError(f"max_layer_sparsity ({self.max_layer_sparsity}) is below the target sparsity "
+                             f"({self.sparsity}): no allocation can reach it")  # fmt: skip
+        return self
+
+
 class DSnoTStage(Targeted):
     """DSnoT (Zhang et al. 2024): training-free refinement of an existing mask by pruning-and-growing swaps."""
 
@@ -570,6 +596,7 @@ Stage = Annotated[
     MagnitudeStage
     | WandaStage
     | SparseGPTStage
+    | SurgeonStage
     | DSnoTStage
     | RTNStage
     | GPTQStage

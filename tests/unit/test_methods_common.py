@@ -19,6 +19,7 @@ STAGES = {
     "wanda-owl": [{"method": "wanda", "sparsity": 0.5, "owl": {"lambda": 0.1, "threshold": 3}}],
     "sparsegpt": [{"method": "sparsegpt", "sparsity": 0.5, "block_size": 16}],
     "sparsegpt-2of4-dsnot": [{"method": "sparsegpt", "pattern": "2:4"}, {"method": "dsnot"}],
+    "surgeon-2of4-gptq": [{"method": "surgeon", "pattern": "2:4", "shots": 2}, {"method": "gptq", "bits": 4}],
     "rtn-w4": [{"method": "rtn", "bits": 4, "group_size": 32}],
     "edge-int4": [
         {"method": "rtn", "bits": 4, "group_size": 32, "offset": "min"},
