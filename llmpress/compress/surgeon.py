@@ -38,8 +38,9 @@ Where this differs from the reference, and why: structured (row/column) removal 
 interleaved LoRA updates are not here (a `distill` stage after this one recovers instead); the Fisher uses one
 sampled label per token.
 
-Memory: G and A of every targeted layer (fp32) and one window's activations with gradients; on a 135M model about
-1 GB, at 7B sizes tens of GB (a GPU's worth). Every window runs forward and backward once per shot.
+Memory: G, A and their damped inverses for every targeted layer (fp32), plus one batch of windows' activations
+with gradients; 10,739 MiB peak on the shipped 135M model (benchmarks/results/surgeon), far more at 7B sizes. Every
+window runs forward and backward once per shot.
 
 Recipe example (`recipes/surgeon-50.yaml`):
 
