@@ -3,7 +3,9 @@
 The model version's artifacts hold the plain Hugging Face folder under `artifacts/hf_model`, so a reviewer or an
 engineer can fetch it with `mlflow.artifacts.download_artifacts("models:/NAME@champion")` and load it with stock
 transformers; `mlflow.pyfunc.load_model("models:/NAME@champion").predict(["prompt", ...])` generates greedily.
-This file only needs mlflow, torch and transformers: it is loaded on machines where llmpress is not installed.
+This file only needs mlflow, torch and transformers: it is loaded on machines where llmpress is not installed, so
+the model is logged with `llmpress/layer_shapes.py` beside it (`code_paths`), the loading path of models whose
+blocks have different widths (plain `from_pretrained` for the others).
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from mlflow.pyfunc import PythonModel
 
 class CompressedCausalLM(PythonModel):
     def load_context(self, context) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        try:
+            from llmpress.layer_shapes import load_causal_lm
+        except ImportError:  # without llmpress: the copy logged beside this file (code_paths)
+            from layer_shapes import load_causal_lm
 
         folder = context.artifacts["hf_model"]
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
-        self.model.eval()
+        self.model = load_causal_lm(folder)
 
     def predict(self, context, model_input, params=None) -> list[str]:
         import torch

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from llmpress import layer_shapes
 from llmpress.errors import LlmpressError, redact
 from llmpress.files import CHECKSUMS  # sha256 of every file, written by llmpress when it saves a folder
 from llmpress.hashing import folder_hash
@@ -320,7 +321,6 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn
     Folders written by llmpress with packed quantized weights or low-rank layers (`llmpress_compression.json`)
     are rebuilt by `llmpress.compress.storage.load_compressed`.
     """
-    from transformers import AutoModelForCausalLM
 
     from llmpress.compress import storage
 
@@ -329,8 +329,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn
     if (Path(path) / storage.MANIFEST).is_file():
         # Packed integer weights or factorised layers: llmpress's own loader (same stock model classes).
         return storage.load_compressed(path, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
-    return model.eval()
+    # Blocks of different widths (config.json's llmpress_module_shapes) need llmpress's loading path; others load
+    # with plain from_pretrained.
+    return layer_shapes.load_causal_lm(path, dtype)
 
 
 def model_skeleton(folder: str | Path) -> torch.nn.Module | None:
@@ -344,7 +345,7 @@ def model_skeleton(folder: str | Path) -> torch.nn.Module | None:
         return None
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return layer_shapes.resize_(AutoModelForCausalLM.from_config(config), layer_shapes.shapes_of(config))
 
 
 def local_folder(source: str, models_dir: str | Path) -> Path | None:

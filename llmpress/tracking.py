@@ -24,6 +24,7 @@ from llmpress.gate import GateReport
 log = logging.getLogger(__name__)
 
 PYFUNC_FILE = Path(__file__).with_name("mlflow_pyfunc.py")
+SHAPES_FILE = Path(__file__).with_name("layer_shapes.py")
 ALIAS_CANDIDATE = "candidate"
 ALIAS_CHAMPION = "champion"
 ALIASES_BEFORE_TAG = "registry.aliases_before"
@@ -121,6 +122,7 @@ def register_model(c: MlflowClient, run_id: str, model_dir: str | Path, name: st
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),
+            code_paths=[str(SHAPES_FILE)],  # the pyfunc's loader for blocks of different widths
             artifacts={"hf_model": str(model_dir)},
             pip_requirements=["mlflow>=3.17,<3.18", "torch==2.13.0", "transformers==5.23.0", "safetensors"],
             registered_model_name=name,

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llmpress import layer_shapes
 from llmpress.compress.quant import QuantizedWeight, install_act_quant, pack_bits, quantization_of, unpack_bits
 from llmpress.errors import LlmpressError
 
@@ -113,7 +114,7 @@ def save_compressed(model: nn.Module, folder: Path) -> None:
 @torch.no_grad()
 def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Rebuild a model saved by `save_compressed` (stock transformers classes, no remote code)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     folder = Path(folder)
     from llmpress.loading import read_json_object
@@ -123,7 +124,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
         raise LlmpressError(f"{folder / MANIFEST}: unknown format {manifest.get('format')!r}; expected {FORMAT!r}")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     config.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    model = layer_shapes.build(config, dtype)  # stock classes, per-block widths applied, weights loaded below
     for name, spec in manifest["low_rank"].items():
         set_submodule(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
                                                  spec["bias"]).to(dtype))  # fmt: skip

@@ -14,6 +14,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmpress import layer_shapes
 from llmpress.compress import compress_, find_decoder_blocks
 from llmpress.compress.storage import LowRankLinear, save_compressed
 from llmpress.config import Recipe, export_recipe, load_recipe
@@ -106,6 +107,7 @@ def save_model(model: nn.Module, tokenizer, out: Path, extra_files: dict[str, st
 
     try:
         with atomic_folder(out) as tmp:
+            layer_shapes.record_(model)  # blocks of different widths: their sizes go into config.json
             model.save_pretrained(tmp)
             # Quantized layers as packed integers + scales, low-rank layers as two linears (storage.py).
             save_compressed(model, tmp)
