@@ -413,6 +413,28 @@ class SurgeonStage(SparsityStage):
     )
     samples: int | None = Field(None, ge=1, le=1_000_000, description="calibration windows for curvature; null: all")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the sampled labels")
+    heads: float = Field(0.0, ge=0.0, lt=1.0, description="structured: share of the model's query-head slots removed "
+                         "(one head of every KV group each), allocated across blocks")  # fmt: skip
+    mlp: float = Field(0.0, ge=0.0, lt=1.0, description="structured: share of the model's MLP channels removed, "
+                       "allocated across blocks")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _one_of_sparsity_or_pattern(self) -> SurgeonStage:  # replaces SparsityStage's: structured is a third way
+        given = [name for name, on in (("sparsity", self.sparsity is not None), ("pattern", self.pattern is not None),
+                                       ("heads/mlp", self.heads > 0 or self.mlp > 0)) if on]  # fmt: skip
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'sparsity' (unstructured, e.g. 0.5), 'pattern' (N:M, e.g. '2:4') "
+                             "or 'heads'/'mlp' (structured, e.g. mlp: 0.2)"
+                             + (f"; got {' and '.join(given)}" if given else ""))  # fmt: skip
+        return self
+
+    @property
+    def structured(self) -> bool:
+        return self.heads > 0 or self.mlp > 0
+
+    @property
+    def target_sparsity(self) -> float | None:  # type: ignore[override]
+        return None if self.structured else super().target_sparsity
 
     @model_validator(mode="after")
     def _cap_reaches_target(self) -> SurgeonStage:

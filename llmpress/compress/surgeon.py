@@ -34,9 +34,11 @@ shipped model (README). Removed weights end at exactly 0.
 Multi-shot (section 3.5): shot t of `shots` prunes to t/shots of the target, each shot on curvature computed
 afresh from the model as the previous shots left it; removed weights stay removed.
 
-Where this differs from the reference, and why: structured (row/column) removal and the first-order term and the
-interleaved LoRA updates are not here (a `distill` stage after this one recovers instead); the Fisher uses one
-sampled label per token.
+Structured removal (whole MLP channels and query heads, `mlp` / `heads`) is `surgeon_structured`'s: the same
+curvature, costs and updates over rows and columns, and blocks left with different widths.
+
+Where this differs from the reference, and why: the first-order term and the interleaved LoRA updates are not
+here (a `distill` stage after this one recovers instead); the Fisher uses one sampled label per token.
 
 Memory: G, A and their damped inverses for every targeted layer (fp32), plus one batch of windows' activations
 with gradients; 10,739 MiB peak on the shipped 135M model (benchmarks/results/surgeon), far more at 7B sizes. Every
@@ -82,7 +84,11 @@ class Kfac:
 @torch.no_grad()
 def apply_model_(model: nn.Module, stage: SurgeonStage, ctx: ModelContext) -> list[dict[str, Any]]:
     """Prune every targeted linear of the decoder blocks to the stage's target in `stage.shots` shots; one report
-    row per layer."""
+    row per layer. Structured stages (`heads`, `mlp`) are `surgeon_structured`'s."""
+    if stage.structured:
+        from llmpress.compress import surgeon_structured
+
+        return surgeon_structured.apply_model_(model, stage, ctx)
     ids = ctx.data("surgeon")[: stage.samples]
     blocks_name, blocks = find_decoder_blocks(model)
     layers = {name: layer for i, block in enumerate(blocks)
@@ -307,4 +313,11 @@ def update_(weight: torch.Tensor, removed: torch.Tensor, kept: torch.Tensor, G_i
     weight.data.copy_(W.to(weight.device, weight.dtype))
 
 
-register(Method(SurgeonStage, "model", apply_model_))
+def check(model: nn.Module, stage: SurgeonStage) -> None:
+    if stage.structured:
+        from llmpress.compress import surgeon_structured
+
+        surgeon_structured.check(model, stage)
+
+
+register(Method(SurgeonStage, "model", apply_model_, check=check))
