@@ -4,6 +4,8 @@
       model.onnx (+ model.onnx.data)   the KV-cache graph (llmpress.export.onnx), external weights when > 2 GB
       tokenizer.json, tokenizer_config.json, special_tokens_map.json, generation_config.json   (those present)
       run.py, llmpress_generate.py     a runner that needs only numpy, onnxruntime and tokenizers
+      genai_config.json                the same graph for onnxruntime-genai (llmpress.export.genai), when the
+                                       model folder has its config.json
       manifest.json                    every other file's sha256 and size; opset, precision, context length;
                                        metrics, gate report and lineage of the version it was built for
 
@@ -40,7 +42,7 @@ RUN_FILES = ("run.py", "llmpress_generate.py", "tokenizer.json")  # what `run` n
 # the manifest's `model` fields and their types (all optional: older bundles lack the later ones)
 MODEL_FIELDS: dict[str, tuple[type, ...]] = {
     "graph": (str,), "opset": (int,), "precision": (str,), "kv_cache": (bool,), "precision_counts": (dict,),
-    "matmul_nbits_accuracy_level": (int, type(None)), "context_length": (int,),
+    "matmul_nbits_accuracy_level": (int, type(None)), "context_length": (int,), "runtimes": (list,),
 }  # fmt: skip
 
 RUN_PY = '''"""Generate text from this bundle: python run.py "prompt" [--max-new-tokens N] [--temperature T] [--top-k K]
@@ -132,6 +134,9 @@ def build_bundle(out_dir: str | Path, onnx_dir: str | Path, tokenizer_dir: str |
                 shutil.copy2(tokenizer_dir / name, staging / name)
         shutil.copy2(RUNNER, staging / "llmpress_generate.py")
         (staging / "run.py").write_text(RUN_PY)
+        runtimes = ["llmpress-runner"]
+        if (tokenizer_dir / "config.json").is_file() and _write_genai_config(staging, tokenizer_dir):
+            runtimes.append("onnxruntime-genai")
         for path in staging.iterdir():  # durable before the rename makes the bundle visible
             with open(path, "rb+") as handle:
                 os.fsync(handle.fileno())
@@ -149,6 +154,7 @@ def build_bundle(out_dir: str | Path, onnx_dir: str | Path, tokenizer_dir: str |
                 "precision_counts": precision_counts or {},
                 "matmul_nbits_accuracy_level": accuracy_level,
                 **({"context_length": context} if context else {}),
+                "runtimes": runtimes,
             },
             "files": files,
             "metrics": _json_safe(metrics or {}),
@@ -299,6 +305,22 @@ def _context_length(model_dir: Path) -> int | None:
     config = read_json_object(file, "model config") if file.is_file() else {}
     value = config.get("max_position_embeddings", config.get("n_positions"))
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _write_genai_config(staging: Path, model_dir: Path) -> bool:
+    """genai_config.json beside the graph; False for a model genai cannot run (no end-of-sequence token)."""
+    from llmpress.export.genai import FILE, genai_config
+    from llmpress.loading import read_json_object
+
+    generation = model_dir / "generation_config.json"
+    settings = read_json_object(generation, "generation config") if generation.is_file() else {}
+    try:
+        config = genai_config(staging / GRAPH, read_json_object(model_dir / "config.json", "model config"), settings)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
+    if config is not None:
+        (staging / FILE).write_text(json.dumps(config, indent=2))
+    return config is not None
 
 
 def _write_synced(path: Path, text: str) -> None:

@@ -309,7 +309,8 @@ def test_bad_recipe_is_refused_before_anything_is_registered(runs: dict, tmp_pat
 
 def test_edge_bundle_runs_with_only_onnxruntime_and_tokenizers(runs: dict, tmp_path: Path) -> None:
     """The run's bundle verifies, carries the verdict and lineage, and generates - in a fresh virtualenv holding
-    numpy, onnxruntime and tokenizers only - exactly the greedy tokens PyTorch generates from the compressed model."""
+    numpy, onnxruntime and tokenizers only - exactly the greedy tokens PyTorch generates from the compressed model,
+    and so does onnxruntime-genai from the same folder."""
     import importlib.metadata as md
 
     from tokenizers import Tokenizer
@@ -346,6 +347,19 @@ def test_edge_bundle_runs_with_only_onnxruntime_and_tokenizers(runs: dict, tmp_p
                              env={"PYTHONPATH": str(Path(__file__).parents[2]), "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert via_cli.returncode == 0, via_cli.stderr
     assert on_device.stdout.rstrip("\n") == via_cli.stdout.rstrip("\n") == expected
+    # the same bundle in onnxruntime-genai, through the genai_config.json it carries
+    import onnxruntime_genai as og
+
+    assert "onnxruntime-genai" in manifest["model"]["runtimes"]
+    genai = og.Model(str(bundle))
+    params = og.GeneratorParams(genai)
+    params.set_search_options(max_length=len(ids) + 16)
+    generator = og.Generator(genai, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    tokens = [int(t) for t in generator.get_sequence(0)][len(ids) :]
+    assert Tokenizer.from_file(str(bundle / "tokenizer.json")).decode(tokens, skip_special_tokens=True) == expected
 
 
 def test_promote_publishes_the_approved_bundle_to_s3(runs: dict, tmp_path: Path, monkeypatch) -> None:

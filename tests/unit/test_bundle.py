@@ -23,7 +23,8 @@ def built(tiny_onnx, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     model, onnx_dir = tiny_onnx
     tokenizer_dir = tmp_path_factory.mktemp("tok")
     byte_tokenizer_json(tokenizer_dir)
-    (tokenizer_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
+    (tokenizer_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    model.config.save_pretrained(tokenizer_dir)  # config.json: what genai_config.json needs beside the graph
     out = tmp_path_factory.mktemp("bundles") / "tiny-bundle"
     build_bundle(out, onnx_dir, tokenizer_dir, precision="fp32", opset=18, metrics={"perplexity": 12.5, "x": [1]},
                  gate={"passed": True, "checks": []}, lineage={"git_commit": "abc", "version": "3"})  # fmt: skip
@@ -40,13 +41,16 @@ def test_manifest_lists_every_file_with_hash_and_size(built) -> None:
     _, path = built
     manifest = verify_bundle(path)
     names = {f["path"] for f in manifest["files"]}
-    assert {"model.onnx", "tokenizer.json", "generation_config.json", "run.py", "llmpress_generate.py"} <= names
+    assert {"model.onnx", "tokenizer.json", "generation_config.json", "run.py", "llmpress_generate.py",
+            "genai_config.json"} <= names  # fmt: skip
+    assert "config.json" not in names
     assert names == {p.name for p in path.iterdir()} - {"manifest.json"}
     for entry in manifest["files"]:
         assert entry["bytes"] == (path / entry["path"]).stat().st_size
         assert entry["sha256"] == edge_bundle.sha256_file(path / entry["path"])
     assert manifest["model"] == {"graph": "model.onnx", "opset": 18, "precision": "fp32", "kv_cache": True,
-                                 "precision_counts": {}, "matmul_nbits_accuracy_level": None}  # fmt: skip
+                                 "precision_counts": {}, "matmul_nbits_accuracy_level": None, "context_length": 256,
+                                 "runtimes": ["llmpress-runner", "onnxruntime-genai"]}  # fmt: skip
     assert manifest["metrics"] == {"perplexity": 12.5}  # scalars only
     assert manifest["gate"]["passed"] is True and manifest["lineage"]["git_commit"] == "abc"
 
@@ -59,6 +63,37 @@ def test_run_generates_what_pytorch_generates(built) -> None:
     decoded = Tokenizer.from_file(str(path / "tokenizer.json")).decode(expected.tolist(), skip_special_tokens=True)
     assert edge_bundle.run(path, prompt, max_new_tokens=12) == decoded
     assert edge_bundle.run(path, prompt, 8, temperature=1.0, seed=3) == edge_bundle.run(path, prompt, 8, 1.0, seed=3)
+
+
+def test_onnxruntime_genai_generates_what_the_runner_and_pytorch_generate(built) -> None:
+    import onnxruntime_genai as og
+
+    model, path = built
+    prompt = "edge devices"
+    ids = Tokenizer.from_file(str(path / "tokenizer.json")).encode(prompt).ids
+    genai = og.Model(str(path))
+    params = og.GeneratorParams(genai)
+    params.set_search_options(max_length=len(ids) + 24)  # greedy: the bundle's genai_config.json says so
+    generator = og.Generator(genai, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    tokens = [int(t) for t in generator.get_sequence(0)][len(ids) :]
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=2,
+                              pad_token_id=2)[0, len(ids) :].tolist()  # fmt: skip
+    assert tokens == expected[: len(tokens)] and len(tokens) == len(expected)  # both stop at eos (2) or at 24
+    decoded = Tokenizer.from_file(str(path / "tokenizer.json")).decode(tokens, skip_special_tokens=True)
+    assert edge_bundle.run(path, prompt, max_new_tokens=24) == decoded
+
+
+def test_without_an_end_of_sequence_token_there_is_no_genai_config(tiny_onnx, tmp_path) -> None:
+    model, onnx_dir = tiny_onnx
+    byte_tokenizer_json(tmp_path)
+    config = model.config.to_dict() | {"eos_token_id": None}  # a model that never ends: genai refuses it
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = build_bundle(tmp_path / "b", onnx_dir, tmp_path, precision="fp32", opset=18)
+    assert not (out / "genai_config.json").exists()
+    assert verify_bundle(out)["model"]["runtimes"] == ["llmpress-runner"]
 
 
 def test_cli_verify_and_run(built, capsys) -> None:
