@@ -187,10 +187,11 @@ def test_settings_are_checked_before_any_work() -> None:
     with pytest.raises(ConfigError, match=r"exactly one of 'sparsity'.*got sparsity and heads/mlp"):
         validate(Recipe, {"name": "x", "stages": [{"method": "surgeon", "sparsity": 0.5, "mlp": 0.2}]}, "recipe")
     model = _gqa_llama()
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
     with pytest.raises(LlmpressError, match=r"mlp=0\.001.*between 1 and"):
-        compress_(model, Recipe(name="x", stages=[{"method": "surgeon", "mlp": 0.001}]), None)
+        compress_(model, Recipe(name="x", stages=[{"method": "surgeon", "mlp": 0.001}]), ids)
     with pytest.raises(LlmpressError, match=r"heads=0\.9.*between 1 and 6"):
-        compress_(model, Recipe(name="x", stages=[{"method": "surgeon", "heads": 0.9}]), None)
+        compress_(model, Recipe(name="x", stages=[{"method": "surgeon", "heads": 0.9}]), ids)
     assert all(a.gate.out_features == 96 for a in map(anatomy, model.model.layers))  # nothing changed
 
 
