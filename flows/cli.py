@@ -5,6 +5,7 @@
     llmpress resolve SOURCE           resolve a model source to a local folder, print its content hash
     llmpress check FILE ... [--model SOURCE]  validate recipes and params.yaml (and targets against a model)
     llmpress dequantize SRC DST       a compressed folder (packed ints, low-rank) -> a plain HF folder (--overwrite)
+    llmpress gguf SRC DST.gguf        a model folder -> one GGUF file for llama.cpp, quantized codes kept
     llmpress promote NAME [VERSION]   publish an approved version's bundle to S3 and move alias production
     llmpress bundle verify PATH       check an edge bundle's files against its manifest
     llmpress bundle run PATH PROMPT   generate with an edge bundle (needs only onnxruntime and tokenizers)
@@ -214,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     deq.add_argument("src")
     deq.add_argument("dst")
     deq.add_argument("--overwrite", action="store_true", help="replace DST if it is a model folder llmpress wrote")
+    gg = sub.add_parser("gguf", help="model folder -> GGUF file for llama.cpp (Q4_1/Q4_0/Q8_0 codes kept exactly)")
+    gg.add_argument("src")
+    gg.add_argument("dst", help="the .gguf file to write")
+    gg.add_argument("--float-type", choices=["f32", "f16", "q8_0", "q4_1"], default="f16",
+                    help="weights llmpress did not quantize (default f16; q8_0/q4_1 re-rounds them)")  # fmt: skip
+    gg.add_argument("--fallback", choices=["q8_0", "q4_1"], default="q8_0",
+                    help="block type for quantized layouts GGUF has no exact type for")  # fmt: skip
+    gg.add_argument("--overwrite", action="store_true")
     prom = sub.add_parser("promote", help="publish an approved version's edge bundle to S3, move alias production")
     prom.add_argument("model", help="registered model name")
     prom.add_argument("version", nargs="?", default="champion", help="version number or alias (default: champion)")
@@ -486,6 +495,17 @@ def _dequantize(args: argparse.Namespace, project: Path) -> int:
     return 0
 
 
+def _gguf(args: argparse.Namespace, project: Path) -> int:
+    """`llmpress gguf SRC DST.gguf`."""
+    from llmpress.steps import to_gguf
+
+    report = to_gguf(args.src, args.dst, args.float_type, args.fallback, args.overwrite)
+    print(f"{report['path']}: {report['bytes']} bytes, block types {report['block_types']}; {report['exact']} "
+          f"tensors hold the method's codes exactly, {report['near_exact']} up to fp16 rounding of the offset, "
+          f"{len(report['requantized'])} re-rounded")  # fmt: skip
+    return 0
+
+
 COMMANDS = {
     "run": _run,
     "data": _data,
@@ -498,6 +518,7 @@ COMMANDS = {
     "worker": _worker,
     "sweep": _sweep,
     "dequantize": _dequantize,
+    "gguf": _gguf,
 }
 
 

@@ -138,6 +138,22 @@ def dequantize(src: str | Path, dst: str | Path, overwrite: bool = False) -> str
     return f"{dst}: plain safetensors folder, {folder_bytes(dst, '*.safetensors')} bytes of weights"
 
 
+def to_gguf(src: str | Path, dst: str | Path, float_type: str = "f16", fallback: str = "q8_0",
+            overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Write the model folder `src` (compressed or plain) as one GGUF file `dst` for llama.cpp
+    (`llmpress.export.gguf`): quantized layers on a GGUF grid as their own codes; returns the writer's report."""
+    from llmpress.export.gguf import export_gguf
+
+    src, dst = Path(src), Path(dst)
+    if dst.suffix != ".gguf":
+        raise LlmpressError(f"{dst}: a GGUF file's name ends in .gguf")
+    if dst.exists() and (dst.is_dir() or not overwrite):
+        raise LlmpressError(f"{dst} already exists" + ("" if dst.is_dir() else "; pass --overwrite to replace it"))
+    if not dst.parent.is_dir():
+        raise LlmpressError(f"{dst.parent} is not a folder")
+    return export_gguf(load_model(src), src, dst, float_type, fallback).to_dict()
+
+
 def _check_finite(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():

@@ -221,6 +221,21 @@ def dequantize_into(where: Callable[[Path, Path], Path], *flags: str) -> Callabl
     return setup
 
 
+def gguf_into(name: str, make: Callable[[Path], object] = lambda dst: None,
+              tokenizer: dict | None = None) -> Callable[[Path], list[str]]:  # fmt: skip
+    """`llmpress gguf SRC DST` with DST named `name` in inputs/ and prepared by `make`."""
+
+    def setup(project: Path) -> list[str]:
+        src = tiny_model(project)
+        if tokenizer is not None:
+            (src / "tokenizer.json").write_text(json.dumps(tokenizer))
+        dst = project / "inputs" / name
+        make(dst)
+        return ["gguf", str(src), str(dst)]
+
+    return setup
+
+
 def _existing(project: Path, src: Path) -> Path:
     out = project / "inputs" / "existing"
     out.mkdir(parents=True)
@@ -542,6 +557,10 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
     ("dequantize-dst-exists", dequantize_into(_existing), "already exists; pass --overwrite"),
     ("dequantize-overwrite-foreign", dequantize_into(_existing, "--overwrite"), "not a model folder llmpress wrote"),
     ("dequantize-dst-is-file", dequantize_into(_a_file, "--overwrite"), "is not a folder"),
+    ("gguf-not-a-gguf-name", gguf_into("model.bin"), "ends in .gguf"),
+    ("gguf-dst-exists", gguf_into("there.gguf", lambda dst: dst.write_text("keep me")), "already exists; pass"),
+    ("gguf-dst-is-a-folder", gguf_into("dir.gguf", lambda dst: dst.mkdir()), "already exists"),
+    ("gguf-unsupported-tokenizer", gguf_into("m.gguf", tokenizer={"model": {"type": "Unigram"}}), "byte-level BPE"),
     ("dequantize-dst-is-source", dequantize_into(lambda p, src: src), "inside the source"),
     ("dequantize-dst-inside-source", dequantize_into(lambda p, src: src / "plain"), "inside the source"),
     (

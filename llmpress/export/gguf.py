@@ -1,0 +1,266 @@
+"""GGUF for llama.cpp: the compressed model written in the block types that hold its codes.
+
+llama.cpp (and what is built on it: phones, laptops, single-board computers) reads GGUF. Its Q4_1, Q4_0 and Q8_0
+types are blocks of 32 inputs of one row, each with an fp16 scale:
+
+    Q4_1   d, m (fp16), 32 x 4 bits     w = d q + m          llmpress: 4 bits, groups of 32, offset "min"
+    Q4_0   d (fp16),    32 x 4 bits     w = d (q - 8)        llmpress: 4 bits, groups of 32, symmetric
+    Q8_0   d (fp16),    32 x int8       w = d q              llmpress: 8 bits, groups of 32, symmetric
+
+So a layer quantized by RTN, GPTQ, AWQ or QAT on one of these grids is written as its own codes and scales, bit
+for bit the weights llmpress evaluated ("exact" in the report). 4 bits in groups of 32 with an integer zero point
+z is written as Q4_1 with m = -d z rounded to fp16 ("exact up to m's rounding", the largest error reported). Any
+other quantized layout, and float weights when `float_type` says so, are re-quantized from the weights llmpress
+evaluated by the gguf package's reference rounding (llama.cpp's own) to `fallback` ("requantized", named in
+the report). Norms stay F32.
+
+Tensor names follow llama.cpp (`gguf.get_tensor_name_map`), and q_proj / k_proj rows are permuted from
+transformers' rotate-half layout to llama.cpp's interleaved one, as llama.cpp's converter does (rows only:
+blocks run along inputs, so the permuted codes stay exact). The tokenizer goes in too: byte-level BPE tokens,
+types and merges from tokenizer.json, special tokens and the chat template from tokenizer_config.json.
+
+Scope: Llama-family decoders (model_type llama, mistral) with the same widths in every block and no rope
+scaling; anything else is refused by name before a file is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmpress.compress.quant import QuantizedWeight, quantization_of
+from llmpress.errors import LlmpressError
+
+ARCHITECTURES = ("llama", "mistral")
+FLOAT_TYPES = ("f32", "f16", "q8_0", "q4_1")
+
+
+@dataclass
+class GgufReport:
+    path: str
+    bytes: int
+    tensors: dict[str, str] = field(default_factory=dict)  # gguf name -> block type
+    exact: list[str] = field(default_factory=list)  # the method's codes and scales, bit for bit
+    near_exact: dict[str, float] = field(default_factory=dict)  # zero point folded into m: max |error|
+    requantized: list[str] = field(default_factory=list)  # re-rounded from the evaluated weights
+    tokenizer_pre: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for kind in self.tensors.values():
+            counts[kind] = counts.get(kind, 0) + 1
+        return {"path": self.path, "bytes": self.bytes, "block_types": counts, "exact": len(self.exact),
+                "near_exact": len(self.near_exact), "requantized": self.requantized,
+                "near_exact_max_abs_error": max(self.near_exact.values(), default=0.0),
+                "tokenizer_pre": self.tokenizer_pre}  # fmt: skip
+
+
+def check(model: nn.Module) -> None:
+    """Refuse, by name, a model this writer does not describe."""
+    config = model.config
+    if config.model_type not in ARCHITECTURES:
+        raise LlmpressError(f"GGUF export supports {', '.join(ARCHITECTURES)} models; this one is "
+                            f"{config.model_type!r}")  # fmt: skip
+    if (rope := _rope(config).get("rope_type", "default")) != "default":
+        raise LlmpressError(f"GGUF export: rope type {rope!r} (scaled rotary embeddings) is not written yet")
+    from llmpress.layer_shapes import differences
+
+    if differences(model):
+        raise LlmpressError("GGUF export: the blocks have different widths (structured surgeon); llama.cpp's "
+                            "per-layer sizes are not written yet - export ONNX instead")  # fmt: skip
+
+
+def export_gguf(model: nn.Module, tokenizer_dir: str | Path, out_path: str | Path, float_type: str = "f16",
+                fallback: str = "q8_0", tokenizer_pre: str | None = None) -> GgufReport:  # fmt: skip
+    """Write `model` (with its llmpress quantization codes, if any) and the tokenizer in `tokenizer_dir` as one
+    GGUF file at `out_path` (written beside it and renamed into place)."""
+    import gguf
+
+    if float_type not in FLOAT_TYPES or fallback not in ("q8_0", "q4_1"):
+        raise LlmpressError(f"GGUF export: float_type must be one of {FLOAT_TYPES} and fallback q8_0 or q4_1; got "
+                            f"{float_type!r}, {fallback!r}")  # fmt: skip
+    check(model)
+    config = model.config
+    out_path = Path(out_path)
+    n_blocks = config.num_hidden_layers
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    report = GgufReport(str(out_path), 0)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        _write_hparams(writer, config)
+        report.tokenizer_pre = _write_tokenizer(writer, Path(tokenizer_dir), config, tokenizer_pre)
+        _write_tensors(writer, report, model, names, float_type, fallback)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        tmp.replace(out_path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a refused or failed export leaves nothing
+    report.bytes = out_path.stat().st_size
+    return report
+
+
+def _write_tensors(writer: Any, report: GgufReport, model: nn.Module, names: Any, float_type: str,
+                   fallback: str) -> None:  # fmt: skip
+    config = model.config
+    modules = dict(model.named_modules())
+    tied = getattr(config, "tie_word_embeddings", False)
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reads the output head from token_embd when output.weight is absent
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise LlmpressError(f"GGUF export: no llama.cpp name for {hf_name}")
+        module = modules.get(hf_name.rpartition(".")[0])
+        qw = quantization_of(module) if module is not None and hf_name.endswith(".weight") else None
+        heads = _permuted_heads(hf_name, config)
+        if tensor.dim() == 1:
+            _add(writer, report, name, tensor.float().numpy(), "F32")
+        elif qw is not None:
+            _add_quantized(writer, report, name, qw, heads, fallback)
+        else:
+            w = _permute(tensor.detach().float(), heads).numpy()
+            kind = {"f32": "F32", "f16": "F16"}.get(float_type) or float_type.upper()
+            _add(writer, report, name, w, kind, requantized=kind not in ("F32", "F16"))
+
+
+def _write_hparams(writer: Any, config: Any) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_name(str(getattr(config, "_name_or_path", "") or "llmpress model"))
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // config.num_attention_heads:  # heads removed: say the head size outright
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(float(_rope(config).get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _rope(config: Any) -> dict[str, Any]:
+    """The rotary settings: transformers 5's rope_parameters, or the older rope_theta / rope_scaling fields."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    theta = getattr(config, "rope_theta", None)
+    return {**({"rope_theta": theta} if theta is not None else {}), **params}
+
+
+def _write_tokenizer(writer: Any, folder: Path, config: Any, pre: str | None) -> str:
+    """Byte-level BPE from tokenizer.json; returns the pre-tokenizer name written."""
+    import gguf
+
+    from llmpress.loading import read_json_object
+
+    data = read_json_object(folder / "tokenizer.json", "tokenizer")
+    model = data.get("model", {})
+    pre_tokenizer = json.dumps(data.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or "ByteLevel" not in pre_tokenizer:
+        raise LlmpressError(f"GGUF export writes byte-level BPE tokenizers (GPT-2 style); {folder / 'tokenizer.json'}"
+                            f" is {model.get('type')!r} with pre-tokenizer {pre_tokenizer[:80]}")  # fmt: skip
+    size = max(config.vocab_size, *(i + 1 for i in model["vocab"].values()))
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for token, i in model["vocab"].items():
+        tokens[i], types[i] = token, gguf.TokenType.NORMAL
+    for added in data.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    name = pre or ("gpt2" if data.get("pre_tokenizer", {}).get("type") == "ByteLevel" else "default")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(name)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    gguf.SpecialVocab(folder, load_merges=False, n_vocab=size).add_to_gguf(writer, quiet=True)
+    return name
+
+
+def _permuted_heads(hf_name: str, config: Any) -> int | None:
+    """q_proj rows are permuted per query head, k_proj rows per KV head (llama.cpp's rotary layout)."""
+    if hf_name.endswith("q_proj.weight"):
+        return config.num_attention_heads
+    if hf_name.endswith("k_proj.weight"):
+        return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return None
+
+
+def _permute(rows: torch.Tensor, heads: int | None) -> torch.Tensor:
+    """transformers' [head, 2, half, ...] rotate-half rows to llama.cpp's [head, half, 2, ...] pairs."""
+    if heads is None:
+        return rows
+    shape = rows.shape
+    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _add(writer: Any, report: GgufReport, name: str, values: np.ndarray, kind: str, requantized: bool = False) -> None:
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    data = gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype)
+    writer.add_tensor(name, data, raw_dtype=qtype if kind not in ("F32", "F16") else None)
+    report.tensors[name] = kind
+    if requantized:
+        report.requantized.append(name)
+
+
+def _add_quantized(writer: Any, report: GgufReport, name: str, qw: QuantizedWeight, heads: int | None,
+                   fallback: str) -> None:  # fmt: skip
+    import gguf
+
+    codes, scale = _permute(qw.codes, heads), _permute(qw.scale, heads)
+    zero = _permute(qw.zero, heads)
+    minimum = None if qw.minimum is None else _permute(qw.minimum, heads)
+    rows, cols = codes.shape
+    if qw.group_size == 32 and cols % 32 == 0 and qw.bits in (4, 8):
+        q = codes.numpy().reshape(rows, cols // 32, 32)
+        d = _half_bytes(scale)
+        if qw.bits == 4 and minimum is not None:
+            blocks, kind = np.concatenate([d, _half_bytes(minimum), _nibbles(q)], axis=2), "Q4_1"
+            report.exact.append(name)
+        elif qw.bits == 4 and bool((zero == 8).all()):
+            blocks, kind = np.concatenate([d, _nibbles(q)], axis=2), "Q4_0"
+            report.exact.append(name)
+        elif qw.bits == 4:
+            m = (-scale.float() * zero.float()).half()
+            blocks, kind = np.concatenate([d, _half_bytes(m), _nibbles(q)], axis=2), "Q4_1"
+            exact = qw.dequantize(torch.float32)
+            folded = scale.float().repeat_interleave(32, 1) * codes.float() + m.float().repeat_interleave(32, 1)
+            report.near_exact[name] = float((folded - _permute(exact, heads)).abs().max())
+        elif bool((zero == 128).all()):
+            signed = (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+            blocks, kind = np.concatenate([d, signed], axis=2), "Q8_0"
+            report.exact.append(name)
+        else:
+            blocks, kind = None, ""
+        if blocks is not None:
+            writer.add_tensor(name, np.ascontiguousarray(blocks.reshape(rows, -1)),
+                              raw_dtype=gguf.GGMLQuantizationType[kind])  # fmt: skip
+            report.tensors[name] = kind
+            return
+    _add(writer, report, name, _permute(qw.dequantize(torch.float32), heads).numpy(), fallback.upper(), True)
+
+
+def _half_bytes(values: torch.Tensor) -> np.ndarray:
+    """[rows, groups] fp16 -> [rows, groups, 2] little-endian bytes."""
+    return values.to(torch.float16).numpy().astype("<f2").view(np.uint8).reshape(*values.shape, 2)
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """32 codes of a block -> 16 bytes: byte j holds code j (low nibble) and code j + 16 (high), as ggml does."""
+    return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
