@@ -85,3 +85,37 @@ def test_gguf_file_source_matches_the_default(tmp_path: Path) -> None:
     assert resolved.sha256 == folder_hash(REPO / "models" / SHIPPED_NAME)  # same conversion, same bytes
     again = resolve(str(gguf), tmp_path / "models")  # converted once: the second call reuses the folder
     assert again.sha256 == resolved.sha256 and os.path.samefile(again.path, resolved.path)
+
+
+def test_gguf_export_of_the_shipped_model_matches_the_shipped_file(tmp_path: Path) -> None:
+    """The shipped model quantized on the Q4_1 grid (decoder) and symmetric 8-bit (table) and written by
+    `export_gguf` is the shipped GGUF again: same tensor names, block types and shapes, and values equal to
+    the original file's (which llama.cpp's converter wrote from the same weights), q/k rows in llama.cpp's order."""
+    import gguf
+    import numpy as np
+
+    from llmpress.compress import compress_
+    from llmpress.config import Recipe
+    from llmpress.export.gguf import export_gguf
+
+    folder = REPO / "models" / SHIPPED_NAME
+    model = load_model(folder)
+    stages = [{"method": "rtn", "bits": 4, "group_size": 32, "offset": "min", "targets": [".*_proj"]},
+              {"method": "embeddings", "bits": 8, "group_size": 32, "symmetric": True}]  # fmt: skip
+    compress_(model, Recipe(name="q4_1", stages=stages), torch.zeros(1, 16, dtype=torch.long))  # no data is read
+    report = export_gguf(model, folder, tmp_path / "llmpress.gguf").to_dict()
+    assert report["requantized"] == [] and report["near_exact"] == 0
+    ours, theirs = gguf.GGUFReader(str(tmp_path / "llmpress.gguf")), gguf.GGUFReader(str(shipped_gguf_path()))
+    mine = {t.name: t for t in ours.tensors}
+    assert set(mine) == {t.name for t in theirs.tensors}
+    worst = 0.0
+    for original in theirs.tensors:
+        t = mine[original.name]
+        assert t.tensor_type == original.tensor_type and list(t.shape) == list(original.shape), original.name
+        a = gguf.quants.dequantize(t.data, t.tensor_type)
+        b = gguf.quants.dequantize(original.data, original.tensor_type)
+        worst = max(worst, float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)))
+    assert worst < 1e-3  # fp16 rounding of re-fitted scales; a wrong permutation or layout would be O(1)
+    fields = {k: f.contents() for k, f in ours.fields.items() if k.startswith(("llama.", "tokenizer.ggml.model"))}
+    assert fields == {k: f.contents() for k, f in theirs.fields.items() if k in fields}
+    assert ours.fields["tokenizer.ggml.tokens"].contents() == theirs.fields["tokenizer.ggml.tokens"].contents()
