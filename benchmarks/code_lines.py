@@ -21,8 +21,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 # The method files issue 19 added: new features, counted apart.
-NEW_METHODS = ("llmpress/compress/llm_pruner.py", "llmpress/compress/qat.py", "llmpress/compress/surgeon.py",
-               "llmpress/compress/surgeon_structured.py")
+NEW_METHODS = (
+    "llmpress/compress/llm_pruner.py",
+    "llmpress/compress/qat.py",
+    "llmpress/compress/surgeon.py",
+    "llmpress/compress/surgeon_structured.py",
+)
 SETS = {
     "compression core (llmpress/compress, without llm_pruner, qat and surgeon*)": ("llmpress/compress/",),
     "orchestration (steps, registration, lineage, tasks, flows/compress.py)": (
