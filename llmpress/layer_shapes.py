@@ -122,12 +122,19 @@ def load_causal_lm(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
                                                     trust_remote_code=False).eval()  # fmt: skip
     model = build(config, dtype)
-    state = {k: v for shard in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(shard).items()}
-    tied = getattr(config, "tie_word_embeddings", False)
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    if set(missing) - ({"lm_head.weight"} if tied else set()) or unexpected:
-        raise ValueError(f"{folder}: weights do not match the config (missing {sorted(missing)[:3]}, "
+    shards = sorted(Path(folder).glob("*.safetensors"))
+    state = {k: v.to(dtype) for shard in shards for k, v in load_file(shard).items()}
+    return load_weights_(model, state, folder).eval()
+
+
+def load_weights_(model: nn.Module, state: dict[str, torch.Tensor], folder: str | Path) -> nn.Module:
+    """Load `state` into `model`, every parameter accounted for (a tied head may be absent: it is tied after);
+    ValueError naming what is missing or unexpected."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{folder}: weights do not match the config (missing {sorted(set(missing) - tied)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]})")  # fmt: skip
     if tied:
         model.tie_weights()
-    return model.eval()
+    return model

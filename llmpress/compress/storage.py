@@ -148,15 +148,10 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
         qw = QuantizedWeight(codes, scale, zero, spec["bits"], spec["group_size"], spec["symmetric"], minimum)
         state[f"{name}.weight"] = qw.dequantize(dtype)
         quantized[name] = qw
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise LlmpressError(
-            f"{folder}: weights do not match the config (missing {sorted(set(missing) - tied)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]})"
-        )
-    if tied:
-        model.tie_weights()
+    try:
+        layer_shapes.load_weights_(model, state, folder)
+    except ValueError as exc:
+        raise LlmpressError(str(exc)) from None
     for name, qw in quantized.items():
         modules[name].llmpress_quant = qw
     for name, bits in manifest["activation_quant"].items():

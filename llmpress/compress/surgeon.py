@@ -185,11 +185,11 @@ def kfac_factors(model: nn.Module, layers: dict[str, nn.Linear], ids: torch.Tens
 def damped_inverses(factors: Kfac, dampening_g: float, dampening_a: float) -> tuple[torch.Tensor, ...]:
     """(G_d^-1, A_d^-1, A_d), G_d = G + d_g mean(diag G) I and A_d likewise, in fp32. The damping keeps outputs
     that never receive a gradient and inputs that never fire invertible (the reference damps G by 0.1, A by 0.01)."""
-    G, A = _damped(factors.G, dampening_g), _damped(factors.A, dampening_a)
+    G, A = damped(factors.G, dampening_g), damped(factors.A, dampening_a)
     return torch.cholesky_inverse(torch.linalg.cholesky(G)), torch.cholesky_inverse(torch.linalg.cholesky(A)), A
 
 
-def _damped(M: torch.Tensor, dampening: float) -> torch.Tensor:
+def damped(M: torch.Tensor, dampening: float) -> torch.Tensor:
     damp = dampening * M.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
     return M + damp * torch.eye(len(M), device=M.device)
 

@@ -51,7 +51,7 @@ from torch import nn
 from llmpress.compress import shrink
 from llmpress.compress.anatomy import BlockAnatomy, anatomy
 from llmpress.compress.methods import ModelContext
-from llmpress.compress.surgeon import Kfac, _damped, kfac_factors
+from llmpress.compress.surgeon import Kfac, damped, kfac_factors
 from llmpress.compress.targets import find_decoder_blocks
 from llmpress.config import SurgeonStage
 from llmpress.errors import LlmpressError
@@ -65,7 +65,7 @@ def apply_model_(model: nn.Module, stage: SurgeonStage, ctx: ModelContext) -> li
     ids = ctx.data("surgeon")[: stage.samples]
     blocks_name, blocks = find_decoder_blocks(model)
     first = [anatomy(block) for block in blocks]
-    floors = [max(1, math.ceil(a.gate.out_features * (1 - stage.max_layer_sparsity))) for a in first]
+    floors = [_floor(a, stage) for a in first]
     channels_before, slots_before = sum(_channels(a) for a in first), sum(_slots(a) for a in first)
     channel_budget, slot_budget = round(stage.mlp * channels_before), round(stage.heads * slots_before)
     params_before = {name: shrink.numel(m) for name, m in _layers(blocks_name, blocks, first, stage).items()}
@@ -116,7 +116,7 @@ def check(model: nn.Module, stage: SurgeonStage) -> None:
     parts = [anatomy(block) for block in find_decoder_blocks(model)[1]]
     for share, field, unit, total, most in (
         (stage.mlp, "mlp", "MLP channels", sum(_channels(a) for a in parts),
-         sum(_channels(a) - max(1, math.ceil(_channels(a) * (1 - stage.max_layer_sparsity))) for a in parts)),
+         sum(_channels(a) - _floor(a, stage) for a in parts)),
         (stage.heads, "heads", "head slots (one query head of every KV group)", sum(_slots(a) for a in parts),
          sum(_slots(a) - 1 for a in parts)),
     ):  # fmt: skip
@@ -129,6 +129,11 @@ def _channels(a: BlockAnatomy) -> int:
     return a.gate.out_features
 
 
+def _floor(a: BlockAnatomy, stage: SurgeonStage) -> int:
+    """The fewest MLP channels a block may keep: 1 - max_layer_sparsity of its first width, and at least one."""
+    return max(1, math.ceil(_channels(a) * (1 - stage.max_layer_sparsity)))
+
+
 def _slots(a: BlockAnatomy) -> int:
     return a.n_heads // a.n_kv_heads
 
@@ -137,7 +142,7 @@ class _Curvature:
     """One layer's damped factors and their inverses (fp32)."""
 
     def __init__(self, factors: Kfac, dampening_g: float, dampening_a: float) -> None:
-        self.G, self.A = _damped(factors.G, dampening_g), _damped(factors.A, dampening_a)
+        self.G, self.A = damped(factors.G, dampening_g), damped(factors.A, dampening_a)
         self.G_inv = torch.cholesky_inverse(torch.linalg.cholesky(self.G))
         self.A_inv = torch.cholesky_inverse(torch.linalg.cholesky(self.A))
 

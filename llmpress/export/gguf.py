@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,8 @@ class GgufReport:
     tokenizer_pre: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
-        counts: dict[str, int] = {}
-        for kind in self.tensors.values():
-            counts[kind] = counts.get(kind, 0) + 1
-        return {"path": self.path, "bytes": self.bytes, "block_types": counts, "exact": len(self.exact),
-                "near_exact": len(self.near_exact), "requantized": self.requantized,
+        return {"path": self.path, "bytes": self.bytes, "block_types": dict(Counter(self.tensors.values())),
+                "exact": len(self.exact), "near_exact": len(self.near_exact), "requantized": self.requantized,
                 "near_exact_max_abs_error": max(self.near_exact.values(), default=0.0),
                 "tokenizer_pre": self.tokenizer_pre}  # fmt: skip
 
@@ -78,7 +76,7 @@ def check(model: nn.Module) -> None:
 
 
 def export_gguf(model: nn.Module, tokenizer_dir: str | Path, out_path: str | Path, float_type: str = "f16",
-                fallback: str = "q8_0", tokenizer_pre: str | None = None) -> GgufReport:  # fmt: skip
+                fallback: str = "q8_0") -> GgufReport:  # fmt: skip
     """Write `model` (with its llmpress quantization codes, if any) and the tokenizer in `tokenizer_dir` as one
     GGUF file at `out_path` (written beside it and renamed into place)."""
     import gguf
@@ -96,7 +94,7 @@ def export_gguf(model: nn.Module, tokenizer_dir: str | Path, out_path: str | Pat
     try:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         _write_hparams(writer, config)
-        report.tokenizer_pre = _write_tokenizer(writer, Path(tokenizer_dir), config, tokenizer_pre)
+        report.tokenizer_pre = _write_tokenizer(writer, Path(tokenizer_dir), config)
         _write_tensors(writer, report, model, names, float_type, fallback)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -131,7 +129,7 @@ def _write_tensors(writer: Any, report: GgufReport, model: nn.Module, names: Any
             _add_quantized(writer, report, name, qw, heads, fallback)
         else:
             w = _permute(tensor.detach().float(), heads).numpy()
-            kind = {"f32": "F32", "f16": "F16"}.get(float_type) or float_type.upper()
+            kind = float_type.upper()  # F32, F16, Q8_0, Q4_1: gguf's type names
             _add(writer, report, name, w, kind, requantized=kind not in ("F32", "F16"))
 
 
@@ -160,7 +158,7 @@ def _rope(config: Any) -> dict[str, Any]:
     return {**({"rope_theta": theta} if theta is not None else {}), **params}
 
 
-def _write_tokenizer(writer: Any, folder: Path, config: Any, pre: str | None) -> str:
+def _write_tokenizer(writer: Any, folder: Path, config: Any) -> str:
     """Byte-level BPE from tokenizer.json; returns the pre-tokenizer name written."""
     import gguf
 
@@ -181,7 +179,8 @@ def _write_tokenizer(writer: Any, folder: Path, config: Any, pre: str | None) ->
         tokens[added["id"]] = added["content"]
         types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    name = pre or ("gpt2" if data.get("pre_tokenizer", {}).get("type") == "ByteLevel" else "default")
+    # llama.cpp picks its pre-tokenizer regex by this name: a plain ByteLevel pre-tokenizer is GPT-2's
+    name = "gpt2" if data.get("pre_tokenizer", {}).get("type") == "ByteLevel" else "default"
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(name)
     writer.add_token_list(tokens)
