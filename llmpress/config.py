@@ -145,7 +145,18 @@ class CompressParams(Strict):
 
 
 class ExportParams(Strict):
-    onnx: bool = True
+    formats: list[Literal["onnx", "gguf"]] = Field(
+        ["onnx"], description="what the version ships as: 'onnx' the edge bundle's graph (onnxruntime, "
+        "onnxruntime-genai), 'gguf' one GGUF file for llama.cpp, scored in llama.cpp when llama-cpp-python is "
+        "installed; both go into the bundle, each with its hash and scores in the manifest",
+    )  # fmt: skip
+    gguf_float_type: Literal["f32", "f16", "q8_0", "q4_1"] = Field(
+        "f16", description="GGUF block type of weights the recipe left in float (quantized ones keep their codes)"
+    )
+    gguf_fallback: Literal["q8_0", "q4_1"] = Field(
+        "q8_0", description="GGUF block type for quantized weights whose layout no GGUF type holds exactly "
+        "(re-rounded from the evaluated weights; the manifest names them)",
+    )  # fmt: skip
     opset: int = Field(18, ge=14, le=23)
     parity_tokens: int = Field(128, ge=2, description="tokens of held-out text used to compare ONNX and PyTorch")
     parity_decode_steps: int = Field(32, ge=0, le=1024, description="greedy decode steps compared after the prefill")
@@ -161,6 +172,29 @@ class ExportParams(Strict):
     quantizer: Literal["rtn", "gptq"] = Field(
         "rtn", description="llmpress's quantizer for export.precision: round-to-nearest, or GPTQ on the calibration set"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _formats_replace_onnx(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "onnx" in data:
+            raise ValueError("export.onnx was replaced by export.formats: a list of onnx, gguf ([] exports nothing; "
+                             "`onnx: false` is `formats: []`)")  # fmt: skip
+        return data
+
+    @field_validator("formats")
+    @classmethod
+    def _formats_once(cls, formats: list[str]) -> list[str]:
+        if len(set(formats)) != len(formats):
+            raise ValueError(f"each format at most once, got {formats}")
+        return formats
+
+    @property
+    def onnx(self) -> bool:
+        return "onnx" in self.formats
+
+    @property
+    def gguf(self) -> bool:
+        return "gguf" in self.formats
 
 
 class GateParams(Strict):
@@ -199,6 +233,14 @@ class GateParams(Strict):
         1.0, gt=0, description="batch-1 decode tokens/s of the bundle in onnxruntime / the base model's in PyTorch"
     )
     max_bundle_kl_to_base: float | None = Field(None, gt=0, description="mean KL(base || bundle) per token, nats")
+    # The GGUF (export.formats has gguf) scored in llama.cpp; not checked when no GGUF is exported, failed when
+    # one was written but llama-cpp-python was not there to score it.
+    max_gguf_perplexity_ratio: float | None = Field(
+        1.6, gt=0, description="GGUF perplexity in llama.cpp / base perplexity in PyTorch"
+    )
+    min_gguf_decode_speedup: float | None = Field(
+        None, gt=0, description="batch-1 decode tokens/s of the GGUF in llama.cpp / the base model's in PyTorch"
+    )
     max_repetition_increase: float | None = Field(
         0.1, ge=0, le=1, description="repeated 4-gram rate of greedy continuations of held-out prompts (the "
         "bundle's in onnxruntime, else the PyTorch model's) minus the base model's",

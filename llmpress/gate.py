@@ -77,6 +77,7 @@ def run_gate(metrics: dict[str, float], base: dict[str, float], params: GatePara
     if params.onnx_greedy_identical and "onnx_greedy_identical" in metrics:
         checks.append(_check("onnx_greedy_identical", metrics["onnx_greedy_identical"], ">=", 1.0))
     checks += _bundle_checks(metrics, base, params)
+    checks += _gguf_checks(metrics, base, params)
     if params.max_repetition_increase is not None:
         checks.append(_repetition(metrics, base, params.max_repetition_increase))
     if params.champion_max_perplexity_increase is not None:
@@ -115,6 +116,31 @@ def _bundle_checks(metrics: dict[str, float], base: dict[str, float], params: Ga
         if "bundle_perplexity" not in metrics:
             checks.append(Check(name, None, op, limit, True, "not checked: nothing exported (export.onnx is false)"))
         elif name == "bundle_decode_speedup" and "decode_speedup_b1" not in metrics:
+            checks.append(Check(name, None, op, limit, True, "not checked: speed not measured (eval.speed.enabled)"))
+        else:
+            checks.append(_check(name, value, op, limit))
+    return checks
+
+
+def _gguf_checks(metrics: dict[str, float], base: dict[str, float], params: GateParams) -> list[Check]:
+    """The GGUF's own numbers in llama.cpp against the base model in PyTorch. A GGUF that was written but could not
+    be scored (llama-cpp-python absent) fails a configured check: nothing ships unmeasured."""
+    base_ppl, base_speed = base.get("perplexity"), base.get("torch_b1_decode_tokens_per_s")
+    ppl, speed = metrics.get("gguf_perplexity"), metrics.get("gguf_b1_decode_tokens_per_s")
+    wanted = [("gguf_perplexity_ratio", "<=", params.max_gguf_perplexity_ratio,
+               ppl / base_ppl if ppl is not None and base_ppl else None),
+              ("gguf_decode_speedup", ">=", params.min_gguf_decode_speedup,
+               speed / base_speed if speed is not None and base_speed else None)]  # fmt: skip
+    checks = []
+    for name, op, limit, value in wanted:
+        if limit is None:
+            continue
+        if "gguf_bytes" not in metrics:
+            checks.append(Check(name, None, op, limit, True, "not checked: no GGUF exported (export.formats)"))
+        elif not metrics.get("gguf_scored"):
+            checks.append(Check(name, None, op, limit, False, "the GGUF was not scored: llama-cpp-python is not "
+                                "installed on the worker (`make llama-cpp`)"))  # fmt: skip
+        elif name == "gguf_decode_speedup" and (speed is None or base_speed is None):
             checks.append(Check(name, None, op, limit, True, "not checked: speed not measured (eval.speed.enabled)"))
         else:
             checks.append(_check(name, value, op, limit))

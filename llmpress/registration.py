@@ -36,6 +36,7 @@ class Candidate:
     sparsity_target: float | None = None
     generations: list[dict[str, str]] = field(default_factory=list)
     onnx_path: str | None = None  # the exported graph: the version's edge bundle is built from it
+    gguf_path: str | None = None  # the GGUF for llama.cpp: it goes into the bundle too
 
 
 def register_and_gate(c: MlflowClient, candidate: Candidate, gate: GateParams) -> dict[str, Any]:
@@ -74,9 +75,11 @@ def register_and_gate(c: MlflowClient, candidate: Candidate, gate: GateParams) -
         if served(metrics, "b1_prefill_ms") is not None and "torch_b1_prefill_ms" in base_metrics:
             plot = steps.plot_cost(base_metrics, metrics, Path(tmp) / "cost_vs_base.png")
             c.log_artifact(run_id, str(plot), "plots")
-        if onnx_path:  # the edge bundle of this version: graph, tokenizer, runner, manifest with hashes and verdict
+        if onnx_path or candidate.gguf_path:
+            # the edge bundle of this version: graph and/or GGUF, tokenizer, runner, manifest with hashes and verdict
             lineage = version_tags | {"model": model_name, "version": str(version), "run_id": run_id}
-            bundle = steps.edge_bundle(onnx_path, model_dir, Path(tmp) / "bundle", metrics, report.to_dict(), lineage)
+            bundle = steps.edge_bundle(onnx_path, model_dir, Path(tmp) / "bundle", metrics, report.to_dict(), lineage,
+                                       candidate.gguf_path)  # fmt: skip
             c.log_artifacts(run_id, str(bundle), "bundle")
     c.update_model_version(model_name, version, description=card)
     c.set_tag(run_id, "mlflow.note.content", card)  # the run page's description, too

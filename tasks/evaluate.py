@@ -26,6 +26,11 @@ def export_model(job: steps.ExportJob, content_key: str | None = None) -> dict:
     return steps.export(job)
 
 
+@task(name="export-gguf", **CACHED)
+def export_gguf(job: steps.GgufJob, content_key: str | None = None) -> dict:
+    return steps.gguf(job)
+
+
 @task(name="evaluate-bundle", **CACHED)
 def evaluate_bundle(job: steps.BundleJob, content_key: str | None = None) -> dict:
     return steps.evaluate_bundle(job)

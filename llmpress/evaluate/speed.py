@@ -3,7 +3,8 @@
 Each model is measured in a fresh child process (`python -m llmpress.evaluate.speed`), so that the peak resident
 memory it reports is that runtime's footprint alone, and one model's caches never warm another's. A PyTorch model
 is measured in PyTorch (`--runtime torch`); an exported graph in onnxruntime (`--runtime ort`) by a child that
-imports only numpy and onnxruntime, like the edge bundle's runner, so its peak memory is the runner's. Protocol
+imports only numpy and onnxruntime, like the edge bundle's runner, so its peak memory is the runner's; a GGUF in
+llama.cpp (`--runtime gguf`, batch 1 only: llama-cpp-python's `Llama` holds one sequence). Protocol
 (`params.yaml` -> `eval.speed`):
 
 - prompts are the first `prompt_tokens` tokens of the held-out text (BOS first), repeated to the batch size; the
@@ -33,7 +34,7 @@ from typing import Any
 from llmpress.config import SpeedParams
 from llmpress.errors import LlmpressError
 
-RUNTIMES = ("torch", "ort")
+RUNTIMES = ("torch", "ort", "gguf")
 
 
 def served(metrics: dict[str, Any], key: str) -> Any:
@@ -121,11 +122,19 @@ def prompt_ids(tokenizer, eval_path: str | Path, params: SpeedParams) -> list[in
 
 
 def measure(runtime: str, path: str, prompt: list[int], params: SpeedParams) -> dict[str, Any]:
-    """Run in this process: `path` (a model folder for "torch", a graph for "ort") at batch 1 and
-    `params.batch_size`. Keys are prefixed with the runtime: torch_b1_prefill_ms, ort_b4_decode_tokens_per_s, ..."""
+    """Run in this process: `path` (a model folder for "torch", a graph for "ort", a GGUF file for "gguf") at batch
+    1 and `params.batch_size` (gguf: batch 1). Keys are prefixed with the runtime: torch_b1_prefill_ms,
+    ort_b4_decode_tokens_per_s, gguf_b1_decode_tokens_per_s, ..."""
     result: dict[str, Any] = {"prompt_tokens": len(prompt), "decode_tokens": params.decode_tokens}
     batches = sorted({1, params.batch_size})
-    if runtime == "torch":
+    if runtime == "gguf":
+        from llmpress.evaluate.llamacpp import LlamaCpp
+
+        result["threads"] = threads = params.threads or len(os.sched_getaffinity(0))
+        engine = LlamaCpp(path, len(prompt) + params.decode_tokens + 1, threads, all_logits=False)
+        timings = {1: time_generation(lambda: engine.prefill(prompt), engine.step, params.decode_tokens, 1,
+                                      params.warmup, params.repeats)}  # fmt: skip
+    elif runtime == "torch":
         import torch
 
         from llmpress.sources import load_model
@@ -162,7 +171,7 @@ def measure_in_subprocess(runtime: str, path: str, prompt: list[int], params: Sp
 def main() -> None:
     parser = argparse.ArgumentParser(description="Measure one model's speed; prints one JSON line.")
     parser.add_argument("runtime", choices=RUNTIMES)
-    parser.add_argument("path", help="model folder (torch) or ONNX graph (ort)")
+    parser.add_argument("path", help="model folder (torch), ONNX graph (ort) or GGUF file (gguf)")
     parser.add_argument("prompt_json", help="the prompt's token ids, a JSON list")
     parser.add_argument("params_json")
     args = parser.parse_args()

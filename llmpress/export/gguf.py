@@ -17,7 +17,8 @@ the report). Norms stay F32.
 Tensor names follow llama.cpp (`gguf.get_tensor_name_map`), and q_proj / k_proj rows are permuted from
 transformers' rotate-half layout to llama.cpp's interleaved one, as llama.cpp's converter does (rows only:
 blocks run along inputs, so the permuted codes stay exact). The tokenizer goes in too: byte-level BPE tokens,
-types and merges from tokenizer.json, special tokens and the chat template from tokenizer_config.json.
+types and merges from tokenizer.json (its pre-tokenizer by the name llama.cpp knows it by), special tokens and the
+chat template from tokenizer_config.json.
 
 Scope: Llama-family decoders (model_type llama, mistral) with the same widths in every block and no rope
 scaling; anything else is refused by name before a file is written.
@@ -179,8 +180,10 @@ def _write_tokenizer(writer: Any, folder: Path, config: Any) -> str:
         tokens[added["id"]] = added["content"]
         types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    # llama.cpp picks its pre-tokenizer regex by this name: a plain ByteLevel pre-tokenizer is GPT-2's
-    name = "gpt2" if data.get("pre_tokenizer", {}).get("type") == "ByteLevel" else "default"
+    if not merges:  # llama.cpp refuses a BPE vocabulary without merges when it loads the file
+        raise LlmpressError(f"GGUF export: {folder / 'tokenizer.json'} has no BPE merges; llama.cpp cannot load a "
+                            "byte-level BPE tokenizer without them")  # fmt: skip
+    name = _pre_tokenizer_name(data.get("pre_tokenizer") or {})
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(name)
     writer.add_token_list(tokens)
@@ -188,6 +191,18 @@ def _write_tokenizer(writer: Any, folder: Path, config: Any) -> str:
     writer.add_token_merges(merges)
     gguf.SpecialVocab(folder, load_merges=False, n_vocab=size).add_to_gguf(writer, quiet=True)
     return name
+
+
+def _pre_tokenizer_name(pre: dict[str, Any]) -> str:
+    """llama.cpp picks its pre-tokenizer regex by name: a plain ByteLevel one is GPT-2's ("gpt-2"); digits split
+    one by one before it is SmolLM's ("smollm"); anything else gets llama.cpp's default."""
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [(p.get("type"), p.get("individual_digits")) for p in steps]
+    if kinds == [("ByteLevel", None)]:
+        return "gpt-2"
+    if kinds == [("Digits", True), ("ByteLevel", None)]:
+        return "smollm"
+    return "default"
 
 
 def _permuted_heads(hf_name: str, config: Any) -> int | None:

@@ -1,5 +1,5 @@
-"""The export step: the ONNX graph with a KV cache, checked against PyTorch; the TensorRT engine where possible;
-the edge bundle a registered version ships as."""
+"""The export steps: the ONNX graph with a KV cache, checked against PyTorch; the TensorRT engine where possible;
+the GGUF for llama.cpp, scored in llama.cpp; the edge bundle a registered version ships as."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from llmpress.files import atomic_folder
 from llmpress.progress import phase
 from llmpress.sources import load_model, load_tokenizer
 from llmpress.steps.common import folder_bytes
-from llmpress.steps.jobs import ExportJob
+from llmpress.steps.jobs import ExportJob, GgufJob
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,48 @@ def _export_checked(model: torch.nn.Module, tokenizer: Any, out_dir: Path, eval_
     }
 
 
+def gguf(job: GgufJob) -> dict[str, Any]:
+    """The compressed model as one GGUF file (`llmpress.export.gguf`), then scored in llama.cpp where
+    llama-cpp-python is installed: perplexity under the pinned protocol, top-1 agreement with the PyTorch model on
+    the parity tokens, and batch-1 speed (eval.speed). Without llama-cpp-python the file is written and
+    `gguf_scored` is 0: a gate that asks for GGUF scores then fails."""
+    from llmpress.evaluate import llamacpp
+    from llmpress.evaluate.speed import measure_in_subprocess, prompt_ids
+    from llmpress.export.gguf import export_gguf
+
+    tokenizer = load_tokenizer(job.model_path)
+    model = load_model(job.model_path)
+    # the folder appears only once the file is complete
+    with atomic_folder(job.out_dir) as staging, phase("export: GGUF for llama.cpp"):
+        report = export_gguf(model, job.model_path, staging / "model.gguf", job.export.gguf_float_type,
+                             job.export.gguf_fallback)  # fmt: skip
+    path = (Path(job.out_dir) / "model.gguf").resolve()
+    details = report.to_dict() | {"path": str(path)}
+    out: dict[str, Any] = {"gguf_path": str(path), "gguf_bytes": report.bytes, "gguf_details": details,
+                           "gguf_exact_tensors": len(report.exact) + len(report.near_exact),
+                           "gguf_requantized_tensors": len(report.requantized), "gguf_scored": 0.0}  # fmt: skip
+    if not llamacpp.available():
+        log.warning("the GGUF was written but not scored: %s", llamacpp.INSTALL)
+        return out
+    ids = tokenizer(Path(job.eval_path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    threads = job.params.speed.threads
+    with phase("gguf: perplexity in llama.cpp"):
+        result = llamacpp.gguf_perplexity(path, ids, job.params, tokenizer.bos_token_id, threads)
+    parity = torch.tensor([ids[: job.export.parity_tokens]])
+    with torch.no_grad():
+        reference = model(parity).logits[0].argmax(-1)
+    engine = llamacpp.LlamaCpp(path, parity.shape[1], threads)
+    agreement = (torch.from_numpy(engine.logits(parity[0].tolist())).argmax(-1) == reference).float().mean()
+    del engine
+    out |= {"gguf_perplexity": result.perplexity, "gguf_top1_agreement": float(agreement), "gguf_scored": 1.0}
+    if job.params.speed.enabled:
+        with phase("gguf: speed in llama.cpp"):
+            timing = measure_in_subprocess("gguf", str(path), prompt_ids(tokenizer, job.eval_path, job.params.speed),
+                                           job.params.speed)  # fmt: skip
+        out |= {k: v for k, v in timing.items() if k.startswith("gguf_")}
+    return out
+
+
 def tensorrt_engine(onnx_path: Path, out_dir: Path) -> dict[str, Any]:
     """Build a TensorRT engine where this worker can; otherwise record why not (and whether the graph is ready)."""
     from llmpress.export.tensorrt import build_engine, plan_engine
@@ -97,22 +139,44 @@ def tensorrt_engine(onnx_path: Path, out_dir: Path) -> dict[str, Any]:
     return out
 
 
-def edge_bundle(onnx_path: str, model_dir: str, out_dir: str | Path, metrics: dict[str, Any], gate: dict[str, Any],
-                lineage: dict[str, str]) -> Path:  # fmt: skip
-    """The edge bundle (`llmpress.bundle`) of an exported model, its layout and sizes checked after it is written
-    (build_bundle hashed each file as it wrote it; promotion and `llmpress bundle verify` check every hash)."""
-    import onnx
-
+def edge_bundle(onnx_path: str | None, model_dir: str, out_dir: str | Path, metrics: dict[str, Any],
+                gate: dict[str, Any], lineage: dict[str, str], gguf_path: str | None = None) -> Path:  # fmt: skip
+    """The edge bundle (`llmpress.bundle`) of an exported model - its graph, its GGUF, or both - its layout and
+    sizes checked after it is written (build_bundle hashed each file as it wrote it; promotion and `llmpress bundle
+    verify` check every hash). The manifest gives each format its own scores."""
     from llmpress.bundle import build_bundle, verify_bundle
-    from llmpress.export.packed import precision_counts, precision_label
 
-    graph = onnx.load(onnx_path, load_external_data=False)
-    opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), 0)
-    counts = precision_counts(graph)  # read from the graph that ships, not assumed
-    levels = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
-              if a.name == "accuracy_level"}  # fmt: skip
-    path = build_bundle(out_dir, Path(onnx_path).parent, model_dir, precision=precision_label(counts), opset=opset,
-                        metrics=metrics, gate=gate, lineage=lineage, precision_counts=counts,
-                        accuracy_level=levels.pop() if len(levels) == 1 else None)  # fmt: skip
+    formats: dict[str, dict[str, Any]] = {}
+    graph: dict[str, Any] = {}
+    if onnx_path is not None:
+        import onnx
+
+        from llmpress.export.packed import precision_counts, precision_label
+
+        proto = onnx.load(onnx_path, load_external_data=False)
+        counts = precision_counts(proto)  # read from the graph that ships, not assumed
+        levels = {a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                  if a.name == "accuracy_level"}  # fmt: skip
+        graph = {"onnx_dir": Path(onnx_path).parent, "precision": precision_label(counts), "precision_counts": counts,
+                 "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0),
+                 "accuracy_level": levels.pop() if len(levels) == 1 else None}  # fmt: skip
+        formats["onnx"] = {"runtime": "onnxruntime", "precision": graph["precision"],
+                           "scores": _scores(metrics, "bundle_", "ort_")}  # fmt: skip
+    if gguf_path is not None:
+        details = {k: v for k, v in metrics.get("gguf_details", {}).items() if k != "path"}
+        formats["gguf"] = {"runtime": "llama.cpp", "scored": bool(metrics.get("gguf_scored")),
+                           "scores": _scores(metrics, "gguf_"), **details}  # fmt: skip
+    path = build_bundle(out_dir, graph.pop("onnx_dir", None), model_dir, metrics=metrics, gate=gate, lineage=lineage,
+                        gguf=gguf_path, formats=formats, **graph)  # fmt: skip
     verify_bundle(path, check_hashes=False)
     return path
+
+
+SCORES = ("perplexity", "kl_to_base", "top1_agreement", "cloze_accuracy", "b1_prefill_ms", "b1_decode_tokens_per_s",
+          "peak_rss_mb", "repeated_ngram_rate", "greedy_identical", "max_abs_diff")  # fmt: skip
+
+
+def _scores(metrics: dict[str, Any], *prefixes: str) -> dict[str, float]:
+    """A format's own measurements in its runtime, by score name (e.g. bundle_perplexity -> perplexity)."""
+    found = {name: metrics.get(p + name) for name in SCORES for p in reversed(prefixes) if p + name in metrics}
+    return {k: v for k, v in found.items() if isinstance(v, int | float) and not isinstance(v, bool)}

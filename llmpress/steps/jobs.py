@@ -81,6 +81,15 @@ class ExportJob(ModelJob):
     template_dir: str | None = None
 
 
+class GgufJob(ModelJob):
+    """The GGUF written to `out_dir` and scored in llama.cpp on the held-out text at `eval_path`."""
+
+    out_dir: str
+    eval_path: str
+    export: ExportParams
+    params: EvalParams
+
+
 class BundleJob(ComparedJob):
     onnx_path: str
     baseline: BaselineRef

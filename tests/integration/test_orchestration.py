@@ -34,7 +34,7 @@ pytestmark = pytest.mark.integration
 # compress-nightly with Wanda 50 % (long enough a compression for the outage to hit it) and params.yaml's
 # calibration set; shorter evaluation, no export.
 OVERRIDES = {"recipe": "recipes/wanda-50.yaml", "eval.max_tokens": 2048, "eval.speed.enabled": False,
-             "export.onnx": False, "eval.cloze.max_examples": 20, "eval.generation.max_new_tokens": 8,
+             "export.formats": [], "eval.cloze.max_examples": 20, "eval.generation.max_new_tokens": 8,
              "tracking.experiment": "orchestration"}  # fmt: skip
 
 

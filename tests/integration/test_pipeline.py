@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 
 from flows.cli import main as cli
 from llmpress.data import calibration_windows
+from llmpress.evaluate import llamacpp
 from llmpress.export.onnx import check_parity
 from llmpress.sources import SHIPPED_NAME, load_model, load_tokenizer
 
@@ -47,7 +48,8 @@ PARAMS = {
         "speed": {"prompt_tokens": 64, "decode_tokens": 8, "batch_size": 2, "warmup": 1, "repeats": 1},
     },
     "compress": {"device": "cpu", "batch_size": 8},
-    "export": {"onnx": True, "opset": 18, "parity_tokens": 128},
+    # The GGUF goes along where llama.cpp can score it (make setup builds it; a bare pytest may lack it).
+    "export": {"formats": ["onnx", "gguf"] if llamacpp.available() else ["onnx"], "opset": 18, "parity_tokens": 128},
     # Measured on this set-up: Wanda 50 % is 2.18x the dense perplexity, magnitude 50 % about 16x. Its bundle is
     # the fp32 graph (pruning alone stores dense zeros): no smaller than the base, faster only by onnxruntime.
     "gate": {
@@ -209,6 +211,43 @@ def test_the_bundle_is_scored_on_its_own_and_gated(runs: dict) -> None:
     )
 
 
+@pytest.mark.skipif(not llamacpp.available(), reason=llamacpp.INSTALL)
+def test_the_gguf_is_scored_in_llama_cpp_gated_and_bundled(runs: dict) -> None:
+    """export.formats has gguf: Wanda's float weights go into the GGUF as F16 (norms F32); llama.cpp's own logits
+    give PyTorch's perplexity within 1 % (F16 weights and activations against fp32) and its top-1 token nearly
+    everywhere; the gate judges the GGUF's own ratio; the bundle carries the file with its hash and scores."""
+    comp, base, gate = runs["wanda"]["compressed"], runs["wanda"]["base"], runs["wanda"]["gate"]
+    details = comp["gguf_details"]
+    assert details["block_types"] == {"F16": 30 * 7 + 1, "F32": 30 * 2 + 1} and details["requantized"] == []
+    assert details["tokenizer_pre"] == "gpt-2" and comp["gguf_scored"] == 1.0
+    assert comp["gguf_perplexity"] == pytest.approx(comp["perplexity"], rel=0.01)
+    assert comp["gguf_top1_agreement"] >= 0.95
+    # F16 weights: half the fp32 graph's bytes, within the tokenizer's and the metadata's
+    assert 0.49 < comp["gguf_bytes"] / base["weights_bytes"] < 0.52
+    # llama.cpp at batch 1 decodes faster than PyTorch on the same 2 cores
+    assert comp["gguf_b1_decode_tokens_per_s"] > base["torch_b1_decode_tokens_per_s"]
+    check = next(c for c in gate["checks"] if c["name"] == "gguf_perplexity_ratio")
+    assert check["passed"] and check["value"] == pytest.approx(comp["gguf_perplexity"] / base["perplexity"])
+    magnitude = next(c for c in runs["magnitude"]["gate"]["checks"] if c["name"] == "gguf_perplexity_ratio")
+    assert "no GGUF exported" in magnitude["note"]  # --no-export: nothing written, nothing scored
+    bundle = Path(mlflow.artifacts.download_artifacts(
+        run_id=runs["wanda"]["mlflow_run_id"], artifact_path="bundle",
+        tracking_uri=f"sqlite:///{runs['project'] / 'mlflow.db'}"))  # fmt: skip
+    from llmpress.bundle import verify_bundle
+
+    manifest = verify_bundle(bundle)
+    entry = manifest["formats"]["gguf"]
+    assert entry["files"] == ["model.gguf"] and entry["bytes"] == comp["gguf_bytes"]
+    assert entry["scores"]["perplexity"] == pytest.approx(comp["gguf_perplexity"]) and entry["scored"] is True
+    assert manifest["formats"]["onnx"]["scores"]["perplexity"] == pytest.approx(comp["bundle_perplexity"])
+    assert manifest["model"]["runtimes"] == ["llmpress-runner", "onnxruntime-genai", "llama.cpp"]
+    # the shipped file itself, loaded by llama.cpp, continues a held-out prompt as the PyTorch model does
+    prompt = load_tokenizer(runs["wanda"]["compressed_path"])("The weather in the mountains")["input_ids"]
+    model = load_model(runs["wanda"]["compressed_path"])
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt) :].tolist()
+    assert llamacpp.LlamaCpp(bundle / "model.gguf", 64, all_logits=False).greedy(prompt, 8) == expected
+
+
 def test_registry_versions_tags_and_aliases(runs: dict) -> None:
     project = runs["project"]
     c = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
@@ -251,8 +290,9 @@ def test_mlflow_run_contents(runs: dict) -> None:
     } <= artifacts
     assert "onnx" not in artifacts  # the graph is logged once, inside the bundle
     children = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    gguf = {"gguf"} if llamacpp.available() else set()
     assert {r.info.run_name for r in children} == {"data", "baseline", "compress", "evaluate", "export", "bundle",
-                                                   "speed"}  # fmt: skip
+                                                   "speed"} | gguf  # fmt: skip
     plots = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/sparsity_per_layer.png", "plots/cost_vs_base.png"}
 
@@ -407,6 +447,11 @@ def test_promote_publishes_the_approved_bundle_to_s3(runs: dict, tmp_path: Path,
         head = s3.client().head_object(Bucket="edge", Key=prefix + "model.onnx.data")  # the graph's weights
         assert head["ContentLength"] > 64 * 2**20 and "-" in head["ETag"]  # a multipart upload's ETag
         assert head["Metadata"]["sha256"] == sha256_file(local / "model.onnx.data")
+
+        if "gguf" in manifest["formats"]:  # every format the version ships goes up, each hash checked as stored
+            head = s3.client().head_object(Bucket="edge", Key=prefix + "model.gguf")
+            assert head["Metadata"]["sha256"] == sha256_file(local / "model.gguf") == manifest["files"][
+                [f["path"] for f in manifest["files"]].index("model.gguf")]["sha256"]  # fmt: skip
 
         second = promote(MODEL_NAME, wanda_v, **kwargs)
         assert second["published"]["uploaded"] == 0 and not second["changed"]

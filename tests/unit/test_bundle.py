@@ -176,3 +176,38 @@ def test_build_refuses_missing_inputs_and_leaves_nothing(tiny_onnx, tmp_path, mo
     with pytest.raises(OSError, match="disk error"):
         build_bundle(tmp_path / "out", onnx_dir, tokenizer_dir, precision="fp32", opset=18)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "tok"]
+
+
+def test_both_formats_each_with_its_files_and_scores(tiny_onnx, tmp_path) -> None:
+    """The graph and a GGUF in one bundle: each format lists its files, bytes and scores; the GGUF is hashed like
+    every other file, and a manifest whose format names a file the bundle lacks is refused."""
+    model, onnx_dir = tiny_onnx
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    byte_tokenizer_json(tokenizer_dir)
+    model.config.save_pretrained(tokenizer_dir)
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    formats = {"onnx": {"scores": {"perplexity": 12.5}}, "gguf": {"scores": {"perplexity": 12.7}, "exact": 3}}
+    out = build_bundle(tmp_path / "both", onnx_dir, tokenizer_dir, precision="fp32", opset=18, gguf=gguf,
+                       formats=formats)  # fmt: skip
+    both = verify_bundle(out)
+    assert both["model"]["runtimes"] == ["llmpress-runner", "onnxruntime-genai", "llama.cpp"]
+    assert both["formats"]["gguf"] == {"scores": {"perplexity": 12.7}, "exact": 3, "files": ["model.gguf"],
+                                       "bytes": gguf.stat().st_size}  # fmt: skip
+    graph_files = {p.name for p in onnx_dir.iterdir() if p.name != "checksums.json"}
+    assert set(both["formats"]["onnx"]["files"]) == graph_files | {"genai_config.json"}
+    assert both["formats"]["onnx"]["scores"] == {"perplexity": 12.5}
+    assert (out / "model.gguf").read_bytes() == gguf.read_bytes()
+    with open(out / "model.gguf", "r+b") as handle:  # one flipped byte in the GGUF
+        handle.seek(100)
+        handle.write(b"\xff")
+    with pytest.raises(BundleError, match=r"model\.gguf: sha256 differs"):
+        verify_bundle(out)
+    broken = json.loads((out / "manifest.json").read_text())
+    broken["formats"]["gguf"]["files"] = ["elsewhere.gguf"]
+    (out / "manifest.json").write_text(json.dumps(broken))
+    with pytest.raises(BundleError, match=r"formats\.gguf\.files must list files of the bundle"):
+        verify_bundle(out, check_hashes=False)
+    with pytest.raises(BundleError, match="neither an ONNX graph nor a GGUF"):
+        build_bundle(tmp_path / "none", None, tokenizer_dir)

@@ -222,6 +222,9 @@ def test_params_empty_file_is_refused_and_a_partial_one_takes_the_code_defaults(
         ({"data.eval_fraction": 1.0}, "data.eval_fraction"),
         ({"compress.device": "tpu"}, "compress.device"),
         ({"export.opset": 9}, "export.opset"),
+        ({"export.formats": ["onnx", "tflite"]}, "export.formats.1"),
+        ({"export.formats": ["gguf", "gguf"]}, "export.formats"),
+        ({"export.gguf_float_type": "q4_0"}, "export.gguf_float_type"),
         ({"tracking.registered_model": "has space"}, "tracking.registered_model"),
         ({"gate.min_sparsity": 1.0}, "gate.min_sparsity"),
     ],
@@ -230,6 +233,13 @@ def test_params_field_errors_name_the_field(tmp_path: Path, override: dict, expe
     with pytest.raises(ConfigError) as info:
         load_params(tmp_path / "absent.yaml", overrides=override)
     assert f"  {expected}: " in str(info.value)
+
+
+def test_export_formats_replace_the_onnx_switch(tmp_path: Path) -> None:
+    assert load_params(tmp_path / "absent.yaml", overrides={"export.formats": ["gguf", "onnx"]}).export.gguf
+    assert not load_params(tmp_path / "absent.yaml", overrides={"export.formats": []}).export.onnx
+    with pytest.raises(ConfigError, match=r"export\.onnx was replaced by export\.formats"):
+        load_params(tmp_path / "absent.yaml", overrides={"export.onnx": False})
 
 
 def test_shipped_params_validate() -> None:

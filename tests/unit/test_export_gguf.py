@@ -28,8 +28,15 @@ GRIDS = {
 
 
 def _tokenizer(folder) -> None:
+    """Byte-level BPE for the tiny vocabulary with one merge (llama.cpp loads no BPE vocabulary without merges):
+    "th" takes the id of the last byte symbol, a non-ASCII byte the texts here never use."""
     folder.mkdir(exist_ok=True)
-    byte_tokenizer_json(folder)
+    data = json.loads(byte_tokenizer_json(folder).read_text())
+    vocab = data["model"]["vocab"]
+    last = max(vocab, key=vocab.get)
+    vocab["th"] = vocab.pop(last)
+    data["model"]["merges"] = [["t", "h"]]
+    (folder / "tokenizer.json").write_text(json.dumps(data))
     PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), bos_token="A", eos_token="B",
                             chat_template="{{ messages[0]['content'] }}").save_pretrained(folder)  # fmt: skip
 
@@ -105,7 +112,7 @@ def test_metadata_and_tokenizer(tmp_path) -> None:
     assert fields["llama.attention.head_count_kv"] == config.num_key_value_heads
     assert fields["llama.rope.freq_base"] == pytest.approx(10000.0)
     tokens = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert all(fields["tokenizer.ggml.tokens"][i] == t for t, i in tokens.items())
     assert fields["tokenizer.ggml.eos_token_id"] == tokens["B"]
     assert fields["tokenizer.chat_template"] == "{{ messages[0]['content'] }}"
@@ -149,3 +156,75 @@ def test_what_the_writer_does_not_describe_is_refused(tmp_path) -> None:
     with pytest.raises(LlmpressError, match="byte-level BPE"):
         export_gguf(model, tmp_path, tmp_path / "a.gguf")
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_pipeline_step_scores_the_gguf_and_bundles_it_alone(tmp_path) -> None:
+    """steps.gguf writes the file with every tensor exact on the Q4_1 / Q8_0 grids; with llama-cpp-python it is
+    scored in llama.cpp (its perplexity within 2 % of PyTorch's on the same codes, the same top-1 token nearly
+    everywhere); without it the result says unscored. A GGUF-only bundle then verifies, runs nothing else, and has
+    llama.cpp as its runtime."""
+    from llmpress.bundle import BundleError, verify_bundle
+    from llmpress.bundle import run as bundle_run
+    from llmpress.config import EvalParams, ExportParams, SpeedParams
+    from llmpress.evaluate import llamacpp
+    from llmpress.evaluate.perplexity import perplexity
+    from llmpress.sources import load_model
+    from llmpress.steps import GgufJob, edge_bundle, gguf
+    from llmpress.steps.compression import save_model
+
+    model = build_tiny_llama()
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+    stages = [{"method": "rtn", "bits": 4, "group_size": 32, "offset": "min", "targets": [".*_proj"]},
+              {"method": "embeddings", "bits": 8, "group_size": 32, "symmetric": True}]  # fmt: skip
+    compress_(model, Recipe(name="q4_1", stages=stages), ids)
+    _tokenizer(tmp_path / "tok")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok")
+    save_model(model, tokenizer, tmp_path / "hf", {})
+    text = tmp_path / "eval.txt"
+    text.write_text("Small models run on small devices, and the file they read is what counts. " * 12)
+    speed = SpeedParams(prompt_tokens=16, decode_tokens=4, batch_size=1, warmup=0, repeats=1, threads=1)
+    params = EvalParams(window=64, stride=64, max_tokens=512, speed=speed)
+    job = GgufJob(model_path=str(tmp_path / "hf"), out_dir=str(tmp_path / "gguf"), eval_path=str(text),
+                  export=ExportParams(formats=["gguf"], parity_tokens=48), params=params)  # fmt: skip
+    out = gguf(job)
+    assert out["gguf_bytes"] == (tmp_path / "gguf" / "model.gguf").stat().st_size
+    assert out["gguf_requantized_tensors"] == 0 and out["gguf_exact_tensors"] == 3 * 7 + 2  # + embedding, head
+    assert out["gguf_details"]["block_types"] == {"Q4_1": 21, "Q8_0": 2, "F32": 7}
+    if llamacpp.available():
+        reference = perplexity(load_model(tmp_path / "hf"), tokenizer, text.read_text(), params).perplexity
+        assert out["gguf_scored"] == 1.0
+        assert out["gguf_perplexity"] == pytest.approx(reference, rel=0.02)
+        assert out["gguf_top1_agreement"] >= 0.9
+        assert out["gguf_b1_decode_tokens_per_s"] > 0 and out["gguf_b1_prefill_ms"] > 0
+    else:
+        assert out["gguf_scored"] == 0.0 and "gguf_perplexity" not in out
+    bundle = edge_bundle(None, str(tmp_path / "hf"), tmp_path / "bundle", out, {"passed": True}, {"version": "1"},
+                         out["gguf_path"])  # fmt: skip
+    manifest = verify_bundle(bundle)
+    assert manifest["model"]["runtimes"] == ["llama.cpp"] and "graph" not in manifest["model"]
+    entry = manifest["formats"]["gguf"]
+    assert set(manifest["formats"]) == {"gguf"} and entry["files"] == ["model.gguf"]
+    assert entry["bytes"] == out["gguf_bytes"] and entry["block_types"] == {"Q4_1": 21, "Q8_0": 2, "F32": 7}
+    assert entry["scored"] is llamacpp.available() and entry["requantized"] == []
+    assert entry["scores"].get("perplexity") == out.get("gguf_perplexity")
+    with pytest.raises(BundleError, match="cannot run"):  # no graph, no runner: llama.cpp runs this bundle
+        bundle_run(bundle, "edge")
+
+
+DIGITS = {"type": "Digits", "individual_digits": True}
+BYTES = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+SPLIT = {"type": "Split", "pattern": {"Regex": "x"}}
+
+
+@pytest.mark.parametrize(
+    ("pre", "name"),
+    [
+        (BYTES, "gpt-2"),
+        ({"type": "Sequence", "pretokenizers": [DIGITS, BYTES]}, "smollm"),
+        ({"type": "Sequence", "pretokenizers": [SPLIT, BYTES]}, "default"),
+    ],
+)
+def test_pre_tokenizer_named_as_llama_cpp_knows_it(pre, name) -> None:
+    from llmpress.export.gguf import _pre_tokenizer_name
+
+    assert _pre_tokenizer_name(pre) == name

@@ -18,6 +18,7 @@ NONE = {
     "max_bundle_bytes_ratio": None,
     "min_bundle_decode_speedup": None,
     "max_repetition_increase": None,
+    "max_gguf_perplexity_ratio": None,
 }
 
 
@@ -165,7 +166,8 @@ def test_default_gate_params_and_to_dict() -> None:
     by_name = {c["name"]: c for c in data["checks"]}
     bundle = {"bundle_perplexity_ratio", "bundle_bytes_ratio", "bundle_decode_speedup"}  # on by default
     on = {"perplexity_ratio", "onnx_max_abs_diff", "perplexity_vs_champion", "repetition_increase"}
-    assert set(by_name) == on | bundle
+    assert set(by_name) == on | bundle | {"gguf_perplexity_ratio"}
+    assert by_name["gguf_perplexity_ratio"]["passed"] and "no GGUF exported" in by_name["gguf_perplexity_ratio"]["note"]
     assert by_name["repetition_increase"]["value"] == pytest.approx(0.08) and by_name["repetition_increase"]["passed"]
     assert all(by_name[name]["note"].startswith("not checked: nothing exported") for name in bundle)
     assert by_name["perplexity_vs_champion"]["note"] == "no champion yet"
@@ -264,3 +266,25 @@ def test_bundle_checks_say_why_they_are_not_checked() -> None:
     # the speed-up that counts is the served runtime's: a PyTorch-only measurement is not the bundle's
     torch_only = BUNDLE | {"runtime": "torch"}
     assert not _only_check(run_gate(torch_only, BASE, _params(**limits)), "bundle_decode_speedup").passed
+
+
+def test_gguf_checks_not_checked_without_a_gguf_and_failed_when_unscored() -> None:
+    params = _params(max_gguf_perplexity_ratio=1.3, min_gguf_decode_speedup=3.0)
+    base = {"perplexity": 30.0, "torch_b1_decode_tokens_per_s": 20.0}
+    absent = run_gate({"perplexity": 31.0}, base, params)
+    assert absent.passed and {c.name for c in absent.checks} == {"gguf_perplexity_ratio", "gguf_decode_speedup"}
+    assert all("no GGUF exported" in c.note for c in absent.checks)
+    # written, but llama-cpp-python was not there to score it: nothing unmeasured passes
+    unscored = run_gate({"perplexity": 31.0, "gguf_bytes": 10, "gguf_scored": 0.0}, base, params)
+    assert not unscored.passed
+    assert all(not c.passed and "not scored" in c.note for c in unscored.checks)
+    scored = {"perplexity": 31.0, "gguf_bytes": 10, "gguf_scored": 1.0, "gguf_perplexity": 36.0,
+              "gguf_b1_decode_tokens_per_s": 100.0}  # fmt: skip
+    report = run_gate(scored, base, params)
+    assert _only_check(report, "gguf_perplexity_ratio").value == pytest.approx(1.2)
+    assert _only_check(report, "gguf_decode_speedup").value == pytest.approx(5.0)
+    assert report.passed
+    worse = run_gate(scored | {"gguf_perplexity": 40.0, "gguf_b1_decode_tokens_per_s": 50.0}, base, params)
+    assert [c.name for c in worse.checks if not c.passed] == ["gguf_perplexity_ratio", "gguf_decode_speedup"]
+    no_speed = run_gate({k: v for k, v in scored.items() if k != "gguf_b1_decode_tokens_per_s"}, base, params)
+    assert no_speed.passed and "speed not measured" in _only_check(no_speed, "gguf_decode_speedup").note
