@@ -504,10 +504,20 @@ class QuantGrid(Strict):
         "zero-point", description="asymmetric grids: 'zero-point' w = s(q - z), z an integer code; 'min' w = sq + m, "
         "m an fp16 minimum per group (llama.cpp's Q4_1 layout; rtn only)",
     )  # fmt: skip
+    signed_scale: bool = Field(
+        False, description="symmetric grids: the group's largest-magnitude weight exactly on the lowest code, the "
+        "scale signed accordingly, as llama.cpp fits Q4_0 (all 2^bits codes used, a finer step)",
+    )  # fmt: skip
     OFFSETS: ClassVar[tuple[str, ...]] = ("zero-point",)
+    SIGNED_SCALE: ClassVar[bool] = True  # whether the method fits its grid with fit_grid (QAT learns positive steps)
 
     @model_validator(mode="after")
     def _offset_supported(self) -> QuantGrid:
+        if self.signed_scale and not self.SIGNED_SCALE:
+            method = getattr(self, "method", "this stage")
+            raise ValueError(f"signed_scale is not supported by {method}; allowed: false")
+        if self.signed_scale and not self.symmetric:
+            raise ValueError("signed_scale applies to symmetric grids: set symmetric: true, or signed_scale: false")
         if self.offset not in self.OFFSETS:
             method = getattr(self, "method", "this stage")
             raise ValueError(f"offset {self.offset!r} is not supported by {method}; allowed: "
@@ -569,6 +579,7 @@ class QATStage(QuantStage):
     as RTN and GPTQ."""
 
     method: Literal["qat"]
+    SIGNED_SCALE: ClassVar[bool] = False
     steps: int = Field(40, ge=1, le=1_000_000)
     lr: float = Field(
         1e-5, gt=0.0, le=1.0, description="learning rate of the weights (and the blocks' other parameters)"

@@ -88,9 +88,10 @@ def scale_groups(block: nn.Module, prefix: str) -> list[ScaleGroup]:
     return [g for g in groups if a.architecture.norm_weights or isinstance(g.prev, nn.Linear)]
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                  signed: bool = False) -> torch.Tensor:  # fmt: skip
     """Q(w) on llmpress's grid, in float32: the values the final round-to-nearest step stores."""
-    return quant.quantize_rtn(w, bits, group_size, symmetric).dequantize()
+    return quant.quantize_rtn(w, bits, group_size, symmetric, signed=signed).dequantize()
 
 
 def search_calibration(calib: BlockCalibration, max_tokens: int = MAX_SEARCH_TOKENS) -> BlockCalibration:
@@ -138,7 +139,8 @@ def search_scale(group: ScaleGroup, calls: list[tuple], stage: AWQStage) -> tupl
         scales = scales / (scales.max() * scales.min()).sqrt()
         for name, fc in group.linears.items():
             w = originals[name].float() * scales
-            fc.weight.copy_(fake_quantize(w, stage.bits, stage.group_size, stage.symmetric) / scales)
+            q_w = fake_quantize(w, stage.bits, stage.group_size, stage.symmetric, stage.signed_scale)
+            fc.weight.copy_(q_w / scales)
         sq_err, count = 0.0, 0
         for (args, kwargs), target in zip(calls, targets, strict=True):
             out = block_output(group.inspect(*args, **kwargs))
@@ -184,7 +186,7 @@ def auto_clip_(layer: nn.Linear, x: torch.Tensor, stage: AWQStage) -> float:
         best_max, min_err = org_max.clone(), torch.full_like(org_max, math.inf)
         for i_s in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
             max_val = org_max * (1 - i_s / CLIP_GRID)
-            q_w = fake_quantize(wg.clamp(-max_val, max_val), stage.bits, None, stage.symmetric)
+            q_w = fake_quantize(wg.clamp(-max_val, max_val), stage.bits, None, stage.symmetric, stage.signed_scale)
             err = (xg @ q_w.T - org_out).pow(2).mean(dim=0).view(-1, 1)
             better = err < min_err
             min_err = torch.where(better, err, min_err)
@@ -232,7 +234,8 @@ def apply_block_(block: nn.Module, prefix: str, stage: AWQStage, calib: BlockCal
                 clips[name] = auto_clip_(layer, inputs.pop(name), stage)
     rows = []
     for name, layer in layers.items():
-        quant.attach_(layer, quant.quantize_rtn(layer.weight.detach(), stage.bits, stage.group_size, stage.symmetric))
+        quant.attach_(layer, quant.quantize_rtn(layer.weight.detach(), stage.bits, stage.group_size, stage.symmetric,
+                                                signed=stage.signed_scale))  # fmt: skip
         rows.append({"name": name, "layer": layer, "bits": stage.bits, "group_size": stage.group_size,
                      "symmetric": stage.symmetric, "scale_ratio": ratios.get(name),
                      "clip": clips.get(name)})  # fmt: skip

@@ -47,7 +47,8 @@ from llmpress.errors import LlmpressError
 
 
 def _quantize(module: nn.Module, stage: EmbeddingsStage) -> None:
-    attach_(module, quantize_rtn(module.weight.detach().float(), stage.bits, stage.group_size, stage.symmetric))
+    weight = module.weight.detach().float()
+    attach_(module, quantize_rtn(weight, stage.bits, stage.group_size, stage.symmetric, signed=stage.signed_scale))
 
 
 @torch.no_grad()

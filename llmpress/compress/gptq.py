@@ -78,6 +78,7 @@ def apply_shared_(layers: dict[str, nn.Linear], stage: GPTQStage, stats: LayerSt
     qw, row_losses = gptq_quantize(
         torch.cat(weights), stats.hessian, bits=stage.bits, group_size=stage.group_size, symmetric=stage.symmetric,
         block_size=stage.block_size, dampening=stage.dampening, act_order=stage.act_order, mask=mask, per_row=True,
+        signed_scale=stage.signed_scale,
     )  # fmt: skip
     sizes = [w.shape[0] for w in weights]
     parts = zip(layers.items(), qw.codes.split(sizes), qw.scale.split(sizes), qw.zero.split(sizes),
@@ -99,8 +100,8 @@ def _pruned(weight: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int | None, symmetric: bool,
                   block_size: int = 128, dampening: float = 0.01, act_order: bool = False,
-                  mask: torch.Tensor | None = None,
-                  per_row: bool = False) -> tuple[QuantizedWeight, float | torch.Tensor]:  # fmt: skip
+                  mask: torch.Tensor | None = None, per_row: bool = False,
+                  signed_scale: bool = False) -> tuple[QuantizedWeight, float | torch.Tensor]:  # fmt: skip
     """GPTQ codes for `weight` [out, in] given H = 2/n X X^T [in, in]; `mask` (True = pruned) stays exactly 0.
 
     Returns the quantized weight (codes in the original column order, one grid per row and per `group_size`
@@ -117,7 +118,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
         mask = mask.to(W.device, torch.bool)
 
     if group_size is None:  # one grid per row, fitted once on the weights as given (the reference's order)
-        scale[:, :1], zero[:, :1] = fit_grid(W, bits, symmetric)
+        scale[:, :1], zero[:, :1] = fit_grid(W, bits, symmetric, signed_scale)
 
     H, dead = obs.dead_inputs(hessian)
     W[:, dead] = 0
@@ -125,7 +126,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
     static = group_size is not None and act_order
     if static:
         for g in range(n_groups):
-            scale[:, g : g + 1], zero[:, g : g + 1] = fit_grid(W[:, g * gs : (g + 1) * gs], bits, symmetric)
+            scale[:, g : g + 1], zero[:, g : g + 1] = fit_grid(W[:, g * gs : (g + 1) * gs], bits, symmetric,
+                                                               signed_scale)  # fmt: skip
 
     # group of every (possibly permuted) column position
     perm = torch.arange(cols, device=W.device)
@@ -151,7 +153,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
             _quantize_columns,
             [W[:, i1 : i2 + lookahead].clone(), U[i1:i2, i1:i2], S1, Z1, torch.zeros(rows, width, device=W.device),
              torch.zeros(rows, width, device=W.device), None if mask is None else mask[:, i1 : i2 + lookahead]],
-            (fit_starts, gs, bits, symmetric),
+            (fit_starts, gs, bits, symmetric, signed_scale),
         )  # fmt: skip
         for i in fit_starts:
             g = (i1 + i) // gs
@@ -168,7 +170,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *, bits: int, gro
 
 def _quantize_columns(W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: torch.Tensor, codes1: torch.Tensor,
                       Err1: torch.Tensor, mask1: torch.Tensor | None, fit_starts: tuple[int, ...], gs: int, bits: int,
-                      symmetric: bool) -> None:  # fmt: skip
+                      symmetric: bool, signed: bool = False) -> None:  # fmt: skip
     """GPTQ's inner loop over the columns of one block, in place (replayed from a CUDA graph on GPUs).
 
     W1 [rows, width + lookahead]: the block's current weights, then columns past it that a group begun here
@@ -181,7 +183,7 @@ def _quantize_columns(W1: torch.Tensor, U1: torch.Tensor, S1: torch.Tensor, Z1: 
             current = W1[:, i : i + gs]  # pruned entries will be 0, so they do not stretch the range
             if mask1 is not None:
                 current = current.masked_fill(mask1[:, i : i + gs], 0)
-            s, z = fit_grid(current, bits, symmetric)
+            s, z = fit_grid(current, bits, symmetric, signed)
             S1[:, i : i + gs] = s
             Z1[:, i : i + gs] = z
         w, s, z = W1[:, i], S1[:, i], Z1[:, i]

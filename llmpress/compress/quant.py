@@ -10,8 +10,10 @@ a model that was once stored that way - the shipped SmolLM2 GGUF is Q4_1 - is re
 min grid at its block size and lossily by the zero-point grid.
 
 The grid is fitted as in the GPTQ reference quantizer (min-max over the group with 0 always inside the range;
-symmetric fixes z = 2^(bits-1)). Scales are rounded to fp16 *before* the codes are chosen, so the weights the
-pipeline evaluates are exactly the ones `storage.save_compressed` writes and `storage.load_compressed` reads.
+symmetric fixes z = 2^(bits-1)), or, for symmetric grids with `signed_scale`, as llama.cpp fits Q4_0 (the
+group's largest-magnitude weight exactly on code 0, the scale's sign pointing it there). Scales are rounded to
+fp16 *before* the codes are chosen, so the weights the pipeline evaluates are exactly the ones
+`storage.save_compressed` writes and `storage.load_compressed` reads.
 
 After a method quantizes a layer it calls `attach_(layer, qw)`: the layer's float weight becomes the
 dequantized values (every later stage and the evaluation see the quantized model) and `layer.llmpress_quant`
@@ -57,11 +59,14 @@ class QuantizedWeight:
         )  # fmt: skip
 
 
-def fit_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per row of `w` [rows, cols] (one group): min-max with 0 inside the range.
+def fit_grid(w: torch.Tensor, bits: int, symmetric: bool, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of `w` [rows, cols] (one group): min-max with 0 inside the range; with `signed`
+    (symmetric only) llama.cpp's Q4_0 rule instead (`fit_signed_grid`).
 
     Returns (scale [rows, 1] as float32 holding fp16-representable values, zero [rows, 1] integral float32).
     """
+    if signed:
+        return fit_signed_grid(w, bits)
     maxq = 2**bits - 1
     w = w.float()
     xmin = w.min(dim=1, keepdim=True).values.clamp(max=0)
@@ -81,6 +86,23 @@ def fit_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor,
     scale = scale16.float().clamp(min=torch.finfo(torch.float16).tiny)
     zero = torch.full_like(scale, (maxq + 1) // 2) if symmetric else torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
+
+
+def fit_signed_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symmetric grid as llama.cpp's Q4_0 reference fits it: the group's largest-magnitude weight, sign
+    included, sits exactly on code 0, w = s (0 - 2^(bits-1)), so s = -extreme / 2^(bits-1) takes the opposite
+    sign of the extreme. All 2^bits codes are then usable (the balanced symmetric grid spans the extreme with
+    2^bits - 1 steps and clips one side), and the step is 2^bits / (2^bits - 1) times finer; weights of the other
+    sign beyond (2^(bits-1) - 1)|s| are clamped. Zero is still a grid point (code 2^(bits-1)). The scale is rounded
+    to fp16 away from zero, so the extreme keeps its code."""
+    half = 2 ** (bits - 1)
+    w = w.float()
+    extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True))
+    exact = torch.where(extreme == 0, torch.ones_like(extreme), -extreme / half)
+    size16 = exact.abs().half()
+    size16 = torch.where(size16.float() < exact.abs(), torch.nextafter(size16, size16.new_tensor(torch.inf)), size16)
+    scale = torch.sign(exact) * size16.float().clamp(min=torch.finfo(torch.float16).tiny)
+    return scale, torch.full_like(scale, half)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -108,7 +130,7 @@ def fit_min_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                 offset: str = "zero-point") -> QuantizedWeight:  # fmt: skip
+                 offset: str = "zero-point", signed: bool = False) -> QuantizedWeight:  # fmt: skip
     """Round-to-nearest quantization of a [out, in] weight, group-wise along the input (offset "zero-point":
     w = s * (q - z); "min": w = s * q + m)."""
     if offset not in ("zero-point", "min") or (offset == "min" and symmetric):
@@ -125,7 +147,7 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None, symmet
             codes[:, start : start + gs] = torch.clamp(torch.round((part - minimum) / scale), 0, maxq).to(torch.uint8)
             offsets.append(minimum)
         else:
-            scale, zero = fit_grid(part, bits, symmetric)
+            scale, zero = fit_grid(part, bits, symmetric, signed)
             codes[:, start : start + gs] = quantize_codes(part, scale, zero, bits).to(torch.uint8)
             offsets.append(zero)
         scales.append(scale)

@@ -39,7 +39,8 @@ from llmpress.config import RTNStage
 @torch.no_grad()
 def apply_(layer: nn.Linear, stage: RTNStage, stats: LayerStats | None = None) -> dict:
     """Round `layer`'s weight to the nearest grid point in place; keep the codes for saving."""
-    qw = quantize_rtn(layer.weight.detach().float(), stage.bits, stage.group_size, stage.symmetric, stage.offset)
+    qw = quantize_rtn(layer.weight.detach().float(), stage.bits, stage.group_size, stage.symmetric, stage.offset,
+                      stage.signed_scale)  # fmt: skip
     attach_(layer, qw)
     return {"bits": stage.bits, "group_size": stage.group_size, "symmetric": stage.symmetric, "offset": stage.offset}
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmpress.config import Params, Recipe, load_params, load_recipe
+from llmpress.config import Params, Recipe, load_params, load_recipe, validate
 from llmpress.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -233,6 +233,18 @@ def test_params_field_errors_name_the_field(tmp_path: Path, override: dict, expe
     with pytest.raises(ConfigError) as info:
         load_params(tmp_path / "absent.yaml", overrides=override)
     assert f"  {expected}: " in str(info.value)
+
+
+def test_signed_scale_needs_a_symmetric_grid_and_a_fitted_one() -> None:
+    for stage, expected in (
+        ({"method": "rtn", "signed_scale": True}, "applies to symmetric grids"),
+        ({"method": "qat", "symmetric": True, "signed_scale": True}, "not supported by qat"),
+    ):
+        with pytest.raises(ConfigError, match=expected):
+            validate(Recipe, {"name": "r", "stages": [stage | {"targets": [".*_proj"]}]}, "r.yaml")
+    recipe = validate(Recipe, {"name": "r", "stages": [{"method": "gptq", "symmetric": True, "signed_scale": True}]},
+                      "r.yaml")  # fmt: skip
+    assert recipe.stages[0].signed_scale
 
 
 def test_export_formats_replace_the_onnx_switch(tmp_path: Path) -> None:

@@ -21,6 +21,16 @@ from llmpress.export.gguf import _permute, export_gguf
 GRIDS = {
     "q4_1": ({"method": "rtn", "bits": 4, "group_size": 32, "offset": "min"}, "Q4_1", "exact"),
     "q4_0": ({"method": "gptq", "bits": 4, "group_size": 32, "symmetric": True}, "Q4_0", "exact"),
+    "q4_0_signed": (
+        {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": True, "signed_scale": True},
+        "Q4_0",
+        "exact",
+    ),
+    "q4_0_awq": (
+        {"method": "awq", "bits": 4, "group_size": 32, "symmetric": True, "signed_scale": True, "grid": 4},
+        "Q4_0",
+        "exact",
+    ),
     "q4_zero": ({"method": "rtn", "bits": 4, "group_size": 32}, "Q4_1", "near"),
     "q8_0": ({"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True}, "Q8_0", "exact"),
     "g64": ({"method": "rtn", "bits": 4, "group_size": 64}, "Q8_0", "requantized"),

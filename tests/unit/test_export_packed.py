@@ -53,7 +53,8 @@ def _linear_through_the_graph(layer: torch.nn.Linear) -> np.ndarray:
 
 
 COMBINATIONS = [(bits, group, symmetric, offset) for bits in range(2, 9) for group in (None, 16, 32, 48, 64, 128, 256)
-                for symmetric, offset in ((False, "zero-point"), (True, "zero-point"), (False, "min"))]  # fmt: skip
+                for symmetric, offset in ((False, "zero-point"), (True, "zero-point"), (False, "min"),
+                                          (True, "signed"))]  # fmt: skip
 
 
 @pytest.mark.parametrize(("bits", "group_size", "symmetric", "offset"), COMBINATIONS)
@@ -64,13 +65,18 @@ def test_onnxruntime_dequantizes_the_codes_to_the_evaluated_weights(bits, group_
         layer.weight.copy_(torch.randn(layer.weight.shape) * torch.rand(24, 1) * 0.1)
         layer.weight[3] = 0.0  # an all-zero row
         layer.weight[5, :40] = layer.weight[5, :40].abs()  # an all-positive stretch
-    qw = quantize_rtn(layer.weight.detach(), bits, group_size, symmetric, offset)
+    signed = offset == "signed"  # symmetric with llama.cpp's signed scales (negative ones among them)
+    qw = quantize_rtn(layer.weight.detach(), bits, group_size, symmetric, "zero-point" if signed else offset, signed)
+    assert not signed or (qw.scale < 0).any()
     attach_(layer, qw)
     evaluated = layer.weight.detach().numpy()
     assert np.array_equal(evaluated.view(np.uint32), qw.dequantize(torch.float32).numpy().view(np.uint32))
-    assert np.array_equal(_linear_through_the_graph(layer).view(np.uint32), evaluated.view(np.uint32))
+    evaluated = evaluated + np.float32(0.0)  # bit for bit, but -0.0 (a negative scale times 0) and 0.0 as one
+    assert np.array_equal(
+        (_linear_through_the_graph(layer) + np.float32(0.0)).view(np.uint32), evaluated.view(np.uint32)
+    )
     packed = pack(qw)
-    assert np.array_equal(packed.dequantize().view(np.uint32), evaluated.view(np.uint32))
+    assert np.array_equal((packed.dequantize() + np.float32(0.0)).view(np.uint32), evaluated.view(np.uint32))
     # codes stored at their width: 4-bit containers for <= 4 bits, two codes a byte
     assert packed.bits == (4 if bits <= 4 else 8)
     k = layer.in_features

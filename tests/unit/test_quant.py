@@ -7,6 +7,7 @@ import math
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -218,3 +219,41 @@ def test_packed_weights_are_about_bits_over_32_of_fp32(tiny_llama, calibration_i
     weights = sum(m.weight.numel() for m in tiny_llama.modules() if quantization_of(m) is not None)
     stored = sum(size for key, (_, _, size) in sizes.items() if key.rsplit(".", 1)[-1].startswith("weight_"))
     assert stored / (4 * weights) == pytest.approx(4 / 32 + 3 / (32 * 4), rel=1e-6)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 5, 8])
+def test_signed_grid_puts_the_extreme_on_the_lowest_code(bits) -> None:
+    """llama.cpp's Q4_0 rule: the largest-magnitude weight of each group, either sign, is exactly on code 0; zero
+    stays a grid point; the step is |extreme| / 2^(bits-1) (rounded up in fp16), finer than the balanced grid's."""
+    from llmpress.compress.quant import fit_signed_grid
+
+    w = _rows()
+    half = 2 ** (bits - 1)
+    scale, zero = fit_signed_grid(w, bits)
+    assert (zero == half).all() and torch.equal(scale.half().float(), scale)
+    extreme = w.gather(1, w.abs().argmax(dim=1, keepdim=True))
+    codes = quantize_codes(w, scale, zero, bits)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    nonzero = extreme[:, 0].abs() / half >= torch.finfo(torch.float16).tiny  # smaller: the scale is clamped there
+    assert (codes.gather(1, w.abs().argmax(dim=1, keepdim=True))[nonzero] == 0).all()
+    assert (torch.sign(scale) == -torch.sign(extreme))[nonzero].all()
+    assert ((scale.abs() >= extreme.abs() / half) & (scale.abs() <= extreme.abs() / half * (1 + 2**-10)))[nonzero].all()
+    assert (fake_quantize(torch.zeros(w.shape[0], 1), scale, zero, bits) == 0).all()
+    balanced, _ = fit_grid(w, bits, symmetric=True)
+    assert (scale.abs() <= balanced)[nonzero].all()
+
+
+def test_signed_grid_is_llama_cpp_q4_0() -> None:
+    """The same weights through the gguf package's Q4_0 reference (llama.cpp's quantize_row_q4_0) and through
+    llmpress's signed RTN give the same codes, but where llama.cpp picks them with the fp32 scale and llmpress with
+    the fp16 one it stores (rounded away from zero, so values differ by that rounding); the balanced symmetric grid
+    has a clearly larger error."""
+    import gguf
+
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) * 0.02
+    reference = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_0),
+                                       gguf.GGMLQuantizationType.Q4_0)  # fmt: skip
+    ours = quantize_rtn(w, 4, 32, True, signed=True).dequantize().numpy()
+    balanced = quantize_rtn(w, 4, 32, True).dequantize().numpy()
+    assert np.isclose(ours, reference, rtol=2e-3, atol=0).mean() > 0.99
+    assert ((ours - w.numpy()) ** 2).mean() < 0.9 * ((balanced - w.numpy()) ** 2).mean()

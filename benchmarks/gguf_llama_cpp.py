@@ -1,7 +1,7 @@
 """GGUF in llama.cpp: llmpress's calibrated 4-bit blocks against llama.cpp's own quantizer, at the same block types
 and bytes, every file scored by llama.cpp itself.
 
-    .venv/bin/python benchmarks/gguf.py [--recipes recipes/gguf-q4_0-gptq.yaml ...] [--max-tokens N]
+    .venv/bin/python benchmarks/gguf_llama_cpp.py [--recipes recipes/gguf-q4_0-gptq.yaml ...] [--max-tokens N]
                                         [--out benchmarks/results]
 
 Rows, each one GGUF file loaded by llama-cpp-python (built by `make setup` for this CPU):
@@ -63,6 +63,7 @@ def quantize_with_llama_cpp(source: Path, out: Path, type_name: str, threads: in
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
     params.nthread = threads
+    params.allow_requantize = True  # the shipped file is Q4_1: llama.cpp reads its weights back, as from float
     params.token_embedding_type = llama_cpp.GGML_TYPE_Q8_0
     if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) != 0 or not out.is_file():
         raise SystemExit(f"error: llama.cpp could not quantize {source.name} to {type_name}")
@@ -196,7 +197,7 @@ def write(result: dict[str, Any], out: Path) -> None:
         f"{s['prompt_tokens']} tokens, {s['decode_tokens']} greedy steps, median of {s['repeats']} runs in a fresh "
         f"process. Ratios against the base model in PyTorch fp32 (perplexity {s['pytorch_fp32_perplexity']:.3f}). "
         f"llmpress calibrates on {s['calibration_windows']} windows of {s['seq_len']} tokens. "
-        "`python benchmarks/gguf.py` rewrites this file.", "",
+        "`python benchmarks/gguf_llama_cpp.py` rewrites this file.", "",
         "| system | block types | MB | perplexity | ppl ratio | prefill (ms) | decode (tok/s) | peak RSS (MB) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]  # fmt: skip
