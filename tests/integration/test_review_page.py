@@ -45,7 +45,7 @@ def reviewed(tmp_path_factory: pytest.TempPathFactory) -> dict:
         params["eval"] |= {"max_tokens": 1024, "cloze": {"max_examples": 20, "max_context_tokens": 48},
                            "generation": {"max_new_tokens": 8, "prompts": ["The bushfire near the town"]},
                            "speed": {"enabled": False}}  # fmt: skip
-        params["export"]["onnx"] = False
+        params["export"]["formats"] = []
         params["tracking"] = {"tracking_uri": url, "experiment": "review", "registered_model": MODEL_NAME}
         (project / "params.yaml").write_text(yaml.safe_dump(params))
         for args in (["init", "--no-scm"], ["remote", "add", "-d", "local", str(root / "remote")]):
