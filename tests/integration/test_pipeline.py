@@ -56,6 +56,7 @@ PARAMS = {
         "max_perplexity_ratio": 2.5,
         "max_onnx_logit_diff": 1.0e-3,
         "max_bundle_perplexity_ratio": 2.5,
+        "max_gguf_perplexity_ratio": 2.5,  # the GGUF holds the same weights (F16): the same bound as the bundle's
         "max_bundle_bytes_ratio": None,
         "min_bundle_decode_speedup": 1.2,
         # Wanda 50 % loops in greedy text more than the base model does: the default 0.1 would fail it (README
