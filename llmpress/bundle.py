@@ -292,7 +292,8 @@ def run(path: str | Path, prompt: str, max_new_tokens: int = 64, temperature: fl
     manifest = verify_bundle(root)
     missing = [name for name in RUN_FILES if not (root / name).is_file()]  # verified: a file here is listed
     if missing:
-        raise BundleError(f"{root} cannot run: {', '.join(missing)} not in the bundle")
+        hint = f"; it ships {GGUF} for llama.cpp (e.g. llama-cli -m {GGUF})" if (root / GGUF).is_file() else ""
+        raise BundleError(f"{root} cannot run: {', '.join(missing)} not in the bundle{hint}")
     context = manifest.get("model", {}).get("context_length")  # None in bundles built before it was recorded
     if context is not None:
         from tokenizers import Tokenizer
