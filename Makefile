@@ -27,7 +27,7 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	touch $@
 
 # llama.cpp, which scores the GGUF a run ships (export.formats: gguf): llama-cpp-python has no wheel in the registry,
-# so it is built from its source distribution for this CPU, once (about 8 min on 2 cores). Order-only: a changed
+# so it is built from its source distribution for this CPU, once (9.5 min here on 2 cores). Order-only: a changed
 # pyproject.toml re-installs the rest without rebuilding it.
 $(BIN)/.llama-cpp: | $(BIN)/.installed
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \

@@ -52,6 +52,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from llmpress.evaluate.llamacpp import LlamaCpp  # noqa: E402
 from llmpress.evaluate.speed import peak_rss_mb, time_generation  # noqa: E402
 
 LLAMA_TYPES = ["Q8_0", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M"]
@@ -66,38 +67,6 @@ ANCHOR_DEPS = "onnxruntime-genai and llama-cpp-python are benchmark dependencies
 
 class AnchorFailed(Exception):
     """An anchor's own tooling or runtime failed on this model: reported in the results, not fatal."""
-
-
-class LlamaCpp:
-    """llama.cpp through llama-cpp-python's `Llama`, CPU, `threads` threads for prompt and decode."""
-
-    def __init__(self, gguf: Path, context: int, threads: int, all_logits: bool) -> None:
-        from llama_cpp import Llama
-
-        self.llm = Llama(model_path=str(gguf), n_ctx=context, n_batch=context, n_ubatch=context,
-                         n_threads=threads, n_threads_batch=threads, logits_all=all_logits, verbose=False)  # fmt: skip
-
-    def logits(self, ids: list[int]) -> Any:
-        import numpy as np
-
-        self.llm.reset()
-        self.llm.eval(ids)
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
-
-    def last_logits(self) -> Any:
-        import numpy as np
-
-        # without logits_all llama.cpp computes (and llama-cpp-python keeps) only the last token's row
-        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
-
-    def prefill(self, prompt: list[int]) -> int:
-        self.llm.reset()
-        self.llm.eval(prompt)
-        return int(self.last_logits().argmax())
-
-    def step(self, token: int) -> int:
-        self.llm.eval([token])
-        return int(self.last_logits().argmax())
 
 
 class GenAI:

@@ -104,13 +104,13 @@ def gguf(job: GgufJob) -> dict[str, Any]:
         log.warning("the GGUF was written but not scored: %s", llamacpp.INSTALL)
         return out
     ids = tokenizer(Path(job.eval_path).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-    threads = job.params.speed.threads
-    with phase("gguf: perplexity in llama.cpp"):
-        result = llamacpp.gguf_perplexity(path, ids, job.params, tokenizer.bos_token_id, threads)
     parity = torch.tensor([ids[: job.export.parity_tokens]])
+    # one load serves both: a context that holds a perplexity window and the parity tokens
+    engine = llamacpp.LlamaCpp(path, max(job.params.window, parity.shape[1]), job.params.speed.threads)
+    with phase("gguf: perplexity in llama.cpp"):
+        result = llamacpp.window_perplexity(engine.logits, ids, job.params, tokenizer.bos_token_id)
     with torch.no_grad():
         reference = model(parity).logits[0].argmax(-1)
-    engine = llamacpp.LlamaCpp(path, parity.shape[1], threads)
     agreement = (torch.from_numpy(engine.logits(parity[0].tolist())).argmax(-1) == reference).float().mean()
     del engine
     out |= {"gguf_perplexity": result.perplexity, "gguf_top1_agreement": float(agreement), "gguf_scored": 1.0}
@@ -147,7 +147,7 @@ def edge_bundle(onnx_path: str | None, model_dir: str, out_dir: str | Path, metr
     from llmpress.bundle import build_bundle, verify_bundle
 
     formats: dict[str, dict[str, Any]] = {}
-    graph: dict[str, Any] = {}
+    graph: dict[str, Any] = {}  # what build_bundle is told about the graph
     if onnx_path is not None:
         import onnx
 
@@ -157,7 +157,7 @@ def edge_bundle(onnx_path: str | None, model_dir: str, out_dir: str | Path, metr
         counts = precision_counts(proto)  # read from the graph that ships, not assumed
         levels = {a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
                   if a.name == "accuracy_level"}  # fmt: skip
-        graph = {"onnx_dir": Path(onnx_path).parent, "precision": precision_label(counts), "precision_counts": counts,
+        graph = {"precision": precision_label(counts), "precision_counts": counts,
                  "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0),
                  "accuracy_level": levels.pop() if len(levels) == 1 else None}  # fmt: skip
         formats["onnx"] = {"runtime": "onnxruntime", "precision": graph["precision"],
@@ -166,8 +166,9 @@ def edge_bundle(onnx_path: str | None, model_dir: str, out_dir: str | Path, metr
         details = {k: v for k, v in metrics.get("gguf_details", {}).items() if k != "path"}
         formats["gguf"] = {"runtime": "llama.cpp", "scored": bool(metrics.get("gguf_scored")),
                            "scores": _scores(metrics, "gguf_"), **details}  # fmt: skip
-    path = build_bundle(out_dir, graph.pop("onnx_dir", None), model_dir, metrics=metrics, gate=gate, lineage=lineage,
-                        gguf=gguf_path, formats=formats, **graph)  # fmt: skip
+    onnx_dir = Path(onnx_path).parent if onnx_path is not None else None
+    path = build_bundle(out_dir, onnx_dir, model_dir, metrics=metrics, gate=gate, lineage=lineage, gguf=gguf_path,
+                        formats=formats, **graph)  # fmt: skip
     verify_bundle(path, check_hashes=False)
     return path
 
