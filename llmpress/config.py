@@ -142,6 +142,16 @@ class EvalParams(Strict):
 class CompressParams(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(8, ge=1, description="calibration windows per forward pass")
+    save_layout: Literal["compressed-tensors", "llmpress"] = Field(
+        "compressed-tensors", description="how the compressed HF folder stores quantized layers: "
+        "'compressed-tensors' (pack-quantized: stock transformers with compressed-tensors and vLLM load it) "
+        "where that format holds the model exactly, else llmpress's own layout, with the reason in the manifest",
+    )  # fmt: skip
+    sparse_storage: Literal["bitmask", "dense"] = Field(
+        "bitmask", description="sparse plain linears in the llmpress layout: 'bitmask' (kept values + 1 bit per "
+        "weight, read by llmpress; `llmpress dequantize` writes a plain folder) or 'dense' (a sparse-only model "
+        "stays a plain folder any tool loads)",
+    )  # fmt: skip
 
 
 class ExportParams(Strict):

@@ -71,13 +71,15 @@ def compress(job: CompressJob) -> dict[str, Any]:
     _check_finite(model)
     meta = {"recipe": recipe.name, "recipe_hash": recipe_info(recipe)["hash"], **job.lineage,
             "report": report.to_dict()}  # fmt: skip
-    save_model(model, tokenizer, Path(job.out_dir), extra_files={
+    layout = save_model(model, tokenizer, Path(job.out_dir), extra_files={
         "recipe.yaml": yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False),  # what ran, nulls too
         METADATA: json.dumps(meta, indent=2),
-    })  # fmt: skip
+    }, layout=job.params.save_layout, sparse=job.params.sparse_storage)  # fmt: skip
+    log.info("compress %s: saved %s", recipe.name, _layout_line(Path(job.out_dir), layout))
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear | LowRankLinear)}
     return {
         "path": str(Path(job.out_dir).resolve()),
+        "saved_layout": layout or "plain",
         "seconds": report.total_seconds,
         "calibration_tokens": report.calibration_tokens,
         "device": device,
@@ -99,7 +101,17 @@ def _scalars(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if isinstance(v, int | float)}
 
 
-def save_model(model: nn.Module, tokenizer, out: Path, extra_files: dict[str, str]) -> None:
+def _layout_line(folder: Path, layout: str | None) -> str:
+    from llmpress.compress.storage import MANIFEST
+
+    if layout is None:
+        return f"{folder} as a plain HF folder"
+    why = json.loads((folder / MANIFEST).read_text()).get("compressed_tensors")
+    return f"{folder} in the {layout} layout" + (f" ({why})" if why else "")
+
+
+def save_model(model: nn.Module, tokenizer, out: Path, extra_files: dict[str, str],
+               layout: str = "compressed-tensors", sparse: str = "bitmask") -> str | None:  # fmt: skip
     """Write the HF folder atomically (`files.atomic_folder`: temporary sibling, every file fsynced with its sha256
     in `checksums.json`, which `sources.load_model` verifies, then renamed into place): never a half-written
     `out`. A failure (disk full, a kill) leaves at most the temporary sibling, which the next save removes."""
@@ -110,12 +122,13 @@ def save_model(model: nn.Module, tokenizer, out: Path, extra_files: dict[str, st
             layer_shapes.record_(model)  # blocks of different widths: their sizes go into config.json
             model.save_pretrained(tmp)
             # Quantized layers as packed integers + scales, low-rank layers as two linears (storage.py).
-            save_compressed(model, tmp)
+            written = save_compressed(model, tmp, layout=layout, sparse=sparse)
             tokenizer.save_pretrained(tmp)
             for name, text in extra_files.items():
                 (tmp / name).write_text(text)
     except (OSError, SafetensorError) as exc:  # disk full, quota, I/O error: say so, leave nothing
         raise LlmpressError(f"writing the model folder {out} failed, nothing was saved: {exc}") from exc
+    return written
 
 
 def dequantize(src: str | Path, dst: str | Path, overwrite: bool = False) -> str:
@@ -134,7 +147,7 @@ def dequantize(src: str | Path, dst: str | Path, overwrite: bool = False) -> str
                             "plain already, nothing to de-quantize")  # fmt: skip
     model = to_plain_(load_model(src))
     extra = {name: (src / name).read_text() for name in ("recipe.yaml", METADATA) if (src / name).is_file()}
-    save_model(model, load_tokenizer(src), dst, extra_files=extra)
+    save_model(model, load_tokenizer(src), dst, extra_files=extra, sparse="dense")
     return f"{dst}: plain safetensors folder, {folder_bytes(dst, '*.safetensors')} bytes of weights"
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmpress.compress import compress_
-from llmpress.compress.storage import MANIFEST, save_compressed
+from llmpress.compress.storage import MANIFEST, save_compressed, sparse_layers
 from llmpress.config import METHODS, Recipe, load_recipe
 from llmpress.sources import load_model
 
@@ -68,7 +68,8 @@ def test_saved_folder_reloads_to_the_evaluated_model(make_tiny_llama, calibratio
     assert (got - expected).abs().max().item() < 1e-5
     assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
     quantized = any(s["method"] in ("rtn", "gptq", "awq", "smoothquant", "embeddings") for s in STAGES[key])
-    assert (tmp_path / MANIFEST).is_file() == (quantized or key == "lowrank")
+    sparse = bool(sparse_layers(model))  # zeros enough for bitmasks to be smaller: stored as such
+    assert (tmp_path / MANIFEST).is_file() == (quantized or key == "lowrank" or sparse)
 
 
 def test_every_shipped_recipe_is_valid() -> None:

@@ -174,7 +174,7 @@ def test_save_and_load_compressed_round_trip(tiny_llama, calibration_ids, tmp_pa
     dense_dir, packed_dir = tmp_path / "dense", tmp_path / "packed"
     tiny_llama.save_pretrained(dense_dir)
     tiny_llama.save_pretrained(packed_dir)
-    storage.save_compressed(tiny_llama, packed_dir)
+    storage.save_compressed(tiny_llama, packed_dir, layout="llmpress")
 
     loaded = storage.load_compressed(packed_dir)
     ids = calibration_ids[:2]
@@ -214,7 +214,7 @@ def test_packed_weights_are_about_bits_over_32_of_fp32(tiny_llama, calibration_i
     """4-bit, group 32: codes are 1/8 of fp32, plus 3 bytes of scale and zero per 32 weights (~1/42 more)."""
     compress_(tiny_llama, Recipe(name="q", stages=[{"method": "rtn", "bits": 4, "group_size": 32}]), None)
     tiny_llama.save_pretrained(tmp_path)
-    storage.save_compressed(tiny_llama, tmp_path)
+    storage.save_compressed(tiny_llama, tmp_path, layout="llmpress")
     sizes = _tensor_sizes(tmp_path / "model.safetensors")
     weights = sum(m.weight.numel() for m in tiny_llama.modules() if quantization_of(m) is not None)
     stored = sum(size for key, (_, _, size) in sizes.items() if key.rsplit(".", 1)[-1].startswith("weight_"))
