@@ -158,6 +158,7 @@ def compress(
             "generations": evaluation["generations"],
             "compressed": {k: v for k, v in metrics.items() if k != "sparsity_per_layer"},
             "compressed_path": compressed["path"],
+            "compressed_layout": compressed.get("saved_layout", "unknown"),  # compressed-tensors | llmpress | plain
             "gate": verdict,
             "seconds": seconds,
         }

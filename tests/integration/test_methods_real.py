@@ -8,13 +8,15 @@ orderings (SparseGPT below magnitude, GPTQ below RTN, ...) are the papers' and h
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
 from llmpress.compress import compress_
+from llmpress.compress.storage import MANIFEST
 from llmpress.config import EvalParams, Recipe
 from llmpress.data import calibration_windows
 from llmpress.evaluate.perplexity import perplexity
@@ -77,6 +79,47 @@ def test_quantization_gptq_beats_rtn_and_is_packed(real, tmp_path) -> None:
     dense_bytes = folder_bytes(real["path"], "*.safetensors")
     assert dense_bytes - folder_bytes(gptq_dir, "*.safetensors") > 300e6
     assert folder_bytes(rtn_dir, "*.safetensors") == folder_bytes(gptq_dir, "*.safetensors")
+    # 576 inputs are 4.5 groups of 128: compressed-tensors refuses ragged groups, so the llmpress layout, and why
+    manifest = json.loads((gptq_dir / MANIFEST).read_text())
+    assert manifest["format"] == "llmpress-compressed/1" and "ragged" in manifest["compressed_tensors"]
+
+
+def test_compressed_tensors_and_bitmask_folders_on_the_real_model(real, tmp_path) -> None:
+    """Symmetric W4 g32: the folder loads with plain `from_pretrained` to the evaluated weights (asymmetric g64
+    through transformers' dequantize route, tests/unit/test_ct_format.py says why). Magnitude 50 %:
+    the bitmask folder is smaller by the zeros' bytes less one bit per weight, and loads back to the same model."""
+    model = load_model(real["path"])
+    compress_(
+        model, Recipe(name="w4", stages=[{"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}]), None
+    )
+    assert save_model(model, real["tokenizer"], tmp_path / "w4", extra_files={}) == "compressed-tensors"
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "w4", dtype=torch.float32)
+    ids = real["ids"][:1, :64]
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, model(ids).logits)
+    stock_params = dict(stock.named_parameters())
+    assert all(torch.equal(stock_params[n].data, p.data) for n, p in model.named_parameters())
+    # asymmetric groups of 64 (which divide 576 and 1536): transformers' dequantize route, same logits
+    model = load_model(real["path"])
+    compress_(model, Recipe(name="w4a", stages=[{"method": "rtn", "bits": 4, "group_size": 64}]), None)
+    assert save_model(model, real["tokenizer"], tmp_path / "w4a", extra_files={}) == "compressed-tensors"
+    stock = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "w4a", dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, model(ids).logits)
+
+    model = load_model(real["path"])
+    compress_(model, Recipe(name="m50", stages=[{"method": "magnitude", "sparsity": 0.5}]), None)
+    assert save_model(model, real["tokenizer"], tmp_path / "dense", extra_files={}, sparse="dense") is None
+    assert save_model(model, real["tokenizer"], tmp_path / "m50", extra_files={}) == "llmpress"
+    linears = _block_linears(model).values()
+    saved = sum(4 * (w.numel() - int(torch.count_nonzero(w))) - w.numel() // 8 for w in (m.weight for m in linears))
+    dense, sparse = folder_bytes(tmp_path / "dense", "*.safetensors"), folder_bytes(tmp_path / "m50", "*.safetensors")
+    assert dense - sparse == pytest.approx(saved, abs=64 * 1024), (dense, sparse)
+    assert sparse < 0.65 * dense  # 538 MB -> 338 MB: the fp32 embedding table stays dense
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "m50")(ids).logits, model(ids).logits)
 
 
 def test_activation_aware_quantization_awq_and_smoothquant(real, tmp_path) -> None:
