@@ -124,7 +124,13 @@ def register_model(c: MlflowClient, run_id: str, model_dir: str | Path, name: st
             python_model=str(PYFUNC_FILE),
             code_paths=[str(SHAPES_FILE)],  # the pyfunc's loader for blocks of different widths
             artifacts={"hf_model": str(model_dir)},
-            pip_requirements=["mlflow>=3.17,<3.18", "torch==2.13.0", "transformers==5.23.0", "safetensors"],
+            pip_requirements=[
+                "mlflow>=3.17,<3.18",
+                "torch==2.13.0",
+                "transformers==5.23.0",
+                "safetensors",
+                "compressed-tensors==0.20.0",
+            ],
             registered_model_name=name,
         )
     version = str(info.registered_model_version)

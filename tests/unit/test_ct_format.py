@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,3 +172,43 @@ def test_a_damaged_compressed_tensors_folder_is_refused_by_name(tiny_llama, cali
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(LlmpressError, match=r"up_proj: weight_scale holds values that are not fp16"):
         storage.load_compressed(tmp_path)
+
+
+def _pyfunc_predict_without_llmpress(folder: Path, tmp_path: Path, prompt: str) -> subprocess.CompletedProcess:
+    import mlflow
+
+    from llmpress.tracking import PYFUNC_FILE, SHAPES_FILE
+
+    logged = tmp_path / "pyfunc"
+    mlflow.pyfunc.save_model(logged, python_model=str(PYFUNC_FILE), artifacts={"hf_model": str(folder)},
+                             code_paths=[str(SHAPES_FILE)])  # fmt: skip
+    script = ("import sys; sys.modules['llmpress'] = None; import mlflow; "
+              f"print(repr(mlflow.pyfunc.load_model({str(logged)!r}).predict([{prompt!r}])[0]))")  # fmt: skip
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("layout", ["compressed-tensors", "llmpress"])
+def test_the_registry_pyfunc_serves_a_compressed_folder_without_llmpress(tiny_llama, calibration_ids, tmp_path,
+                                                                         layout) -> None:  # fmt: skip
+    """compressed-tensors folders generate the evaluated model's tokens on a machine without llmpress; llmpress's
+    own layout says it needs llmpress instead of generating from random weights."""
+    from conftest import byte_tokenizer_json
+    from transformers import PreTrainedTokenizerFast
+
+    from llmpress.steps import save_model
+
+    byte_tokenizer_json(tmp_path)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="A")
+    stages = [{"method": "rtn", "bits": 4, "group_size": 32}]  # asymmetric: transformers' dequantize route
+    compress_(tiny_llama, Recipe(name="q", stages=stages), None)
+    folder = tmp_path / "model"
+    assert save_model(tiny_llama, tokenizer, folder, {}, layout=layout) == layout
+    done = _pyfunc_predict_without_llmpress(folder, tmp_path, "edge")
+    if layout == "llmpress":
+        assert done.returncode != 0 and "install llmpress to load it" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr[-2000:]
+    prompt_ids = tokenizer("edge", return_tensors="pt")["input_ids"]
+    expected = tiny_llama.generate(prompt_ids, max_new_tokens=32, do_sample=False, pad_token_id=0)  # its default
+    assert done.stdout.strip().splitlines()[-1] == repr(tokenizer.decode(expected[0, prompt_ids.shape[1] :],
+                                                                          skip_special_tokens=True))  # fmt: skip
