@@ -138,6 +138,9 @@ def test_sparsity_on_every_targeted_layer(runs: dict) -> None:
     assert "lm_head.weight" in dict(base.named_parameters()) or base.config.tie_word_embeddings
     for name in untouched:
         assert torch.equal(base.get_parameter(name), model.get_parameter(name)), name
+    # the folder stores the pruned linears as kept values + bitmasks: 538 MB -> about 339 MB
+    assert runs["wanda"]["compressed_layout"] == "llmpress"
+    assert 0.60 < runs["wanda"]["compressed"]["weights_bytes"] / runs["wanda"]["base"]["weights_bytes"] < 0.66
 
 
 def test_perplexity_bounds(runs: dict) -> None:
