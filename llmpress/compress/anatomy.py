@@ -47,6 +47,9 @@ class Architecture:
     down: str = "mlp.down_proj"
     norm_offset: float = 0.0  # the norm computes x_hat * (offset + weight)
     norm_weights: bool = True  # False: the norms have no weight, nothing can be folded into them
+    # True: q, k, v are row blocks of one linear (in that order) and gate, up of another (Phi-3's qkv_proj and
+    # gate_up_proj); q/k/v and gate/up then name the same module, whose last rows are v and up
+    fused: bool = False
 
 
 LLAMA = Architecture()
@@ -58,7 +61,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     # Gemma 2/3 normalise the attention output again (post_attention_layernorm); the norm before the MLP is
     # pre_feedforward_layernorm.
     **dict.fromkeys(("gemma2", "gemma3_text"), Architecture(mlp_norm="pre_feedforward_layernorm", norm_offset=1.0)),
-}
+    "phi3": Architecture(q="self_attn.qkv_proj", k="self_attn.qkv_proj", v="self_attn.qkv_proj",
+                         gate="mlp.gate_up_proj", up="mlp.gate_up_proj", fused=True),
+}  # fmt: skip
 PARTS = tuple(f.name for f in fields(Architecture) if f.type == "str")
 # Relative L2 change of a block's float output that folding may cause: the rounding of the rescaled weights.
 FOLD_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -82,11 +87,23 @@ class BlockAnatomy:
 
     @property
     def n_heads(self) -> int:
-        return self.q.out_features // self.head_dim
+        return self.o.in_features // self.head_dim
 
     @property
     def n_kv_heads(self) -> int:
+        if self.architecture.fused:  # rows: q (n_heads * d), then k and v (n_kv_heads * d each)
+            return (self.q.out_features - self.o.in_features) // (2 * self.head_dim)
         return self.k.out_features // self.head_dim
+
+    @property
+    def v_rows(self) -> int:
+        """Rows of the v projection, the last ones of `v` when fused (what a v -> o scale divides)."""
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def up_rows(self) -> int:
+        """Rows of the up projection, the last ones of `up` when fused (what an up -> down scale divides)."""
+        return self.down.in_features
 
     def names(self, prefix: str) -> dict[str, str]:
         """Full module names of the linears, e.g. {'q': 'model.layers.0.self_attn.q_proj', ...}."""
@@ -147,6 +164,16 @@ def anatomy(block: nn.Module) -> BlockAnatomy:
 def check_layout(model: nn.Module, _stage: object = None) -> None:
     """Refuse, before any work, a model whose blocks a block-level method cannot name (`Method.check`)."""
     anatomy(find_decoder_blocks(model)[1][0])
+
+
+def require_separate_projections(a: BlockAnatomy, method: str) -> None:
+    """Methods that remove heads and channels slice q, k, v, gate and up one by one: refuse fused layouts."""
+    if a.architecture.fused:
+        raise LlmpressError(
+            f"{method} removes heads and MLP channels from separate q/k/v and gate/up projections; model type "
+            f"{model_type(a.attn)!r} fuses them ({a.architecture.q}, {a.architecture.gate}), which it does not slice. "
+            "Unstructured and N:M pruning, quantization, low-rank, drop_blocks and distill apply to this family"
+        )
 
 
 @torch.no_grad()

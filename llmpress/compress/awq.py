@@ -76,11 +76,12 @@ class ScaleGroup:
 
 
 def scale_groups(block: nn.Module, prefix: str) -> list[ScaleGroup]:
-    """The reference's four scale groups, by the block's architecture (v -> o only without a GQA shape mismatch)."""
+    """The reference's four scale groups, by the block's architecture (v -> o only without a GQA shape mismatch).
+    A fused qkv (gate_up) linear appears once in its group; v -> o and up -> down scale its last rows."""
     a = anatomy(block)
     n, offset = a.names(prefix), a.architecture.norm_offset
     groups = [ScaleGroup(a.attn_norm, {n["q"]: a.q, n["k"]: a.k, n["v"]: a.v}, a.attn, offset)]
-    if a.v.out_features == a.o.in_features:
+    if a.v_rows == a.o.in_features:
         groups.append(ScaleGroup(a.v, {n["o"]: a.o}, a.o))
     groups.append(ScaleGroup(a.mlp_norm, {n["gate"]: a.gate, n["up"]: a.up}, a.mlp, offset))
     groups.append(ScaleGroup(a.up, {n["down"]: a.down}, a.down))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmpress.compress.anatomy import BlockAnatomy, anatomy
+from llmpress.compress.anatomy import BlockAnatomy, anatomy, require_separate_projections
 from llmpress.compress.storage import set_submodule
 from llmpress.compress.targets import find_decoder_blocks
 from llmpress.errors import LlmpressError
@@ -51,6 +51,7 @@ def channels(stage: Any, inter: int) -> int:
 def check(model: nn.Module, stage: Any) -> None:
     """The heads and channels asked for, against the model's first block (every block has the same shapes)."""
     a = anatomy(find_decoder_blocks(model)[1][0])
+    require_separate_projections(a, stage.method)
     if stage.heads > 0:
         heads_per_group(stage, a.n_heads, a.n_kv_heads)
     if stage.mlp > 0:

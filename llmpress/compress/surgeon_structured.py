@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from llmpress.compress import shrink
-from llmpress.compress.anatomy import BlockAnatomy, anatomy
+from llmpress.compress.anatomy import BlockAnatomy, anatomy, require_separate_projections
 from llmpress.compress.methods import ModelContext
 from llmpress.compress.surgeon import Kfac, damped, kfac_factors
 from llmpress.compress.targets import find_decoder_blocks
@@ -114,6 +114,7 @@ def check(model: nn.Module, stage: SurgeonStage) -> None:
     """Refuse shares that remove nothing or more than the blocks can give (a head per KV group, the channel
     floor), before any work."""
     parts = [anatomy(block) for block in find_decoder_blocks(model)[1]]
+    require_separate_projections(parts[0], "surgeon (structured)")
     for share, field, unit, total, most in (
         (stage.mlp, "mlp", "MLP channels", sum(_channels(a) for a in parts),
          sum(_channels(a) - _floor(a, stage) for a in parts)),

@@ -26,13 +26,14 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", {"head_dim": 8}),
     "gemma3_text": ("Gemma3TextConfig", {"head_dim": 8}),
     "olmo": ("OlmoConfig", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),  # norms without weights
+    "phi3": ("Phi3Config", {"pad_token_id": 0}),  # fused qkv_proj and gate_up_proj
 }
 
 
 def tiny(family: str) -> torch.nn.Module:
     config_class, extra = FAMILIES[family]
     torch.manual_seed(0)
-    config = getattr(transformers, config_class)(**SHAPE, **extra)
+    config = getattr(transformers, config_class)(**{**SHAPE, **extra})
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     for module in model.modules():  # norms away from their init (all ones / zeros), so a wrong fold shows
         if "Norm" in type(module).__name__ and hasattr(module, "weight"):
@@ -61,8 +62,9 @@ def test_the_parts_are_found_by_model_type(family: str) -> None:
         "pre_feedforward_layernorm" if family.startswith(("gemma2", "gemma3")) else "post_attention_layernorm"
     )
     assert a.mlp_norm is block.get_submodule(expected_mlp_norm)
-    assert (a.n_heads, a.n_kv_heads) == (4, 2)
-    assert a.names("model.layers.0")["gate"] == "model.layers.0.mlp.gate_proj"
+    assert (a.n_heads, a.n_kv_heads) == (4, 2) and a.v_rows == 2 * a.head_dim
+    gate = "mlp.gate_up_proj" if family == "phi3" else "mlp.gate_proj"
+    assert a.names("model.layers.0")["gate"] == f"model.layers.0.{gate}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -82,10 +84,13 @@ def test_smoothing_and_awq_scales_leave_the_block_function_unchanged(family: str
     assert torch.allclose(before, after, rtol=1e-4, atol=1e-4), (before - after).abs().max()
 
 
-def test_a_block_without_the_parts_is_refused_by_name() -> None:
-    config = transformers.Phi3Config(**SHAPE, pad_token_id=0)  # fused qkv_proj and gate_up_proj
-    block = find_decoder_blocks(transformers.AutoModelForCausalLM.from_config(config))[1][0]
-    with pytest.raises(LlmpressError, match=r"model type 'phi3'.*ARCHITECTURES"):
+def test_a_block_without_the_parts_is_refused_by_name(monkeypatch) -> None:
+    """A row naming a module the block does not have (here Llama's separate q_proj for Phi-3's fused layout)."""
+    from llmpress.compress import anatomy as anatomy_module
+
+    monkeypatch.setitem(anatomy_module.ARCHITECTURES, "phi3", anatomy_module.LLAMA)
+    block = find_decoder_blocks(tiny("phi3"))[1][0]
+    with pytest.raises(LlmpressError, match=r"model type 'phi3'\) has no 'self_attn.q_proj'.*ARCHITECTURES"):
         anatomy(block)
 
 
@@ -107,6 +112,10 @@ def test_every_block_method_runs_on_every_family(family: str, method: str) -> No
     with torch.no_grad():
         reference = model(ids).logits
     recipe = Recipe(name=method, stages=[STAGES[method]])
+    if method == "structured" and ARCHITECTURES[family].fused:
+        with pytest.raises(LlmpressError, match=r"structured removes heads.*'phi3' fuses them"):
+            compress_(model, recipe, ids, progress=lambda _: None)
+        return
     if method == "smoothquant" and not ARCHITECTURES[family].norm_weights:
         with pytest.raises(LlmpressError, match="no weight to absorb"):
             compress_(model, recipe, ids, progress=lambda _: None)
@@ -182,3 +191,23 @@ def test_olmo_awq_scales_only_what_can_absorb_them() -> None:
     report = compress_(model, Recipe(name="awq", stages=[STAGES["awq"]]), ids, progress=lambda _: None)
     scaled = {r.name.split(".")[-1] for r in report.layers if r.details["scale_ratio"] is not None}
     assert scaled == {"down_proj"}  # 4 heads over 2 KV heads: v -> o is skipped as in the reference
+
+
+def test_phi3_fused_projections_take_every_awq_scale() -> None:
+    """Without GQA, AWQ's four groups exist on Phi-3 too: the fused qkv_proj and gate_up_proj are scaled once from
+    their norms, and their last rows (v, up) absorb the v -> o and up -> down scales."""
+    from llmpress.compress.engine import compress_
+    from llmpress.config import Recipe
+
+    FAMILIES["phi3-mha"] = ("Phi3Config", {"pad_token_id": 0, "num_key_value_heads": 4})
+    try:
+        model = tiny("phi3-mha")
+    finally:
+        del FAMILIES["phi3-mha"]
+    groups = awq.scale_groups(find_decoder_blocks(model)[1][0], "model.layers.0")
+    assert [sorted(n.split(".")[-1] for n in g.linears) for g in groups] == [
+        ["qkv_proj"], ["o_proj"], ["gate_up_proj"], ["down_proj"]]  # fmt: skip
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    report = compress_(model, Recipe(name="awq", stages=[STAGES["awq"]]), ids, progress=lambda _: None)
+    scaled = {r.name.split(".")[-1] for r in report.layers if r.details["scale_ratio"] is not None}
+    assert scaled == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
