@@ -1,7 +1,7 @@
 """Quality and cost of every compression method on the shipped model, under params.yaml's protocol.
 
     .venv/bin/python benchmarks/quality.py [--recipes recipes/a.yaml ...] [--out benchmarks/results]
-                                           [--max-tokens N] [--calibration-samples N]
+                                           [--max-tokens N] [--calibration-samples N] [--model SOURCE]
 
 Needs `make fetch` first (the converted model and the DVC data sets). Each recipe runs in its own child process
 so its peak memory is its own: load the dense model, compress, save the compressed folder exactly as the
@@ -38,7 +38,12 @@ DEFAULT_RECIPES = [
 ]  # fmt: skip
 
 
-def run_one(recipe_path: str, max_tokens: int | None, calibration_samples: int | None) -> dict:
+def _overrides(max_tokens: int | None, model: str | None) -> dict:
+    return ({"eval.max_tokens": max_tokens} if max_tokens else {}) | ({"model": model} if model else {})
+
+
+def run_one(recipe_path: str, max_tokens: int | None, calibration_samples: int | None,
+            model_source: str | None) -> dict:  # fmt: skip
     """Compress, save, reload and evaluate one recipe (in this process)."""
     from llmpress.compress import compress_
     from llmpress.config import load_params, load_recipe
@@ -47,8 +52,7 @@ def run_one(recipe_path: str, max_tokens: int | None, calibration_samples: int |
     from llmpress.sources import load_model, load_tokenizer, resolve
     from llmpress.steps import folder_bytes, peak_memory, save_model
 
-    overrides = {"eval.max_tokens": max_tokens} if max_tokens else {}
-    params = load_params(REPO / "params.yaml", overrides)
+    params = load_params(REPO / "params.yaml", _overrides(max_tokens, model_source))
     base = resolve(params.model, REPO / "models")
     tokenizer = load_tokenizer(base.path)
     ids = calibration_windows(tokenizer, REPO / "data" / "calibration.jsonl", params.data.seq_len, params.eval.add_bos)
@@ -100,14 +104,13 @@ def _settings(stage) -> str:
     return f"{stage.method}(" + ", ".join(items) + ")"
 
 
-def dense_row(max_tokens: int | None) -> dict:
+def dense_row(max_tokens: int | None, model_source: str | None) -> dict:
     from llmpress.config import load_params
     from llmpress.evaluate.perplexity import perplexity
     from llmpress.sources import load_model, load_tokenizer, resolve
     from llmpress.steps import folder_bytes
 
-    overrides = {"eval.max_tokens": max_tokens} if max_tokens else {}
-    params = load_params(REPO / "params.yaml", overrides)
+    params = load_params(REPO / "params.yaml", _overrides(max_tokens, model_source))
     base = resolve(params.model, REPO / "models")
     model = load_model(base.path)
     result = perplexity(model, load_tokenizer(base.path), (REPO / "data" / "eval.txt").read_text(), params.eval)
@@ -126,11 +129,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--max-tokens", type=int, default=None, help="held-out tokens (default: params.yaml)")
     parser.add_argument("--calibration-samples", type=int, default=None, help="use only the first N windows")
+    parser.add_argument("--model", default=None, help="model source (default: params.yaml's), e.g. gemma3-270m")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one or args.dense:
-        row = dense_row(args.max_tokens) if args.dense else run_one(args.one, args.max_tokens, args.calibration_samples)
+        row = (dense_row(args.max_tokens, args.model) if args.dense
+               else run_one(args.one, args.max_tokens, args.calibration_samples, args.model))  # fmt: skip
         print("RESULT " + json.dumps(row))
         return
 
@@ -157,6 +162,8 @@ def _child(extra: list[str], args: argparse.Namespace) -> dict:
         cmd += ["--max-tokens", str(args.max_tokens)]
     if args.calibration_samples:
         cmd += ["--calibration-samples", str(args.calibration_samples)]
+    if args.model:
+        cmd += ["--model", args.model]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=os.environ.copy(), check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -172,7 +179,7 @@ def _write(rows: list[dict], out: Path) -> None:
     (out / "quality.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     calibration = next((r["calibration"] for r in rows[1:] if r.get("calibration")), None)
     lines = [
-        "# Compression quality and cost on the shipped model",
+        f"# Compression quality and cost on {dense.get('model')}",
         "",
         f"{dense.get('model')} (dense fp32 from the shipped GGUF; its weights were 4-bit before), calibration "
         f"{calibration[0] if calibration else '?'} x {calibration[1] if calibration else '?'} tokens, perplexity and "
@@ -193,10 +200,10 @@ def _write(rows: list[dict], out: Path) -> None:
         )
     lines += ["", "Settings:", ""] + [f"- `{r['recipe']}`: {r['settings']}" for r in rows[1:]]
     (out / "quality.md").write_text("\n".join(lines) + "\n")
-    _plot(rows, out / "quality.png")
+    _plot(rows, out / "quality.png", dense.get("model") or "")
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,7 +217,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("weights on disk (MiB)")
     ax.set_ylabel("perplexity (log scale)")
-    ax.set_title("Perplexity against size, SmolLM2-135M")
+    ax.set_title(f"Perplexity against size, {model}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -94,6 +94,12 @@ def _check_recipe_on(model: Any, name: str, params: Any, recipe: Any) -> None:
         if context is not None and tokens > context:
             raise ConfigError(f"{field}={tokens} exceeds {name}'s context ({context} tokens)")
     check_recipe(model, recipe)
+    from llmpress.export.gguf import ARCHITECTURES as GGUF_ARCHITECTURES
+
+    kind = getattr(model.config, "model_type", None)
+    if "gguf" in params.export.formats and kind not in GGUF_ARCHITECTURES:
+        raise ConfigError(f"export.formats lists gguf, which llmpress writes for {', '.join(GGUF_ARCHITECTURES)} "
+                          f"models; {name} is {kind!r}: use --set export.formats=[onnx]")  # fmt: skip
 
 
 def _check_against_model(params: Any, recipe: Any, project: Path) -> None:

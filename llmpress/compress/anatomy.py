@@ -161,6 +161,28 @@ def anatomy(block: nn.Module) -> BlockAnatomy:
     return BlockAnatomy(head_dim=int(head_dim), architecture=architecture, **found)
 
 
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def check_family(model: nn.Module) -> None:
+    """Refuse, before any work, a model of a family llmpress does not describe, in one line naming its type and the
+    supported ones. Every method, not only block-level ones: a family whose layers some method does not see (the
+    experts of a mixture-of-experts model are 3-D parameters, not linears) would be compressed only in part."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    experts = next((f"{key}={getattr(config, key)}" for key in MOE_KEYS if getattr(config, key, None)), None)
+    if experts is not None:
+        raise LlmpressError(
+            f"model type {kind!r} is a mixture of experts ({experts}): llmpress does not compress expert layers yet "
+            f"(their weights are 3-D parameters its methods would skip), so it refuses the model; supported "
+            f"families: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    if kind not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise LlmpressError(f"model type {kind!r} is not supported; supported families: {supported} "
+                            "(llmpress/compress/anatomy.py ARCHITECTURES)")  # fmt: skip
+
+
 def check_layout(model: nn.Module, _stage: object = None) -> None:
     """Refuse, before any work, a model whose blocks a block-level method cannot name (`Method.check`)."""
     anatomy(find_decoder_blocks(model)[1][0])

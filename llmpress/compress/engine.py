@@ -56,7 +56,10 @@ log = logging.getLogger(__name__)
 def check_recipe(model: nn.Module, recipe: Recipe) -> None:
     """Everything about `recipe` that can be checked against `model` before any layer changes: targets and N:M
     tiling (`targets.check_targets`), each method's own limits (`Method.check`), and no layer quantized by two
-    stages (the second would silently replace the first's codes)."""
+    stages (the second would silently replace the first's codes). First of all, the family (`anatomy.check_family`)."""
+    from llmpress.compress.anatomy import check_family
+
+    check_family(model)
     check_targets(model, recipe)
     for i, stage in enumerate(recipe.stages):
         if (check := method_for(stage).check) is not None:

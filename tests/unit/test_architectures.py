@@ -131,17 +131,31 @@ def test_every_block_method_runs_on_every_family(family: str, method: str) -> No
 
 def test_a_family_without_a_row_is_refused_before_any_work() -> None:
     """StableLM shares Llama's module names, but may run attention and MLP in parallel on one norm's output:
-    names alone do not say how a block is wired, so a type not described is refused, by name, at check time."""
+    names alone do not say how a block is wired, so a type not described is refused, by name, at check time -
+    for every method, in one line naming the supported families."""
     from llmpress.compress.engine import check_recipe
     from llmpress.config import Recipe
 
     config = transformers.StableLmConfig(**SHAPE)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    for method in STAGES:
-        recipe = Recipe(name=method, stages=[STAGES[method]])
-        with pytest.raises(LlmpressError, match=r"model type 'stablelm' has no row.*supported: .*llama"):
+    for stage in [*STAGES.values(), {"method": "rtn", "bits": 4, "group_size": 16}]:
+        recipe = Recipe(name="r", stages=[stage])
+        with pytest.raises(LlmpressError, match=r"^model type 'stablelm' is not supported; supported families: "
+                                                r".*llama.*phi3"):  # fmt: skip
             check_recipe(model, recipe)
-    check_recipe(model, Recipe(name="rtn", stages=[{"method": "rtn", "bits": 4, "group_size": 16}]))  # any family
+
+
+def test_a_mixture_of_experts_model_is_refused_instead_of_compressed_in_part() -> None:
+    """transformers keeps Mixtral's experts as 3-D parameters, which no layer method would see: the run would
+    quantize attention and leave every expert in float without a word. Refused before any work, saying why."""
+    from llmpress.compress.engine import check_recipe
+    from llmpress.config import Recipe
+
+    config = transformers.MixtralConfig(**SHAPE, num_local_experts=4, num_experts_per_tok=2)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    recipe = Recipe(name="r", stages=[{"method": "gptq", "bits": 4, "group_size": 16}])
+    with pytest.raises(LlmpressError, match=r"'mixtral' is a mixture of experts \(num_local_experts=4\)"):
+        check_recipe(model, recipe)
 
 
 @pytest.mark.parametrize("method", ["awq", "smoothquant"])

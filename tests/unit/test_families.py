@@ -29,6 +29,8 @@ RECIPES = {
     "awq-w4": [{"method": "awq", "bits": 4, "group_size": 16, "symmetric": True}],
     "smoothquant-w8a8": [{"method": "smoothquant", "alpha": 0.5}],
     "structured": [{"method": "structured", "heads": 0.5, "mlp": 0.25}],
+    "llm-pruner": [{"method": "llm_pruner", "heads": 0.5, "mlp": 0.25}],
+    "surgeon-structured": [{"method": "surgeon", "mlp": 0.25, "shots": 2}],
     "drop-blocks": [{"method": "drop_blocks", "blocks": 1}],
     "lowrank": [{"method": "lowrank", "rank_ratio": 0.5}],
 }  # fmt: skip
@@ -37,7 +39,7 @@ RECIPES = {
 def refusal(family: str, recipe: str) -> str | None:
     """Why a method does not apply to a family (checked before any work), or None."""
     architecture = ARCHITECTURES[family]
-    if recipe == "structured" and architecture.fused:
+    if recipe in ("structured", "llm-pruner", "surgeon-structured") and architecture.fused:
         return "fuses them"
     if recipe == "smoothquant-w8a8" and not architecture.norm_weights:
         return "no weight to absorb"
@@ -60,7 +62,8 @@ def _compress_save_reload(family: str, recipe: str, tokenizer, folder: Path) -> 
     with torch.no_grad():
         expected = model(ids[:2]).logits
         assert torch.equal(load_model(folder)(ids[:2]).logits, expected)
-        if layout in (None, "compressed-tensors"):  # stock transformers, no llmpress code on that path
+        varied = "llmpress_module_shapes" in (folder / "config.json").read_text()  # widths per block: llmpress loads
+        if layout in (None, "compressed-tensors") and not varied:  # stock transformers, no llmpress code on that path
             extra = {} if layout is None else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
             stock = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
             assert torch.equal(stock(ids[:2]).logits, expected)
@@ -75,7 +78,7 @@ def test_every_method_on_every_family_saves_and_loads_back(family: str, recipe: 
             _compress_save_reload(family, recipe, tokenizer, tmp_path / "model")
         return
     _, layout = _compress_save_reload(family, recipe, tokenizer, tmp_path / "model")
-    plain = recipe in ("structured", "drop-blocks")  # smaller shapes in a stock config
+    plain = recipe in ("structured", "llm-pruner", "surgeon-structured", "drop-blocks")  # smaller shapes, no codes
     assert (layout is None) == plain
     if recipe in ("magnitude-50 + rtn-w4", "sparsegpt-2:4 + gptq-w4", "awq-w4"):
         assert layout == "compressed-tensors"  # integer grids, groups dividing the rows: transformers loads it
