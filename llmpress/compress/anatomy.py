@@ -100,11 +100,6 @@ class BlockAnatomy:
         """Rows of the v projection, the last ones of `v` when fused (what a v -> o scale divides)."""
         return self.n_kv_heads * self.head_dim
 
-    @property
-    def up_rows(self) -> int:
-        """Rows of the up projection, the last ones of `up` when fused (what an up -> down scale divides)."""
-        return self.down.in_features
-
     def names(self, prefix: str) -> dict[str, str]:
         """Full module names of the linears, e.g. {'q': 'model.layers.0.self_attn.q_proj', ...}."""
         return {part: f"{prefix}.{getattr(self.architecture, part)}" for part in ("q", "k", "v", "o", "gate", "up",

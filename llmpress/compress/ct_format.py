@@ -5,8 +5,8 @@ A compressed HF folder in this layout loads in stock transformers, no llmpress n
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(folder)   # with `pip install compressed-tensors`
 
-What `write_` puts in the folder (compressed-tensors' "pack-quantized" format, as llm-compressor writes it), for
-every quantized linear or embedding `name`:
+What `storage.save_compressed` puts in the folder through `pack` (compressed-tensors' "pack-quantized" format, as
+llm-compressor writes it), for every quantized linear `name`:
 
     name.weight_packed       int32 [out, ceil(in * bits / 32)]  codes - 2^(bits-1), as signed ints, packed densely
     name.weight_scale        float32 [out, groups]              (one group per row: [out, 1], strategy "channel")
