@@ -213,6 +213,10 @@ class GateParams(Strict):
     max_perplexity: float | None = Field(None, gt=0)
     max_perplexity_ratio: float | None = Field(1.6, gt=0, description="compressed / base perplexity")
     min_sparsity: float | None = Field(None, ge=0, lt=1, description="measured sparsity of the targeted layers")
+    min_expert_tokens: int | None = Field(
+        None, ge=0, description="mixture of experts: the fewest calibration tokens the router sent any expert "
+        "(not checked for a dense model, or a recipe that reads no calibration data)",
+    )  # fmt: skip
     max_onnx_logit_diff: float | None = Field(1e-3, gt=0, description="max |logit| difference, ONNX vs PyTorch")
     onnx_noise_factor: float = Field(
         1.5,
@@ -700,10 +704,20 @@ STAGE_SCHEMAS: tuple[type[Strict], ...] = get_args(get_args(Stage)[0])
 METHODS = tuple(get_args(schema.model_fields["method"].annotation)[0] for schema in STAGE_SCHEMAS)  # the one list
 
 
+class ExpertCoverage(Strict):
+    """Mixture-of-experts models (llmpress/compress/experts.py): every expert is calibrated on every calibration
+    token, but an expert the router sends few of them is tuned to inputs it rarely sees. `min_tokens` is the floor of
+    calibration tokens the router must send each expert of each block; below it the run warns or fails."""
+
+    min_tokens: int = Field(0, ge=0, description="routed calibration tokens each expert must get (0: no floor)")
+    below_floor: Literal["warn", "fail"] = "warn"
+
+
 class Recipe(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     description: str = ""
     stages: list[Stage] = Field(min_length=1)
+    experts: ExpertCoverage = ExpertCoverage()
 
 
 def export_recipe(recipe: Recipe, precision: str = "recipe", quantizer: str = "rtn") -> Recipe:

@@ -63,6 +63,8 @@ def run_gate(metrics: dict[str, float], base: dict[str, float], params: GatePara
         checks.append(_check("perplexity_ratio", ratio, "<=", params.max_perplexity_ratio))
     if params.min_sparsity is not None:
         checks.append(_check("sparsity", metrics.get("sparsity"), ">=", params.min_sparsity))
+    if params.min_expert_tokens is not None and metrics.get("experts") is not None:  # dense models: nothing to check
+        checks.append(_check("expert_min_tokens", metrics.get("expert_min_tokens"), ">=", params.min_expert_tokens))
     if params.max_kl_to_base is not None:
         checks.append(_check("kl_to_base", metrics.get("kl_to_base"), "<=", params.max_kl_to_base))
     if params.min_top1_agreement is not None:

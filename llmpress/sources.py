@@ -351,6 +351,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn
     """
 
     from llmpress.compress import storage
+    from llmpress.compress.experts import unfuse_experts_
 
     check_hf_folder(Path(path))
     verify_checksums(Path(path))
@@ -358,8 +359,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn
         # Packed integer weights or factorised layers: llmpress's own loader (same stock model classes).
         return storage.load_compressed(path, dtype)
     # Blocks of different widths (config.json's llmpress_module_shapes) need llmpress's loading path; others load
-    # with plain from_pretrained.
-    return layer_shapes.load_causal_lm(path, dtype)
+    # with plain from_pretrained. A mixture of experts gets its experts as linears, as compression and export see it.
+    model = layer_shapes.load_causal_lm(path, dtype)
+    unfuse_experts_(model)
+    return model
 
 
 def model_skeleton(folder: str | Path) -> torch.nn.Module | None:
@@ -368,12 +371,15 @@ def model_skeleton(folder: str | Path) -> torch.nn.Module | None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from llmpress.compress import storage
+    from llmpress.compress.experts import unfuse_experts_
 
     if (Path(folder) / storage.MANIFEST).is_file():
         return None
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     with torch.device("meta"):
-        return layer_shapes.resize_(AutoModelForCausalLM.from_config(config), layer_shapes.shapes_of(config))
+        model = layer_shapes.resize_(AutoModelForCausalLM.from_config(config), layer_shapes.shapes_of(config))
+    unfuse_experts_(model)
+    return model
 
 
 def local_folder(source: str, models_dir: str | Path) -> Path | None:

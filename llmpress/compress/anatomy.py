@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from llmpress.compress.calibration import BlockCalibration, block_output
+from llmpress.compress.experts import LinearExperts
 from llmpress.compress.targets import find_decoder_blocks
 from llmpress.errors import LlmpressError
 
@@ -50,6 +51,10 @@ class Architecture:
     # True: q, k, v are row blocks of one linear (in that order) and gate, up of another (Phi-3's qkv_proj and
     # gate_up_proj); q/k/v and gate/up then name the same module, whose last rows are v and up
     fused: bool = False
+    # Mixture of experts: where a block keeps its experts (`experts.LinearExperts` once unfused) and its router,
+    # which reads the MLP norm's output too. A block without them (Qwen3-MoE's mlp_only_layers) has gate/up/down.
+    experts: str | None = None
+    router: str = "mlp.gate"
 
 
 LLAMA = Architecture()
@@ -63,8 +68,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     **dict.fromkeys(("gemma2", "gemma3_text"), Architecture(mlp_norm="pre_feedforward_layernorm", norm_offset=1.0)),
     "phi3": Architecture(q="self_attn.qkv_proj", k="self_attn.qkv_proj", v="self_attn.qkv_proj",
                          gate="mlp.gate_up_proj", up="mlp.gate_up_proj", fused=True),
+    # Mixtral, Qwen3-MoE and OLMoE: Llama's attention and norms, a routed mixture of experts as the MLP
+    **dict.fromkeys(("mixtral", "qwen3_moe", "olmoe"), Architecture(experts="mlp.experts")),
 }  # fmt: skip
-PARTS = tuple(f.name for f in fields(Architecture) if f.type == "str")
+PARTS = tuple(f.name for f in fields(Architecture) if f.type == "str" and f.name != "router")
+MLP_PARTS = ("gate", "up", "down")  # what a mixture-of-experts block has per expert instead
 # Relative L2 change of a block's float output that folding may cause: the rounding of the rescaled weights.
 FOLD_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -77,13 +85,15 @@ class BlockAnatomy:
     v: nn.Linear
     o: nn.Linear
     mlp_norm: nn.Module
-    gate: nn.Linear
-    up: nn.Linear
-    down: nn.Linear
+    gate: nn.Linear | None  # None in a mixture-of-experts block: see `experts`
+    up: nn.Linear | None
+    down: nn.Linear | None
     attn: nn.Module
     mlp: nn.Module
     head_dim: int
     architecture: Architecture = LLAMA
+    experts: LinearExperts | None = None
+    router: nn.Module | None = None  # has .weight [experts, hidden]
 
     @property
     def n_heads(self) -> int:
@@ -101,9 +111,17 @@ class BlockAnatomy:
         return self.n_kv_heads * self.head_dim
 
     def names(self, prefix: str) -> dict[str, str]:
-        """Full module names of the linears, e.g. {'q': 'model.layers.0.self_attn.q_proj', ...}."""
-        return {part: f"{prefix}.{getattr(self.architecture, part)}" for part in ("q", "k", "v", "o", "gate", "up",
-                                                                                   "down")}  # fmt: skip
+        """Full module names of the linears, e.g. {'q': 'model.layers.0.self_attn.q_proj', ...} (no gate/up/down
+        in a mixture-of-experts block: `expert_names`)."""
+        parts = ("q", "k", "v", "o") + (() if self.experts is not None else MLP_PARTS)
+        return {part: f"{prefix}.{getattr(self.architecture, part)}" for part in parts}
+
+    def expert_names(self, prefix: str) -> list[dict[str, nn.Linear]]:
+        """Per expert, {'gate' | 'up' | 'down': (full name, linear)} of a mixture-of-experts block."""
+        assert self.experts is not None
+        base = f"{prefix}.{self.architecture.experts}"
+        return [{part: (f"{base}.{e}.{part}_proj", getattr(expert, f"{part}_proj")) for part in MLP_PARTS}
+                for e, expert in enumerate(self.experts.experts())]  # fmt: skip
 
 
 @torch.no_grad()
@@ -114,6 +132,14 @@ def fold_into_norm_(norm: nn.Module, scales: torch.Tensor, offset: float = 0.0) 
     norm.weight.copy_((norm.weight + offset) / s - offset)
     if getattr(norm, "bias", None) is not None:
         norm.bias.div_(s)
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def model_type(block: nn.Module) -> str | None:
@@ -139,8 +165,18 @@ def anatomy(block: nn.Module) -> BlockAnatomy:
     type is not described or which part is missing."""
     kind = model_type(block)
     architecture = architecture_for(kind)
-    found = {}
+    found: dict[str, nn.Module | None] = {}
+    moe = architecture.experts is not None and _has(block, architecture.experts)
+    if moe:
+        found["experts"] = block.get_submodule(architecture.experts)
+        if not isinstance(found["experts"], LinearExperts):
+            raise LlmpressError(f"{type(block).__name__}: its experts are still fused; llmpress.compress.experts."
+                                "unfuse_experts_(model) makes them linears first")  # fmt: skip
+        found["router"] = block.get_submodule(architecture.router)
+        found.update(dict.fromkeys(MLP_PARTS))
     for part in PARTS:
+        if moe and part in MLP_PARTS:
+            continue
         path = getattr(architecture, part)
         try:
             found[part] = block.get_submodule(path)
@@ -166,11 +202,12 @@ def check_family(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
     experts = next((f"{key}={getattr(config, key)}" for key in MOE_KEYS if getattr(config, key, None)), None)
-    if experts is not None:
+    if experts is not None and (kind not in ARCHITECTURES or ARCHITECTURES[kind].experts is None):
+        moe = ", ".join(sorted(k for k, a in ARCHITECTURES.items() if a.experts is not None))
         raise LlmpressError(
-            f"model type {kind!r} is a mixture of experts ({experts}): llmpress does not compress expert layers yet "
-            f"(their weights are 3-D parameters its methods would skip), so it refuses the model; supported "
-            f"families: {', '.join(sorted(ARCHITECTURES))}"
+            f"model type {kind!r} is a mixture of experts ({experts}) llmpress does not describe: its methods would "
+            f"not know where its experts and router are, so it refuses the model; supported mixture-of-experts "
+            f"families: {moe}; all supported families: {', '.join(sorted(ARCHITECTURES))}"
         )
     if kind not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
@@ -184,7 +221,15 @@ def check_layout(model: nn.Module, _stage: object = None) -> None:
 
 
 def require_separate_projections(a: BlockAnatomy, method: str) -> None:
-    """Methods that remove heads and channels slice q, k, v, gate and up one by one: refuse fused layouts."""
+    """Methods that remove heads and channels slice q, k, v, gate and up one by one: refuse fused layouts and
+    mixtures of experts."""
+    if a.architecture.experts is not None:
+        raise LlmpressError(
+            f"{method} removes heads and MLP channels from one dense MLP per block; model type "
+            f"{model_type(a.attn)!r} is a mixture of experts ({a.architecture.experts}), whose experts it does not "
+            "slice. Unstructured and N:M pruning, quantization (RTN, GPTQ, AWQ, SmoothQuant), low-rank, drop_blocks "
+            "and distill apply to this family"
+        )
     if a.architecture.fused:
         raise LlmpressError(
             f"{method} removes heads and MLP channels from separate q/k/v and gate/up projections; model type "

@@ -45,7 +45,7 @@ Recipe example (`recipes/awq-w4g128.yaml`):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -73,18 +73,29 @@ class ScaleGroup:
     linears: dict[str, nn.Linear]  # full name -> layer
     inspect: nn.Module
     norm_offset: float = 0.0  # a norm's weight offset (anatomy.Architecture)
+    # modules reading the same input that are not quantized but must have their columns scaled too, so their
+    # output does not change: a mixture of experts' router
+    readers: list[nn.Module] = field(default_factory=list)
 
 
 def scale_groups(block: nn.Module, prefix: str) -> list[ScaleGroup]:
     """The reference's four scale groups, by the block's architecture (v -> o only without a GQA shape mismatch).
-    A fused qkv (gate_up) linear appears once in its group; v -> o and up -> down scale its last rows."""
+    A fused qkv (gate_up) linear appears once in its group; v -> o and up -> down scale its last rows. In a
+    mixture of experts, the MLP norm scales every expert's gate and up (and the router's columns, unquantized),
+    and each expert has its own up -> down group."""
     a = anatomy(block)
     n, offset = a.names(prefix), a.architecture.norm_offset
     groups = [ScaleGroup(a.attn_norm, {n["q"]: a.q, n["k"]: a.k, n["v"]: a.v}, a.attn, offset)]
     if a.v_rows == a.o.in_features:
         groups.append(ScaleGroup(a.v, {n["o"]: a.o}, a.o))
-    groups.append(ScaleGroup(a.mlp_norm, {n["gate"]: a.gate, n["up"]: a.up}, a.mlp, offset))
-    groups.append(ScaleGroup(a.up, {n["down"]: a.down}, a.down))
+    if a.experts is not None:  # every expert's gate and up read the norm's output, and so does the router
+        experts = a.expert_names(prefix)
+        fcs = {name: fc for e in experts for name, fc in (e["gate"], e["up"])}
+        groups.append(ScaleGroup(a.mlp_norm, fcs, a.mlp, offset, readers=[a.router]))
+        groups += [ScaleGroup(e["up"][1], dict([e["down"]]), e["down"][1]) for e in experts]
+    else:
+        groups.append(ScaleGroup(a.mlp_norm, {n["gate"]: a.gate, n["up"]: a.up}, a.mlp, offset))
+        groups.append(ScaleGroup(a.up, {n["down"]: a.down}, a.down))
     # norms without a weight (OLMo) cannot absorb a scale: only the linear -> linear groups remain
     return [g for g in groups if a.architecture.norm_weights or isinstance(g.prev, nn.Linear)]
 
@@ -168,7 +179,7 @@ def apply_scale_(group: ScaleGroup, scales: torch.Tensor) -> None:
             prev.bias[-s.numel() :].div_(s)
     else:
         fold_into_norm_(prev, scales, group.norm_offset)
-    for fc in group.linears.values():
+    for fc in [*group.linears.values(), *group.readers]:
         fc.weight.mul_(scales.to(fc.weight.device, fc.weight.dtype).view(1, -1))
 
 

@@ -49,10 +49,14 @@ CT_FORMAT = "pack-quantized"
 
 def unsupported(model: nn.Module) -> list[str]:
     """Why compressed-tensors cannot hold `model`'s compression exactly, one reason per kind; [] when it can."""
+    from llmpress.compress.experts import LinearExperts
     from llmpress.compress.storage import LowRankLinear
 
     reasons: dict[str, list[str]] = {}
     for name, module in model.named_modules():
+        if isinstance(module, LinearExperts):
+            reasons.setdefault("mixture-of-experts experts (transformers fuses them into 3-D parameters, which "
+                               "compressed-tensors' quantized Linear layers cannot hold)", []).append(name)  # fmt: skip
         if isinstance(module, LowRankLinear):
             reasons.setdefault("factorised (low-rank) layers", []).append(name)
         if getattr(module, "llmpress_act_bits", None):

@@ -41,13 +41,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmpress.compress import cuda_graphs, owl
+from llmpress.compress import cuda_graphs, experts, owl
 from llmpress.compress.calibration import LayerStats
 from llmpress.compress.methods import Method, ModelContext, method_for
 from llmpress.compress.offload import iterate_blocks
 from llmpress.compress.records import CompressionReport, PhaseTimer, StageRecord, add_layer_records, summarise
 from llmpress.compress.targets import check_targets, find_decoder_blocks, targeted_linears
-from llmpress.config import Recipe
+from llmpress.config import ExpertCoverage, Recipe
 from llmpress.errors import LlmpressError
 
 log = logging.getLogger(__name__)
@@ -121,8 +121,10 @@ def compress_(
     say = progress or log.info
     report = CompressionReport(recipe=recipe.name, device=str(device))
     report.calibration_tokens = calibration_ids.numel() if needs_data and calibration_ids is not None else 0
+    report.expert_floor = recipe.experts.min_tokens
     start = time.perf_counter()
     model.eval()
+    experts.unfuse_experts_(model)  # a mixture of experts' 3-D weights become linears the methods reach
     check_recipe(model, recipe)
 
     snapshot: nn.Module | None = None
@@ -144,7 +146,9 @@ def compress_(
             say(f"stage {group[0]} ({first.method}) done in {record.seconds:.1f}s")
             continue
         wanted = any(method_for(s).wants_data(s) for _, s in stages)
-        _run_pass(model, stages, calibration_ids if wanted else None, device, batch_size, report, say)
+        with experts.all_experts(model):  # every expert sees every calibration token; outputs use real routing
+            _run_pass(model, stages, calibration_ids if wanted else None, device, batch_size, report, say,
+                      recipe.experts)  # fmt: skip
 
     report.total_seconds = time.perf_counter() - start
     return report
@@ -152,7 +156,7 @@ def compress_(
 
 def _run_pass(model: nn.Module, stages: list[tuple[int, Any]], calibration_ids: torch.Tensor | None,
               device: torch.device, batch_size: int, report: CompressionReport,
-              say: Callable[[str], None]) -> None:  # fmt: skip
+              say: Callable[[str], None], coverage: ExpertCoverage | None = None) -> None:  # fmt: skip
     """One pass over the blocks applying the layer and block stages in `stages` to each block in turn."""
     per_layer_sparsity: dict[int, dict[str, float]] = {}
     for index, stage in stages:
@@ -166,6 +170,8 @@ def _run_pass(model: nn.Module, stages: list[tuple[int, Any]], calibration_ids: 
     wants_dense = any(method_for(stage).dense_weight for _, stage in stages)
     for b, prefix, block, calib in iterate_blocks(model, calibration_ids, device, batch_size, timer):
         t_block = time.perf_counter()
+        if calib is not None:
+            _count_expert_tokens(block, prefix, calib, report, coverage or ExpertCoverage(), say)
         # DSnoT grows pruned weights back at their values from before pruning: keep the block's weights as they
         # were before any stage of this pass changed them (one block's worth of memory, only when asked for).
         dense = {f"{prefix}.{n}": m.weight.detach().clone() for n, m in block.named_modules()
@@ -192,6 +198,26 @@ def _run_pass(model: nn.Module, stages: list[tuple[int, Any]], calibration_ids: 
     for index, _ in stages:
         records[index].summary = summarise(report, index)
         report.stages.append(records[index])
+
+
+def _count_expert_tokens(block: nn.Module, prefix: str, calib: Any, report: CompressionReport,
+                         coverage: ExpertCoverage, say: Callable[[str], None]) -> None:  # fmt: skip
+    """Count the calibration tokens the router sends each expert of the block (before its compression), and warn
+    or fail (recipe `experts`) where an expert gets fewer than the floor."""
+    for name, counts in experts.routed_tokens(block, prefix, calib).items():
+        report.expert_tokens[name] = counts
+        low = {e: c for e, c in enumerate(counts) if c < coverage.min_tokens}
+        if not low:
+            continue
+        message = (f"{name}: the router sent {len(low)} of {len(counts)} experts fewer than "
+                   f"experts.min_tokens={coverage.min_tokens} calibration tokens (expert: tokens "
+                   f"{', '.join(f'{e}: {c}' for e, c in low.items())}); they are calibrated on all "
+                   "tokens, but tuned to inputs they rarely see. More or more varied calibration data raises the "
+                   "counts")  # fmt: skip
+        if coverage.below_floor == "fail":
+            raise LlmpressError(f"{message}. Nothing was saved (experts.below_floor: fail)")
+        report.warnings.append(message)
+        say(f"warning: {message}")
 
 
 def _apply_layer_stage(method: Method, stage: Any, layers: dict[str, nn.Linear], stats: dict[str, LayerStats],

@@ -46,6 +46,19 @@ class CompressionReport:
     calibration_tokens: int = 0
     device: str = "cpu"
     phase_seconds: dict[str, float] = field(default_factory=dict)  # see PhaseTimer
+    # mixture of experts: {experts module: calibration tokens the router sent each expert}, and the floor
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    expert_floor: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def expert_summary(self) -> dict[str, Any]:
+        """experts, the fewest routed tokens any expert got, and how many got fewer than the floor ({} if none)."""
+        counts = [c for per_layer in self.expert_tokens.values() for c in per_layer]
+        if not counts:
+            return {}
+        return {"experts": len(counts), "expert_min_tokens": min(counts), "expert_floor": self.expert_floor,
+                "experts_below_floor": sum(c < self.expert_floor for c in counts)}  # fmt: skip
 
     @property
     def stage_seconds(self) -> dict[int, float]:
@@ -59,6 +72,9 @@ class CompressionReport:
             "device": self.device,
             "stage_seconds": {str(k): round(v, 3) for k, v in self.stage_seconds.items()},
             "phase_seconds": {k: round(v, 3) for k, v in self.phase_seconds.items()},
+            "expert_tokens": self.expert_tokens,
+            **self.expert_summary,
+            "warnings": self.warnings,
             "stages": [vars(s) | {"seconds": round(s.seconds, 3)} for s in self.stages],
             "layers": [vars(rec) | {"shape": list(rec.shape)} for rec in self.layers],
         }

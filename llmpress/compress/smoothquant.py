@@ -14,7 +14,7 @@ with max|X_j| over all calibration tokens, and the weight maximum over every lin
 The 1/s_j folds into the RMSNorm before the linears, as in the reference for Llama-like blocks:
 
     input_layernorm          -> q, k, v
-    post_attention_layernorm -> gate, up
+    post_attention_layernorm -> gate, up     (a mixture of experts: every expert's, and the router's columns)
 
 o_proj and down_proj have no norm before them and are not smoothed (as in the reference), but are quantized.
 A group is smoothed only if all its linears are targeted. Then every targeted linear gets its weights quantized
@@ -54,14 +54,21 @@ from llmpress.config import SmoothQuantStage
 from llmpress.errors import LlmpressError
 
 
-def smooth_groups(block: nn.Module, prefix: str) -> tuple[list[tuple[nn.Module, dict[str, nn.Linear]]], float]:
-    """(norm, {full name: linear}) for the two norm -> linears pairs of a block, by its architecture, and the
-    norms' weight offset."""
+def smooth_groups(block: nn.Module, prefix: str) -> tuple[list[tuple[nn.Module, dict[str, nn.Linear],
+                                                                     list[nn.Module]]], float]:  # fmt: skip
+    """(norm, {full name: linear}, readers) for the two norm -> linears groups of a block, by its architecture, and
+    the norms' weight offset. In a mixture of experts the MLP norm feeds every expert's gate and up, and the
+    router, a reader whose columns are scaled (not quantized) so that its logits stay what they were."""
     a = anatomy(block)
     n = a.names(prefix)
+    if a.experts is not None:
+        mlp = {name: fc for e in a.expert_names(prefix) for name, fc in (e["gate"], e["up"])}
+        readers = [a.router]
+    else:
+        mlp, readers = {n["gate"]: a.gate, n["up"]: a.up}, []
     return [
-        (a.attn_norm, {n["q"]: a.q, n["k"]: a.k, n["v"]: a.v}),
-        (a.mlp_norm, {n["gate"]: a.gate, n["up"]: a.up}),
+        (a.attn_norm, {n["q"]: a.q, n["k"]: a.k, n["v"]: a.v}, []),
+        (a.mlp_norm, mlp, readers),
     ], a.architecture.norm_offset
 
 
@@ -82,15 +89,16 @@ def activation_scales(
 
 @torch.no_grad()
 def smooth_ln_fcs_(norm: nn.Module, fcs: list[nn.Linear], act_scales: torch.Tensor, alpha: float,
-                   norm_offset: float = 0.0) -> torch.Tensor:  # fmt: skip
-    """The reference's smooth_ln_fcs_llama_like: norm.weight /= s, W[:, j] *= s. Returns s (float32)."""
+                   norm_offset: float = 0.0, readers: list[nn.Module] = ()) -> torch.Tensor:  # fmt: skip
+    """The reference's smooth_ln_fcs_llama_like: norm.weight /= s, W[:, j] *= s (and the readers' columns, which
+    do not count in s). Returns s (float32)."""
     weight_scales = torch.stack([fc.weight.detach().abs().amax(dim=0).float() for fc in fcs]).amax(dim=0)
     weight_scales = weight_scales.clamp(min=1e-5)
     act = act_scales.to(weight_scales.device).float()
     scales = (act.pow(alpha) / weight_scales.pow(1 - alpha)).clamp(min=1e-5)
     fold_into_norm_(norm, scales, norm_offset)
-    for fc in fcs:
-        fc.weight.mul_(scales.to(fc.weight.dtype).view(1, -1))
+    for fc in [*fcs, *readers]:
+        fc.weight.mul_(scales.to(fc.weight.device, fc.weight.dtype).view(1, -1))
     return scales
 
 
@@ -100,16 +108,16 @@ def smooth_block_(block: nn.Module, prefix: str, stage: SmoothQuantStage, calib:
     Returns the names of the linears whose inputs were smoothed."""
 
     pairs, norm_offset = smooth_groups(block, prefix)
-    groups = [(norm, fcs) for norm, fcs in pairs if all(matches(n, stage) for n in fcs)]
+    groups = [(norm, fcs, readers) for norm, fcs, readers in pairs if all(matches(n, stage) for n in fcs)]
     if not groups:
         return []
     # the linears of a group read the same tensor: observe the first of each
-    firsts = {next(iter(fcs)): next(iter(fcs.values())) for _, fcs in groups}
+    firsts = {next(iter(fcs)): next(iter(fcs.values())) for _, fcs, _ in groups}
     act = activation_scales(block, calib, firsts)
     before = first_batch_output(block, calib)
     smoothed: list[str] = []
-    for (norm, fcs), first in zip(groups, firsts, strict=True):
-        smooth_ln_fcs_(norm, list(fcs.values()), act[first], stage.alpha, norm_offset)
+    for (norm, fcs, readers), first in zip(groups, firsts, strict=True):
+        smooth_ln_fcs_(norm, list(fcs.values()), act[first], stage.alpha, norm_offset, readers)
         smoothed.extend(fcs)
     check_unchanged(block, calib, before, "smoothquant", prefix)
     return smoothed

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmpress import layer_shapes
+from llmpress.compress.experts import unfuse_experts_
 from llmpress.compress.quant import QuantizedWeight, install_act_quant, pack_bits, quantization_of, unpack_bits
 from llmpress.errors import LlmpressError
 
@@ -69,6 +70,11 @@ def compression_manifest(model: nn.Module) -> dict[str, Any]:
         if getattr(module, "llmpress_act_bits", None):
             act[name] = module.llmpress_act_bits
     return {"format": FORMAT, "quantized": quantized, "low_rank": low_rank, "activation_quant": act}
+
+
+def writes_plain(model: nn.Module, sparse: str = "bitmask") -> bool:
+    """True when `save_compressed` leaves the folder `save_pretrained` wrote plain (nothing to pack)."""
+    return not is_compressed(model) and (sparse == "dense" or not sparse_layers(model))
 
 
 def is_compressed(model: nn.Module) -> bool:
@@ -214,6 +220,7 @@ def load_compressed(folder: str | Path, dtype: torch.dtype = torch.float32) -> n
         del config.quantization_config
     config.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
     model = layer_shapes.build(config, dtype)  # stock classes, per-block widths applied, weights loaded below
+    unfuse_experts_(model)  # a mixture of experts is stored per expert (`experts.py`)
     for name, spec in manifest["low_rank"].items():
         set_submodule(model, name, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
                                                  spec["bias"]).to(dtype))  # fmt: skip

@@ -314,6 +314,15 @@ def update_(weight: torch.Tensor, removed: torch.Tensor, kept: torch.Tensor, G_i
 
 
 def check(model: nn.Module, stage: SurgeonStage) -> None:
+    from llmpress.compress.experts import has_experts
+
+    if has_experts(model):
+        raise LlmpressError(
+            "surgeon takes its curvature from the loss's gradients through the model as it routes, so an expert the "
+            "router sends few or no calibration tokens looks free to prune, and its K-FAC factors assume one input "
+            "row per position; on a mixture of experts use sparsegpt or wanda, which calibrate every expert on every "
+            "calibration token (llmpress/compress/experts.py)"
+        )
     if stage.structured:
         from llmpress.compress import surgeon_structured
 

@@ -39,6 +39,7 @@ import onnx
 import torch
 from torch import nn
 
+from llmpress.compress.experts import unfuse_experts_
 from llmpress.export.generate import OrtGenerator, onnx_session
 from llmpress.export.stitch import StitchError, decoder_blocks, shallow, stitch, uniform
 from llmpress.export.template import (
@@ -118,6 +119,7 @@ def export_onnx(model: nn.Module, out_dir: str | Path, opset: int = 18, cache_di
     of the weights. A graph that was not traced from this very model is checked against it before it is used."""
     out_dir = Path(out_dir)
     model = model.eval().float()
+    unfuse_experts_(model)  # a mixture of experts exports as linears, every expert weighted by its routing weight
     start = time.perf_counter()
     key = template_key(model, opset) if cache_dir is not None and cacheable(model) else None
     folder = Path(cache_dir) / key[:16] if cache_dir is not None and key is not None else None

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from llmpress import layer_shapes
 from llmpress.compress import compress_, find_decoder_blocks
-from llmpress.compress.storage import LowRankLinear, save_compressed
+from llmpress.compress.experts import linear_experts, stock_layout
+from llmpress.compress.storage import LowRankLinear, save_compressed, writes_plain
 from llmpress.config import Recipe, export_recipe, load_recipe
 from llmpress.data import calibration_windows
 from llmpress.errors import LlmpressError
@@ -120,7 +121,11 @@ def save_model(model: nn.Module, tokenizer, out: Path, extra_files: dict[str, st
     try:
         with atomic_folder(out) as tmp:
             layer_shapes.record_(model)  # blocks of different widths: their sizes go into config.json
-            model.save_pretrained(tmp)
+            if writes_plain(model, sparse):  # mixture-of-experts weights as transformers keeps them: stock loads it
+                with stock_layout(model):
+                    model.save_pretrained(tmp)
+            else:  # per-expert linears keep their module names (no legacy renaming), which save_compressed packs
+                model.save_pretrained(tmp, save_original_format=not linear_experts(model))
             # Quantized layers as packed integers + scales, low-rank layers as two linears (storage.py).
             written = save_compressed(model, tmp, layout=layout, sparse=sparse)
             tokenizer.save_pretrained(tmp)

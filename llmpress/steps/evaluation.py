@@ -3,6 +3,7 @@ greedy text), the exported bundle scored on its own in onnxruntime, and speed in
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from functools import partial
@@ -92,6 +93,7 @@ def evaluate(job: EvaluateJob) -> dict[str, Any]:
         "weights_bytes": folder_bytes(model_path, "*.safetensors"),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    metrics |= _expert_coverage(Path(model_path))
     if layer_names:
         per_layer = measure_sparsity(model, layer_names)
         modules = dict(model.named_modules())
@@ -104,6 +106,18 @@ def evaluate(job: EvaluateJob) -> dict[str, Any]:
                                              "repeated_ngram_rate")}  # fmt: skip
     base_out["perplexity"] = agreement.base_perplexity  # on the very windows the compressed model was scored on
     return {"metrics": metrics, "base": base_out, "generations": generations}
+
+
+def _expert_coverage(folder: Path) -> dict[str, float]:
+    """A mixture of experts' calibration coverage, from the compression report the folder keeps: how many experts,
+    the fewest calibration tokens the router sent any of them, and how many got fewer than the recipe's floor
+    (what the gate's min_expert_tokens checks). {} for a dense model or a recipe without calibration data."""
+    from llmpress.steps.compression import METADATA
+
+    path = folder / METADATA
+    report = json.loads(path.read_text()).get("report", {}) if path.is_file() else {}
+    keys = ("experts", "expert_min_tokens", "expert_floor", "experts_below_floor")
+    return {key: report[key] for key in keys if isinstance(report.get(key), int)}
 
 
 def evaluate_bundle(job: BundleJob) -> dict[str, Any]:

@@ -27,17 +27,35 @@ FAMILIES = {
     "gemma3_text": ("Gemma3TextConfig", {"head_dim": 8}),
     "olmo": ("OlmoConfig", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),  # norms without weights
     "phi3": ("Phi3Config", {"pad_token_id": 0}),  # fused qkv_proj and gate_up_proj
-}
+    # mixtures of experts: 4 experts, 2 per token; Qwen3-MoE's block 1 has a dense MLP (mlp_only_layers)
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "head_dim": 8, "mlp_only_layers": [1]}),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "pad_token_id": 0, "bos_token_id": 1,
+                              "eos_token_id": 2}),
+}  # fmt: skip
+MOE = {family for family in FAMILIES if ARCHITECTURES[family].experts is not None}
 
 
-def tiny(family: str) -> torch.nn.Module:
+def tiny(family: str, fused: bool = False) -> torch.nn.Module:
+    """A randomly initialised model of the family; a mixture of experts with its experts as linears (as llmpress
+    loads it) unless `fused` (as transformers builds it)."""
     config_class, extra = FAMILIES[family]
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(**{**SHAPE, **extra})
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    for module in model.modules():  # norms away from their init (all ones / zeros), so a wrong fold shows
-        if "Norm" in type(module).__name__ and hasattr(module, "weight"):
+    for name, module in model.named_modules():
+        if "Norm" in type(module).__name__ and hasattr(module, "weight"):  # away from their init, so a wrong fold shows
             module.weight.data.uniform_(-0.5, 0.5)
+        if name.endswith("mlp.gate") and hasattr(module, "weight"):  # routers: varied routing (some init to zeros)
+            module.weight.data.normal_(0, 0.5)
+    return model if fused else _unfused(model)
+
+
+def _unfused(model: torch.nn.Module) -> torch.nn.Module:
+    from llmpress.compress.experts import unfuse_experts_
+
+    unfuse_experts_(model)
     return model
 
 
@@ -63,6 +81,12 @@ def test_the_parts_are_found_by_model_type(family: str) -> None:
     )
     assert a.mlp_norm is block.get_submodule(expected_mlp_norm)
     assert (a.n_heads, a.n_kv_heads) == (4, 2) and a.v_rows == 2 * a.head_dim
+    if family in MOE:  # the experts' linears and the router instead of one MLP
+        assert "gate" not in a.names("model.layers.0") and a.router is block.get_submodule("mlp.gate")
+        experts = a.expert_names("model.layers.0")
+        assert len(experts) == 4 and experts[3]["down"][0] == "model.layers.0.mlp.experts.3.down_proj"
+        assert experts[3]["down"][1] is block.mlp.experts.get_submodule("3.down_proj")
+        return
     gate = "mlp.gate_up_proj" if family == "phi3" else "mlp.gate_proj"
     assert a.names("model.layers.0")["gate"] == f"model.layers.0.{gate}"
 
@@ -74,9 +98,9 @@ def test_smoothing_and_awq_scales_leave_the_block_function_unchanged(family: str
     x = torch.randn(2, 8, 32)
     with torch.no_grad():
         before = _block_output(block, model, x)
-        pairs, offset = smoothquant.smooth_groups(block, "model.layers.0")
-        for norm, fcs in pairs if ARCHITECTURES[family].norm_weights else []:
-            smoothquant.smooth_ln_fcs_(norm, list(fcs.values()), torch.rand(32) * 4 + 0.1, 0.5, offset)
+        groups, offset = smoothquant.smooth_groups(block, "model.layers.0")
+        for norm, fcs, readers in groups if ARCHITECTURES[family].norm_weights else []:
+            smoothquant.smooth_ln_fcs_(norm, list(fcs.values()), torch.rand(32) * 4 + 0.1, 0.5, offset, readers)
         for group in awq.scale_groups(block, "model.layers.0"):
             n = next(iter(group.linears.values())).in_features
             awq.apply_scale_(group, torch.rand(n) + 0.5)
@@ -116,6 +140,10 @@ def test_every_block_method_runs_on_every_family(family: str, method: str) -> No
         with pytest.raises(LlmpressError, match=r"structured removes heads.*'phi3' fuses them"):
             compress_(model, recipe, ids, progress=lambda _: None)
         return
+    if method == "structured" and family in MOE:
+        with pytest.raises(LlmpressError, match=rf"structured removes heads.*'{family}' is a mixture of experts"):
+            compress_(model, recipe, ids, progress=lambda _: None)
+        return
     if method == "smoothquant" and not ARCHITECTURES[family].norm_weights:
         with pytest.raises(LlmpressError, match="no weight to absorb"):
             compress_(model, recipe, ids, progress=lambda _: None)
@@ -145,16 +173,17 @@ def test_a_family_without_a_row_is_refused_before_any_work() -> None:
             check_recipe(model, recipe)
 
 
-def test_a_mixture_of_experts_model_is_refused_instead_of_compressed_in_part() -> None:
-    """transformers keeps Mixtral's experts as 3-D parameters, which no layer method would see: the run would
-    quantize attention and leave every expert in float without a word. Refused before any work, saying why."""
+def test_a_mixture_of_experts_family_without_a_row_is_refused_instead_of_compressed_in_part() -> None:
+    """A mixture of experts llmpress does not describe (here Qwen2-MoE, with its shared expert) would have experts
+    and routers no method knows: refused before any work, naming the mixture-of-experts families it does know."""
     from llmpress.compress.engine import check_recipe
     from llmpress.config import Recipe
 
-    config = transformers.MixtralConfig(**SHAPE, num_local_experts=4, num_experts_per_tok=2)
+    config = transformers.Qwen2MoeConfig(**SHAPE, num_experts=4, num_experts_per_tok=2)
     model = transformers.AutoModelForCausalLM.from_config(config)
     recipe = Recipe(name="r", stages=[{"method": "gptq", "bits": 4, "group_size": 16}])
-    with pytest.raises(LlmpressError, match=r"'mixtral' is a mixture of experts \(num_local_experts=4\)"):
+    with pytest.raises(LlmpressError, match=r"'qwen2_moe' is a mixture of experts \(num_experts=4\) llmpress does "
+                                            r"not describe.*families: mixtral, olmoe, qwen3_moe;"):  # fmt: skip
         check_recipe(model, recipe)
 
 
