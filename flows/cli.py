@@ -94,12 +94,15 @@ def _check_recipe_on(model: Any, name: str, params: Any, recipe: Any) -> None:
         if context is not None and tokens > context:
             raise ConfigError(f"{field}={tokens} exceeds {name}'s context ({context} tokens)")
     check_recipe(model, recipe)
-    from llmpress.export.gguf import ARCHITECTURES as GGUF_ARCHITECTURES
+    from llmpress.export.gguf import check as check_gguf
 
-    kind = getattr(model.config, "model_type", None)
-    if "gguf" in params.export.formats and kind not in GGUF_ARCHITECTURES:
-        raise ConfigError(f"export.formats lists gguf, which llmpress writes for {', '.join(GGUF_ARCHITECTURES)} "
-                          f"models; {name} is {kind!r}: use --set export.formats=[onnx]")  # fmt: skip
+    if "gguf" in params.export.formats:
+        try:
+            check_gguf(model)  # the family, and what llama.cpp's graph for it assumes, from the config alone
+        except LlmpressError as exc:
+            raise ConfigError(
+                f"export.formats lists gguf, which {name} cannot be written as: {exc}; use --set export.formats=[onnx]"
+            ) from None
 
 
 def _check_against_model(params: Any, recipe: Any, project: Path) -> None:

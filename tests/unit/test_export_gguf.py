@@ -150,8 +150,10 @@ def test_cli_writes_a_compressed_folder_as_gguf(project, tmp_path, capsys) -> No
 def test_what_the_writer_does_not_describe_is_refused(tmp_path) -> None:
     _tokenizer(tmp_path)
     model = build_tiny_llama()
-    model.config.model_type = "qwen2"
-    with pytest.raises(LlmpressError, match=r"llama, mistral.*'qwen2'"):
+    model.config.model_type = "gemma"
+    with pytest.raises(
+        LlmpressError, match=r"llama, mistral, qwen2, qwen3, mixtral, qwen3_moe, olmoe models; this one is 'gemma'"
+    ):
         export_gguf(model, tmp_path, tmp_path / "a.gguf")
     tied = build_tiny_llama()
     tied.config.tie_word_embeddings = True
@@ -224,6 +226,21 @@ def test_pipeline_step_scores_the_gguf_and_bundles_it_alone(tmp_path) -> None:
 DIGITS = {"type": "Digits", "individual_digits": True}
 BYTES = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 SPLIT = {"type": "Split", "pattern": {"Regex": "x"}}
+# as Qwen2's and Llama 3's tokenizer.json spell them
+QWEN2 = {
+    "type": "Split",
+    "pattern": {
+        "Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?"
+        r"[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    },
+}
+LLAMA3 = {
+    "type": "Split",
+    "pattern": {
+        "Regex": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+        r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    },
+}
 
 
 @pytest.mark.parametrize(
@@ -232,9 +249,89 @@ SPLIT = {"type": "Split", "pattern": {"Regex": "x"}}
         (BYTES, "gpt-2"),
         ({"type": "Sequence", "pretokenizers": [DIGITS, BYTES]}, "smollm"),
         ({"type": "Sequence", "pretokenizers": [SPLIT, BYTES]}, "default"),
+        ({"type": "Sequence", "pretokenizers": [QWEN2, BYTES]}, "qwen2"),
+        ({"type": "Sequence", "pretokenizers": [LLAMA3, BYTES]}, "llama-bpe"),
     ],
 )
 def test_pre_tokenizer_named_as_llama_cpp_knows_it(pre, name) -> None:
     from llmpress.export.gguf import _pre_tokenizer_name
 
     assert _pre_tokenizer_name(pre) == name
+
+
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "qwen2": ("Qwen2Config", {}),  # q/k/v with biases, rotate-half rotary in llama.cpp too (no row permutation)
+    "qwen3": ("Qwen3Config", {"head_dim": 32}),  # q/k norms, a head size other than hidden / heads
+    # mixtures of experts: every expert's codes stacked per projection, the router in float32
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                                     "head_dim": 32, "norm_topk_prob": True}),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "num_key_value_heads": 4}),  # no GQA
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_llama_cpp_computes_what_pytorch_computes_for_every_family_written(family: str, tmp_path) -> None:
+    """Each family's GGUF run in llama.cpp itself: float32 weights give PyTorch's logits (the architecture name,
+    tensor names, row order, biases, q/k norms and hyperparameters are what llama.cpp expects), and the Q4_1 codes
+    of a compressed model give PyTorch's greedy choices on them."""
+    import transformers
+
+    from llmpress.evaluate import llamacpp
+
+    if not llamacpp.available():
+        pytest.skip(llamacpp.INSTALL)  # `make setup` builds it; CI has it
+    config_class, extra = FAMILY_CONFIGS[family]
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 128,
+             "tie_word_embeddings": False}  # fmt: skip
+    config = getattr(transformers, config_class)(**{**shape, **extra})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norms and biases away from their init (ones, zeros), so a misplaced one shows
+                p.add_(torch.randn_like(p) * 0.2)
+            if name.endswith("mlp.gate.weight"):  # routers (some init to zeros): varied, untied choices
+                p.normal_(0, 0.5)
+        model.lm_head.weight.mul_(4)  # confident logits: greedy choices are no ties
+    _tokenizer(tmp_path / "tok")
+    ids = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(1))
+    export_gguf(model, tmp_path / "tok", tmp_path / "f32.gguf", float_type="f32")
+    with torch.no_grad():
+        expected = model(ids).logits[0].numpy()
+    got = llamacpp.LlamaCpp(tmp_path / "f32.gguf", context=64, threads=2).logits(ids[0].tolist())
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max(), np.abs(got - expected).max()
+
+    stages = [{"method": "rtn", "bits": 4, "group_size": 32, "offset": "min", "targets": [".*_proj"]}]
+    compress_(model, Recipe(name="q4_1", stages=stages), ids)
+    report = export_gguf(model, tmp_path / "tok", tmp_path / "q4_1.gguf", float_type="f32")
+    experts = "num_experts_per_tok" in extra
+    assert report.requantized == [] and len(report.exact) == 2 * 7  # per block q, k, v, o and gate, up, down
+    assert report.tensors["blk.0.ffn_down_exps.weight" if experts else "blk.0.ffn_down.weight"] == "Q4_1"
+    with torch.no_grad():
+        expected = model(ids).logits[0].numpy()
+    got = llamacpp.LlamaCpp(tmp_path / "q4_1.gguf", context=64, threads=2).logits(ids[0].tolist())
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9  # llama.cpp rounds activations to 8 bits here
+
+
+def test_mixture_of_experts_llama_cpp_would_compute_differently_is_refused(tmp_path) -> None:
+    """Where llama.cpp's graph for a family differs from the model's config, the file would load and compute
+    something else: refused by name, nothing written."""
+    import transformers
+
+    _tokenizer(tmp_path)
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "vocab_size": VOCAB, "num_experts": 4, "num_experts_per_tok": 2}  # fmt: skip
+    cases = [
+        (transformers.OlmoeConfig(**shape, num_key_value_heads=2), r"olmoe has as many KV heads as query heads"),
+        (transformers.OlmoeConfig(**shape, norm_topk_prob=True), r"olmoe does not normalise the chosen experts'"),
+        (transformers.Qwen3MoeConfig(**shape), r"qwen3moe renormalise.*norm_topk_prob is False"),
+        (transformers.Qwen3MoeConfig(**shape, norm_topk_prob=True, mlp_only_layers=[1]), "dense MLP among"),
+    ]
+    for config, message in cases:
+        with pytest.raises(LlmpressError, match=message):
+            export_gguf(transformers.AutoModelForCausalLM.from_config(config), tmp_path, tmp_path / "a.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))

@@ -233,8 +233,17 @@ def test_a_run_listing_gguf_for_a_family_the_writer_lacks_is_refused_before_work
     params = Params.model_validate(
         {"data": {"seq_len": 32}, "eval": {"window": 32, "stride": 32}, "export": {"formats": ["onnx", "gguf"]}}
     )
-    with pytest.raises(ConfigError, match=r"lists gguf, which llmpress writes for llama, mistral models; tiny is "
-                                          r"'gemma2': use --set export.formats=\[onnx\]"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"lists gguf, which tiny cannot be written as: GGUF export supports llama, "
+                                          r".*olmoe models; this one is 'gemma2'; use --set "
+                                          r"export.formats=\[onnx\]"):  # fmt: skip
         _check_recipe_on(model, "tiny", params, recipe)
+    # a family the writer has, configured in a way llama.cpp's graph for it is not (here OLMoE with GQA)
+    moe = transformers.OlmoeConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_experts=4,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                   num_experts_per_tok=2)  # fmt: skip
+    with torch.device("meta"):
+        moe_model = transformers.AutoModelForCausalLM.from_config(moe)
+    with pytest.raises(ConfigError, match=r"olmoe has as many KV heads as query heads.*export.formats=\[onnx\]"):
+        _check_recipe_on(moe_model, "tiny", params, recipe)
     _check_recipe_on(model, "tiny", params.model_copy(update={"export": params.export.model_copy(
         update={"formats": ["onnx"]})}), recipe)  # fmt: skip
