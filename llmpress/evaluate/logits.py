@@ -45,10 +45,12 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 @torch.no_grad()
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The model's logits for final hidden states `hidden` [batch, positions, hidden], in fp32."""
-    from transformers.modeling_outputs import BaseModelOutputWithPast
+    # the decoder output of a mixture of experts: a dense model's fields plus the router's (None), which a
+    # mixture-of-experts head reads
+    from transformers.modeling_outputs import MoeModelOutputWithPast
 
-    def stand_in(*_args, **_kwargs) -> BaseModelOutputWithPast:
-        return BaseModelOutputWithPast(last_hidden_state=hidden)
+    def stand_in(*_args, **_kwargs) -> MoeModelOutputWithPast:
+        return MoeModelOutputWithPast(last_hidden_state=hidden)
 
     stack = decoder(model)
     original = stack.forward

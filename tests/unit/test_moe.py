@@ -230,3 +230,15 @@ def test_a_quantized_mixture_of_experts_ships_every_expert_packed_with_parity(to
     expected = loaded.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)
     new = expected[0, len(prompt) :].tolist()
     assert max(prompt + new) < 64 and bundle_run(built, "THE-MARKET", max_new_tokens=6) == tokenizer.decode(new)
+
+
+def test_evaluation_reads_a_mixture_of_experts_head_from_kept_hidden_states() -> None:
+    """Evaluation applies the model's own head to hidden states it kept (`evaluate.logits.head_logits`); a mixture
+    of experts' head also reads the router logits of its decoder's output: the same logits as its forward."""
+    from llmpress.evaluate.logits import head_logits, hidden_states
+
+    for family in sorted(MOE):
+        model = tiny(family)
+        with torch.no_grad():
+            expected = model(IDS).logits
+        torch.testing.assert_close(head_logits(model, hidden_states(model, IDS)), expected, rtol=0, atol=1e-5)
