@@ -72,6 +72,10 @@ def register_and_gate(c: MlflowClient, candidate: Candidate, gate: GateParams) -
         if per_layer := metrics.get("sparsity_per_layer"):
             plot = steps.plot_sparsity(per_layer, candidate.sparsity_target, Path(tmp) / "sparsity_per_layer.png")
             c.log_artifact(run_id, str(plot), "plots")
+        if expert_tokens := metrics.get("expert_tokens"):  # a mixture of experts: its calibration coverage
+            plot = steps.plot_expert_tokens(expert_tokens, int(metrics.get("expert_floor", 0)),
+                                            Path(tmp) / "expert_tokens.png")  # fmt: skip
+            c.log_artifact(run_id, str(plot), "plots")
         if served(metrics, "b1_prefill_ms") is not None and "torch_b1_prefill_ms" in base_metrics:
             plot = steps.plot_cost(base_metrics, metrics, Path(tmp) / "cost_vs_base.png")
             c.log_artifact(run_id, str(plot), "plots")

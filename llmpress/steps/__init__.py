@@ -12,10 +12,10 @@ from .compression import METADATA, compress, dequantize, pick_device, recipe_inf
 from .evaluation import baseline, evaluate, evaluate_bundle, speed
 from .exporting import edge_bundle, export, gguf, tensorrt_engine
 from .jobs import BaselineJob, BaselineRef, BundleJob, CompressJob, DataFile, EvaluateJob, ExportJob, GgufJob, SpeedJob
-from .plots import plot_cost, plot_sparsity
+from .plots import plot_cost, plot_expert_tokens, plot_sparsity
 
 __all__ = ["METADATA", "BaselineJob", "BaselineRef", "BundleJob", "CompressJob", "DataFile", "EvaluateJob",
            "ExportJob", "GgufJob", "SpeedJob", "baseline", "check_data_version", "compress", "dequantize",
            "edge_bundle", "evaluate", "evaluate_bundle", "export", "folder_bytes", "gguf", "measure_sparsity",
-           "peak_memory", "pick_device", "plot_cost", "plot_sparsity", "recipe_info", "save_model", "speed",
-           "tensorrt_engine", "to_gguf"]  # fmt: skip
+           "peak_memory", "pick_device", "plot_cost", "plot_expert_tokens", "plot_sparsity", "recipe_info",
+           "save_model", "speed", "tensorrt_engine", "to_gguf"]  # fmt: skip

@@ -108,16 +108,20 @@ def evaluate(job: EvaluateJob) -> dict[str, Any]:
     return {"metrics": metrics, "base": base_out, "generations": generations}
 
 
-def _expert_coverage(folder: Path) -> dict[str, float]:
+def _expert_coverage(folder: Path) -> dict[str, Any]:
     """A mixture of experts' calibration coverage, from the compression report the folder keeps: how many experts,
-    the fewest calibration tokens the router sent any of them, and how many got fewer than the recipe's floor
-    (what the gate's min_expert_tokens checks). {} for a dense model or a recipe without calibration data."""
+    the fewest calibration tokens the router sent any of them, how many got fewer than the recipe's floor (what the
+    gate's min_expert_tokens checks), and the counts per block (`expert_tokens`, plotted on the run). {} for a dense
+    model or a recipe without calibration data."""
     from llmpress.steps.compression import METADATA
 
     path = folder / METADATA
     report = json.loads(path.read_text()).get("report", {}) if path.is_file() else {}
     keys = ("experts", "expert_min_tokens", "expert_floor", "experts_below_floor")
-    return {key: report[key] for key in keys if isinstance(report.get(key), int)}
+    found: dict[str, Any] = {key: report[key] for key in keys if isinstance(report.get(key), int)}
+    if found and isinstance(report.get("expert_tokens"), dict):
+        found["expert_tokens"] = report["expert_tokens"]
+    return found
 
 
 def evaluate_bundle(job: BundleJob) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The plots a reviewer sees on a run: sparsity per layer, and size and speed against the base model."""
+"""The plots a reviewer sees on a run: sparsity per layer, size and speed against the base model, and for a
+mixture of experts the calibration tokens the router sent each expert."""
 
 from __future__ import annotations
 
@@ -56,6 +57,38 @@ def plot_sparsity(per_layer: dict[str, float], target: float | None, out_path: s
     ax.set_xlabel(f"targeted linear layers in model order ({len(names)})")
     ax.set_ylabel("fraction of weights that are zero")
     ax.set_title("Measured sparsity per layer")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return Path(out_path)
+
+
+def plot_expert_tokens(counts: dict[str, list[int]], floor: int, out_path: str | Path) -> Path:
+    """Heat map of the calibration tokens the router sent each expert (rows: mixture-of-experts blocks in model
+    order, columns: experts), with the experts below the recipe's floor outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(counts)
+    grid = np.array([counts[n] for n in names], dtype=float)
+    blocks, experts = grid.shape
+    fig, ax = plt.subplots(figsize=(min(16, max(5, experts * 0.35 + 2)), min(12, max(3, blocks * 0.3 + 1.5))))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="routed calibration tokens")
+    for b, e in zip(*np.nonzero(grid < floor), strict=True):  # below the floor: outlined in red
+        ax.add_patch(plt.Rectangle((e - 0.5, b - 0.5), 1, 1, fill=False, edgecolor="#d62728", linewidth=1.5))
+    if blocks * experts <= 256:
+        bright = 0.6 * grid.max()
+        for (b, e), value in np.ndenumerate(grid):
+            ax.annotate(f"{value:.0f}", (e, b), ha="center", va="center", fontsize=7,
+                        color="black" if value > bright else "white")  # fmt: skip
+    ax.set_xlabel(f"expert ({experts})")
+    ax.set_ylabel(f"block ({blocks})")
+    ax.set_yticks(range(blocks), [n.split(".")[-3] if n.count(".") >= 3 else n for n in names], fontsize=7)
+    ax.set_title(f"Calibration tokens per expert: fewest {grid.min():.0f}, floor {floor}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)

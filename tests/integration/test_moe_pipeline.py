@@ -116,3 +116,5 @@ def test_the_gate_refuses_too_few_tokens_per_expert_and_champion_stays_unset(run
         c.get_model_version_by_alias(MODEL_NAME, "champion")
     metrics = c.get_run(run["mlflow_run_id"]).data.metrics
     assert metrics["expert_min_tokens"] == run["compressed"]["expert_min_tokens"]
+    plots = {a.path for a in c.list_artifacts(run["mlflow_run_id"], "plots")}
+    assert "plots/expert_tokens.png" in plots  # the reviewer sees each expert's calibration tokens

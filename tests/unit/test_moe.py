@@ -123,7 +123,14 @@ def test_the_gate_refuses_a_model_whose_experts_saw_too_few_tokens(tokenizer, tm
     report = compress_(model, Recipe(name="r", stages=[GPTQ]), IDS, progress=lambda _: None)
     save_model(model, tokenizer, tmp_path / "m", {METADATA: json.dumps({"report": report.to_dict()})})
     metrics = _expert_coverage(tmp_path / "m")
+    counts = metrics.pop("expert_tokens")
     assert metrics == {"experts": 8, "expert_min_tokens": 0, "expert_floor": 0, "experts_below_floor": 0}
+    assert counts == report.expert_tokens and all(c[3] == 0 for c in counts.values())
+    # what the run page shows: the counts per block and expert, the ones below the floor outlined
+    from llmpress.steps import plot_expert_tokens
+
+    png = plot_expert_tokens(counts, 1, tmp_path / "experts.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     base = {"perplexity": 10.0}
     metrics |= {"perplexity": 10.0}
     gated = run_gate(metrics, base, GateParams(min_expert_tokens=4, max_repetition_increase=None))
