@@ -102,10 +102,8 @@ class LinearExperts(nn.Module):
 
 
 def _is_fused_experts(module: nn.Module) -> bool:
-    return (
-        isinstance(getattr(module, "gate_up_proj", None), nn.Parameter)
-        and getattr(getattr(module, "gate_up_proj", None), "dim", lambda: 0)() == 3
-    )
+    weight = getattr(module, "gate_up_proj", None)
+    return isinstance(weight, nn.Parameter) and weight.dim() == 3
 
 
 def _refuse(name: str, module: nn.Module, why: str) -> LlmpressError:
