@@ -116,7 +116,7 @@ class BlockAnatomy:
         parts = ("q", "k", "v", "o") + (() if self.experts is not None else MLP_PARTS)
         return {part: f"{prefix}.{getattr(self.architecture, part)}" for part in parts}
 
-    def expert_names(self, prefix: str) -> list[dict[str, nn.Linear]]:
+    def expert_names(self, prefix: str) -> list[dict[str, tuple[str, nn.Linear]]]:
         """Per expert, {'gate' | 'up' | 'down': (full name, linear)} of a mixture-of-experts block."""
         assert self.experts is not None
         base = f"{prefix}.{self.architecture.experts}"

@@ -156,7 +156,7 @@ def compress_(
 
 def _run_pass(model: nn.Module, stages: list[tuple[int, Any]], calibration_ids: torch.Tensor | None,
               device: torch.device, batch_size: int, report: CompressionReport,
-              say: Callable[[str], None], coverage: ExpertCoverage | None = None) -> None:  # fmt: skip
+              say: Callable[[str], None], coverage: ExpertCoverage) -> None:  # fmt: skip
     """One pass over the blocks applying the layer and block stages in `stages` to each block in turn."""
     per_layer_sparsity: dict[int, dict[str, float]] = {}
     for index, stage in stages:
@@ -171,7 +171,7 @@ def _run_pass(model: nn.Module, stages: list[tuple[int, Any]], calibration_ids: 
     for b, prefix, block, calib in iterate_blocks(model, calibration_ids, device, batch_size, timer):
         t_block = time.perf_counter()
         if calib is not None:
-            _count_expert_tokens(block, prefix, calib, report, coverage or ExpertCoverage(), say)
+            _count_expert_tokens(block, prefix, calib, report, coverage, say)
         # DSnoT grows pruned weights back at their values from before pruning: keep the block's weights as they
         # were before any stage of this pass changed them (one block's worth of memory, only when asked for).
         dense = {f"{prefix}.{n}": m.weight.detach().clone() for n, m in block.named_modules()

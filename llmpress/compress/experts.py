@@ -40,8 +40,6 @@ from torch import nn
 
 from llmpress.errors import LlmpressError
 
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
 
 class ExpertMLP(nn.Module):
     """One expert: down(act(gate(x)) * up(x))."""

@@ -242,7 +242,9 @@ def _write_hparams(writer: Any, config: Any, family: GgufFamily) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     if family.renormalises is not None:
-        experts = next(getattr(config, key) for key in ("num_local_experts", "num_experts") if hasattr(config, key))
+        from llmpress.compress.anatomy import MOE_KEYS
+
+        experts = next(getattr(config, key) for key in MOE_KEYS if getattr(config, key, None))
         writer.add_expert_count(experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
         if (inter := getattr(config, "moe_intermediate_size", None)) is not None:

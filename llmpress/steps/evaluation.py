@@ -3,7 +3,6 @@ greedy text), the exported bundle scored on its own in onnxruntime, and speed in
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from functools import partial
@@ -113,10 +112,11 @@ def _expert_coverage(folder: Path) -> dict[str, Any]:
     the fewest calibration tokens the router sent any of them, how many got fewer than the recipe's floor (what the
     gate's min_expert_tokens checks), and the counts per block (`expert_tokens`, plotted on the run). {} for a dense
     model or a recipe without calibration data."""
+    from llmpress.loading import read_json_object
     from llmpress.steps.compression import METADATA
 
     path = folder / METADATA
-    report = json.loads(path.read_text()).get("report", {}) if path.is_file() else {}
+    report = read_json_object(path, "compression metadata").get("report", {}) if path.is_file() else {}
     keys = ("experts", "expert_min_tokens", "expert_floor", "experts_below_floor")
     found: dict[str, Any] = {key: report[key] for key in keys if isinstance(report.get(key), int)}
     if found and isinstance(report.get("expert_tokens"), dict):
